@@ -1,0 +1,277 @@
+"""Checkpoints: our format (``config.json`` + ``model.safetensors``) and import of the official img2img-turbo pickles.
+
+Our format holds every trained tensor (LoRA adapters, skip convs, the UNet's conv_in; everything with
+``train_all``) under the generator's own parameter names, so a save / load round trip is bit-exact. The official
+pickles are read with ``torch.load(weights_only=True)`` only: no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapters import UNPAIRED_UNET_ADAPTERS
+from .backbone import Backbone, load_backbone
+from .config import GeneratorConfig
+from .errors import BadInputError, TurboI2IError
+from .generator import OneStepGenerator
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+OFFICIAL_LORA_ALPHA = 8.0  # the release never set lora_alpha, so peft's default of the time applied (except below)
+
+
+def build_generator(
+    config: GeneratorConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[OneStepGenerator, Backbone]:
+    """Load the backbone named by ``config.base_model`` and wrap it into a fresh generator.
+
+    Args:
+        config: the generator config.
+        device: where to put it (CPU when None).
+        dtype: weight dtype.
+
+    Returns:
+        (generator, backbone); the backbone's UNet and VAE are the generator's (not copies).
+    """
+    backbone = load_backbone(config.base_model, device=device, dtype=dtype)
+    generator = OneStepGenerator(config, backbone.unet, backbone.vae, backbone.schedule)
+    return generator.to(device=device, dtype=dtype).eval(), backbone
+
+
+def save_pretrained(generator: OneStepGenerator, folder: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (every trained tensor) into ``folder``.
+
+    Args:
+        generator: the model to save.
+        folder: destination folder (created if needed).
+
+    Returns:
+        the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator.config.save(folder / CONFIG_NAME)
+    tensors = {name: t.cpu() for name, t in generator.trained_state_dict().items()}
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", "library": "turbo-i2i"})
+    return folder
+
+
+def load_pretrained(
+    folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[OneStepGenerator, Backbone]:
+    """Load a model saved by ``save_pretrained``.
+
+    Args:
+        folder: a folder holding ``config.json`` and ``model.safetensors``.
+        device: where to put it.
+        dtype: weight dtype.
+
+    Returns:
+        (generator, backbone).
+    """
+    folder = Path(folder)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise BadInputError(f"{folder} is not a turbo-i2i model folder: {name} is missing.")
+    config = GeneratorConfig.load(folder / CONFIG_NAME)
+    try:
+        state = load_file(folder / WEIGHTS_NAME)
+    except Exception as error:  # safetensors raises its own error type for a damaged header
+        raise BadInputError(f"Cannot read {folder / WEIGHTS_NAME}: {error}") from error
+    generator, backbone = build_generator(config, device, dtype)
+    generator.load_trained_state_dict(state)
+    return generator, backbone
+
+
+# --- official img2img-turbo checkpoints ----------------------------------------------------------------------------
+
+PAIRED_KEYS = ("rank_unet", "rank_vae", "unet_lora_target_modules", "vae_lora_target_modules", "state_dict_unet",
+               "state_dict_vae")  # fmt: skip
+UNPAIRED_KEYS = ("rank_unet", "rank_vae", "vae_lora_target_modules", "sd_encoder", "sd_decoder", "sd_other")
+UNPAIRED_VAE_PREFIXES = {"vae.": "a2b", "vae_b2a.": "b2a"}
+
+
+def read_official(path: str | Path) -> dict:
+    """Read an official pickle as plain tensors / lists / numbers, never executing pickled code.
+
+    Args:
+        path: the ``.pkl`` file.
+
+    Returns:
+        the checkpoint dict.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise BadInputError(f"{path} does not exist.") from error
+    except Exception as error:  # weights_only refuses anything but tensors and plain containers
+        raise BadInputError(
+            f"{path} is not a safe-to-load img2img-turbo checkpoint (torch.load with weights_only=True refused it:"
+            f" {str(error).splitlines()[0]})."
+        ) from error
+    if not isinstance(state, dict):
+        raise BadInputError(f"{path} does not hold a checkpoint dict.")
+    return state
+
+
+def _with_adapter(key: str, adapter: str) -> str:
+    # Unpaired files strip the adapter name: "x.lora_A.weight" -> "x.lora_A.<adapter>.weight".
+    return re.sub(r"\.(lora_[AB])\.", rf".\1.{adapter}.", key)
+
+
+def _require(state: dict, keys: tuple[str, ...], kind: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise BadInputError(f"Not an official {kind} img2img-turbo checkpoint: it lacks {', '.join(missing)}.")
+
+
+def official_to_ours(state: dict, base_model: str) -> tuple[GeneratorConfig, dict[str, torch.Tensor], frozenset]:
+    """Map an official checkpoint onto our config and parameter names.
+
+    Args:
+        state: the dict ``read_official`` returns.
+        base_model: the backbone it was trained on (SD-Turbo for the released models).
+
+    Returns:
+        (config, tensors under our names, names that keep the backbone's values: the unpaired UNet conv_in, whose
+        base weights the official files do not store).
+    """
+    if "state_dict_unet" in state:
+        _require(state, PAIRED_KEYS, "paired")
+        unet_state = state["state_dict_unet"]
+        config = GeneratorConfig(
+            base_model=base_model,
+            task="paired",
+            stochastic=any("conv_in_curr" in k for k in unet_state),
+            unet_lora_rank=int(state["rank_unet"]),
+            unet_lora_alpha=OFFICIAL_LORA_ALPHA,
+            unet_lora_targets=list(state["unet_lora_target_modules"]),
+            vae_lora_rank=int(state["rank_vae"]),
+            vae_lora_alpha=OFFICIAL_LORA_ALPHA,
+            vae_lora_targets=list(state["vae_lora_target_modules"]),
+        )
+        # conv_in_pretrained is the frozen SD-Turbo conv the stochastic blend starts from: it comes from the backbone.
+        tensors = {f"unet.{k}": v for k, v in unet_state.items() if "conv_in_pretrained" not in k}
+        tensors.update({f"vae.a2b.{k}": v for k, v in state["state_dict_vae"].items()})
+        return config, tensors, frozenset()
+    _require(state, UNPAIRED_KEYS, "unpaired")
+    rank = int(state["rank_unet"])
+    config = GeneratorConfig(
+        base_model=base_model,
+        task="unpaired",
+        unet_lora_rank=rank,
+        unet_lora_alpha=float(rank),  # the unpaired recipe sets alpha = rank
+        vae_lora_rank=int(state["rank_vae"]),
+        vae_lora_alpha=OFFICIAL_LORA_ALPHA,
+        vae_lora_targets=list(state["vae_lora_target_modules"]),
+    )
+    tensors = {}
+    for key, adapter in zip(("sd_encoder", "sd_decoder", "sd_other"), UNPAIRED_UNET_ADAPTERS):
+        tensors.update({f"unet.{_with_adapter(k, adapter)}": v for k, v in state[key].items()})
+    vae_state = state.get("sd_vae_enc") or state.get("sd_vae_dec")
+    if not vae_state:
+        raise BadInputError("Not an official unpaired img2img-turbo checkpoint: it lacks sd_vae_enc and sd_vae_dec.")
+    for key, value in vae_state.items():
+        for prefix, direction in UNPAIRED_VAE_PREFIXES.items():
+            # The files repeat the whole frozen VAE; only adapters and skip convs are trained.
+            if key.startswith(prefix) and ("lora_" in key or ".skip_conv_" in key):
+                tensors[f"vae.{direction}.{key.removeprefix(prefix)}"] = value
+    conv_in_base = frozenset({"unet.conv_in.base_layer.weight", "unet.conv_in.base_layer.bias"})
+    return config, tensors, conv_in_base
+
+
+def fit_base_layer_names(tensors: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """Accept both spellings of a LoRA-wrapped weight: older peft wrote ``x.weight``, newer ``x.base_layer.weight``.
+
+    Args:
+        tensors: checkpoint tensors.
+        names: the model's parameter names.
+
+    Returns:
+        the tensors, renamed where only the ``base_layer`` spelling exists in the model.
+    """
+    fitted = {}
+    for key, value in tensors.items():
+        if key not in names:
+            stem, _, leaf = key.rpartition(".")
+            if f"{stem}.base_layer.{leaf}" in names:
+                key = f"{stem}.base_layer.{leaf}"
+        fitted[key] = value
+    return fitted
+
+
+def load_official(
+    path: str | Path,
+    base_model: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> tuple[OneStepGenerator, Backbone]:
+    """Build a generator from an official img2img-turbo pickle.
+
+    Args:
+        path: the ``.pkl`` file.
+        base_model: the backbone to load (``stabilityai/sd-turbo`` for the released models).
+        device: where to put it.
+        dtype: weight dtype.
+        **config_overrides: config fields the file does not carry (default prompts, direction, r, preprocess).
+
+    Returns:
+        (generator, backbone).
+    """
+    config, tensors, from_backbone = official_to_ours(read_official(path), base_model)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.__post_init__()  # re-validate after the overrides
+    generator, backbone = build_generator(config, device, dtype)
+    names = {n for n, _ in generator.named_parameters()}
+    generator.load_trained_state_dict(fit_base_layer_names(tensors, names), allow_missing=from_backbone)
+    return generator, backbone
+
+
+def convert_official(path: str | Path, out: str | Path, base_model: str, **config_overrides) -> Path:
+    """Turn an official pickle into our format (the UNet conv_in of unpaired models is taken from the backbone).
+
+    Args:
+        path: the ``.pkl`` file.
+        out: the destination folder; must not exist yet, so nothing is overwritten.
+        base_model: the backbone it was trained on.
+        **config_overrides: see ``load_official``.
+
+    Returns:
+        the destination folder.
+    """
+    out = Path(out)
+    if out.exists():
+        raise BadInputError(f"{out} already exists; choose a new folder.")
+    generator, _ = load_official(path, base_model, **config_overrides)
+    return save_pretrained(generator, out)
+
+
+def download(url: str, destination: Path) -> Path:
+    """Download ``url`` to ``destination`` once (cached), with a progress bar; atomic, so no half file remains.
+
+    Args:
+        url: the file's address.
+        destination: where to keep it.
+
+    Returns:
+        the local path.
+    """
+    if destination.is_file():
+        return destination
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    hint = f"Download it on a machine with a network and place it at {destination}."
+    if HF_HUB_OFFLINE:
+        raise TurboI2IError(f"{url} is not in the cache and HF_HUB_OFFLINE is set. {hint}")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(destination), progress=True)  # writes a temp file, then renames
+    except Exception as error:  # urllib raises several unrelated types for "no network"
+        raise TurboI2IError(f"Could not download {url}: {error}. {hint}") from error
+    return destination

@@ -1,0 +1,158 @@
+"""The ``turbo-i2i`` command line: thin wrappers around the library.
+
+Exit codes: 0 ok, 2 usage or bad input, 1 any other failure (e.g. weights that cannot be found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import BadInputError, TurboI2IError
+
+DTYPES = ("float32", "bfloat16", "float16")
+logger = logging.getLogger("turbo_i2i")
+
+
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate an image or a folder of images")
+    p.add_argument("--model", default="demo-circles", help="named model, model folder, official .pkl or hub id")
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--output", required=True, help="output file (for one image) or folder")
+    p.add_argument("--prompt", help="caption of the output (default: the model's)")
+    p.add_argument("--direction", choices=("a2b", "b2a"), help="unpaired models: which way to translate")
+    p.add_argument("--r", type=float, help="stochastic models: faithfulness to the input in [0, 1]")
+    p.add_argument("--seed", type=int, help="seed of the noise map; the same seed gives the same image")
+    p.add_argument(
+        "--edges", choices=("default", "canny", "sketch", "none"), default="default",
+        help="turn the input into the model's input: canny edges, a binarised sketch, or as is (default: model's)",
+    )  # fmt: skip
+    p.add_argument("--canny-low", type=int, default=100, help="Canny low threshold, 0-255 (default 100)")
+    p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("models", help="list the named models and whether each works offline")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="turn an official img2img-turbo .pkl into our format")
+    p.add_argument("--input", required=True, help="the official .pkl file")
+    p.add_argument("--output", required=True, help="a new folder for config.json + model.safetensors")
+    p.add_argument("--name", help="the named model it is, to record its default prompt/direction/r")
+    p.add_argument("--base-model", default=None, help="backbone it was trained on (default stabilityai/sd-turbo)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="turbo-i2i", description="One-step image-to-image translation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_translate, _add_models, _add_convert):
+        add(sub)
+    return parser
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import preprocess as pre
+    from .pipeline import Translator
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise BadInputError(f"{source} does not exist.")
+    folder = source.is_dir()
+    files = pre.list_images(source) if folder else [source]
+    if folder and target.exists() and not target.is_dir():
+        raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
+    if not folder and target.is_dir():
+        target = target / f"{source.stem}.png"
+    if not folder and target.exists() and not args.overwrite:
+        raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
+    translator = Translator.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    options = dict(
+        prompt=args.prompt, direction=args.direction, r=args.r, seed=args.seed,
+        edges=None if args.edges == "none" else args.edges, canny_thresholds=(args.canny_low, args.canny_high),
+    )  # fmt: skip
+    failed, skipped = [], []
+    for path in tqdm(files, desc="translating", unit="img", disable=not folder):
+        out = target / f"{path.stem}.png" if folder else target
+        if out.exists() and not args.overwrite:
+            skipped.append(out)
+            continue
+        try:
+            image = pre.load_image(path, max_pixels=translator.max_pixels)
+        except BadInputError as error:
+            if not folder:
+                raise
+            failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
+            continue
+        pre.save_image(translator(image, **options), out, overwrite=args.overwrite)
+    if skipped:
+        logger.warning(
+            "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s", len(skipped), skipped[0]
+        )
+    if failed:
+        print(f"error: {len(failed)} of {len(files)} input(s) could not be translated:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from .registry import MODELS, availability
+
+    width = max(len(name) for name in MODELS)
+    print(f"{'name':<{width}}  offline  description")
+    for model in MODELS.values():
+        ok, reason = availability(model)
+        print(f"{model.name:<{width}}  {'yes' if ok else 'no ':<7}  {model.description} ({reason})")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .backbone import DEFAULT_BACKBONE
+    from .checkpoints import convert_official
+    from .registry import MODELS
+
+    overrides = {}
+    if args.name is not None:
+        if args.name not in MODELS or MODELS[args.name].file is None:
+            official = [m.name for m in MODELS.values() if m.file]
+            raise BadInputError(f"Unknown official model {args.name!r}; expected one of {', '.join(official)}.")
+        overrides = MODELS[args.name].overrides
+    out = convert_official(args.input, args.output, args.base_model or DEFAULT_BACKBONE, **overrides)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"translate": _translate, "models": _models, "convert": _convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used as the process exit status by the console script)."""
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        return COMMANDS[args.command](args)
+    except TurboI2IError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The one-step generator (pix2pix-Turbo / CycleGAN-Turbo) as plain ``nn.Module`` composition.
+
+Recipe of one translation (paper, Sec. 3):
+
+1. ``SkipEncoder``: the VAE encoder, returning its latent *and* the activations entering each down block;
+2. the UNet runs once at timestep 999 on the encoded input (no noise is added: in a one-step model the noise
+   map decides the layout, so the condition goes straight into the UNet's input);
+3. the DDPM formula turns the epsilon prediction into the clean latent;
+4. ``SkipDecoder``: the VAE decoder, adding ``gamma`` * 1x1 conv(skip activation) to the input of each up block.
+
+Only LoRA adapters, the skip convs and the UNet's ``conv_in`` are trained (unless ``train_all``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import Decoder, DiagonalGaussianDistribution, Encoder
+from torch import nn
+
+from .adapters import UNET_ADAPTER, VAE_ADAPTER, attach_lora, lora_scale, unpaired_unet_targets
+from .backbone import OneStepSchedule
+from .config import GeneratorConfig
+from .errors import BadInputError
+
+SKIP_CONV_INIT = 1e-5  # "zero-conv": near-zero so training starts from the plain VAE decode
+
+
+def skip_channels(block_out_channels: list[int]) -> list[tuple[int, int]]:
+    """(in, out) channels of skip_conv_1..n, read from the VAE config rather than hard-coded.
+
+    skip_conv_k takes the activation entering encoder down block n - k and feeds decoder up block k - 1.
+
+    Args:
+        block_out_channels: the VAE's ``block_out_channels``.
+
+    Returns:
+        one (in_channels, out_channels) pair per skip conv; for SD-Turbo (512, 512), (256, 512), (128, 512),
+        (128, 256).
+    """
+    n = len(block_out_channels)
+    encoder_in = [block_out_channels[0]] + list(block_out_channels[:-1])
+    reversed_out = list(reversed(block_out_channels))
+    decoder_in = [reversed_out[0]] + reversed_out[:-1]
+    return [(encoder_in[n - k], decoder_in[k - 1]) for k in range(1, n + 1)]
+
+
+class SkipEncoder(nn.Module):
+    """The diffusers VAE encoder's blocks, run so that the input of every down block is returned too.
+
+    Args:
+        encoder: a diffusers ``Encoder``; its sub-modules are reused (not copied), so parameter names stay the
+            diffusers ones (``conv_in``, ``down_blocks.0...``).
+    """
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.conv_in = encoder.conv_in
+        self.down_blocks = encoder.down_blocks
+        self.mid_block = encoder.mid_block
+        self.conv_norm_out = encoder.conv_norm_out
+        self.conv_act = encoder.conv_act
+        self.conv_out = encoder.conv_out
+        self.gradient_checkpointing = False
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Args:
+            x: images (N, 3, H, W).
+
+        Returns:
+            (the encoder output before ``quant_conv``, the activations entering down blocks 0..n-1).
+        """
+        h = self.conv_in(x)
+        skips = []
+        for block in self.down_blocks:
+            skips.append(h)
+            h = self._run(block, h)
+        h = self._run(self.mid_block, h)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h))), skips
+
+
+class SkipDecoder(nn.Module):
+    """The diffusers VAE decoder's blocks plus 1x1 skip convs from the encoder.
+
+    Args:
+        decoder: a diffusers ``Decoder`` whose sub-modules are reused.
+        block_out_channels: the VAE's ``block_out_channels`` (sets the skip conv widths).
+    """
+
+    def __init__(self, decoder: Decoder, block_out_channels: list[int]):
+        super().__init__()
+        self.conv_in = decoder.conv_in
+        self.mid_block = decoder.mid_block
+        self.up_blocks = decoder.up_blocks
+        self.conv_norm_out = decoder.conv_norm_out
+        self.conv_act = decoder.conv_act
+        self.conv_out = decoder.conv_out
+        self.gradient_checkpointing = False
+        for k, (c_in, c_out) in enumerate(skip_channels(block_out_channels), start=1):
+            conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)
+            nn.init.constant_(conv.weight, SKIP_CONV_INIT)
+            setattr(self, f"skip_conv_{k}", conv)  # official name, so official keys map one to one
+        self.num_skips = len(block_out_channels)
+
+    def skip_convs(self) -> list[nn.Module]:
+        """skip_conv_1..n in order (deepest first)."""
+        return [getattr(self, f"skip_conv_{k}") for k in range(1, self.num_skips + 1)]
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, z: torch.Tensor, skips: list[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
+        """Args:
+            z: latents after ``post_quant_conv``.
+            skips: the encoder's skip activations, shallowest first (as ``SkipEncoder`` returns them).
+            gamma: skip strength (r for the stochastic model, 1 otherwise).
+
+        Returns:
+            decoded images (N, 3, H, W), not clamped.
+        """
+        h = self.conv_in(z)
+        h = self._run(self.mid_block, h, None)
+        for block, conv, skip in zip(self.up_blocks, self.skip_convs(), reversed(skips)):
+            # gamma scales the activation before the conv, as in the released models (it matters for LoRA'd convs
+            # only through linearity, so the two orders agree).
+            h = h + conv(skip * gamma)
+            h = self._run(block, h, None)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+
+class SkipVAE(nn.Module):
+    """A VAE whose decoder sees the encoder's activations: ``encode`` returns them, ``decode`` consumes them.
+
+    Parameter names are the diffusers ``AutoencoderKL`` names plus ``decoder.skip_conv_k``.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL``; its modules are reused, not copied.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.encoder = SkipEncoder(vae.encoder)
+        self.decoder = SkipDecoder(vae.decoder, list(vae.config.block_out_channels))
+        self.quant_conv = vae.quant_conv
+        self.post_quant_conv = vae.post_quant_conv
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def encode(self, x: torch.Tensor) -> tuple[DiagonalGaussianDistribution, list[torch.Tensor]]:
+        """Images -> (latent posterior in VAE units, skip activations)."""
+        h, skips = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        return DiagonalGaussianDistribution(h), skips
+
+    def decode(self, z: torch.Tensor, skips: list[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
+        """Latents (VAE units) + skips -> images, not clamped."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z, skips, gamma)
+
+
+class TwinConv(nn.Module):
+    """conv_in of the stochastic model: ``r * trained(x) + (1 - r) * pretrained(x)``.
+
+    ``r`` is read from an attribute because the UNet calls ``conv_in(x)`` itself; it is set only inside
+    ``OneStepGenerator.forward`` (and restored there), never left behind.
+
+    Args:
+        conv_in_pretrained: the backbone's conv_in (frozen).
+        conv_in_curr: the trained conv_in.
+    """
+
+    def __init__(self, conv_in_pretrained: nn.Conv2d, conv_in_curr: nn.Conv2d):
+        super().__init__()
+        self.conv_in_pretrained = conv_in_pretrained
+        self.conv_in_curr = conv_in_curr
+        self.r = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r == 1.0:  # exactly the trained conv: the deterministic path
+            return self.conv_in_curr(x)
+        return self.conv_in_curr(x) * self.r + self.conv_in_pretrained(x).detach() * (1.0 - self.r)
+
+
+def share_frozen(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the *same tensors* as the original's.
+
+    The unpaired model needs one VAE adapter set per direction on one frozen VAE: each direction gets its own
+    module tree (so peft wraps each separately and nothing is switched per call) over shared base weights.
+    """
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+class OneStepGenerator(nn.Module):
+    """pix2pix-Turbo (paired) or CycleGAN-Turbo (unpaired) generator.
+
+    Args:
+        config: what to build (task, ranks, targets, stochastic).
+        unet: the backbone UNet (adapters are attached to it in place).
+        vae: the backbone VAE (its modules are reused by every direction's ``SkipVAE``).
+        schedule: the one-step scheduler maths.
+    """
+
+    def __init__(
+        self, config: GeneratorConfig, unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: OneStepSchedule
+    ):
+        super().__init__()
+        self.config = config
+        self.schedule = schedule
+        if config.task == "paired":
+            attach_lora(unet, UNET_ADAPTER, config.unet_lora_targets, config.unet_lora_rank, config.unet_lora_alpha)
+        else:
+            for adapter, targets in unpaired_unet_targets(unet, config.unet_lora_targets).items():
+                attach_lora(unet, adapter, targets, config.unet_lora_rank, config.unet_lora_alpha)
+        if config.stochastic:
+            unet.conv_in = TwinConv(copy.deepcopy(unet.conv_in).requires_grad_(False), unet.conv_in)
+        self.unet = unet
+        first, *others = config.directions
+        vaes = {first: SkipVAE(vae)}
+        for direction in others:
+            vaes[direction] = SkipVAE(share_frozen(vae))
+        for skip_vae in vaes.values():
+            attach_lora(skip_vae, VAE_ADAPTER, config.vae_lora_targets, config.vae_lora_rank, config.vae_lora_alpha)
+        self.vae = nn.ModuleDict(vaes)
+        self.set_trainable(False)
+
+    # --- which weights are trained -------------------------------------------------------------------------------
+
+    def is_trained(self, name: str) -> bool:
+        """Whether parameter ``name`` is trained (and so saved in our checkpoints)."""
+        if self.config.train_all:
+            return True
+        if "lora_" in name or ".skip_conv_" in name:
+            return True
+        return name.startswith("unet.conv_in.") and "conv_in_pretrained" not in name
+
+    def set_trainable(self, trainable: bool = True) -> None:
+        """Switch ``requires_grad`` on for the trained weights (or off for all), frozen ones always off."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(trainable and self.is_trained(name))
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor (adapters, skip convs, conv_in; all with ``train_all``), detached and contiguous."""
+        return {n: p.detach().contiguous() for n, p in self.named_parameters() if self.is_trained(n)}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor], allow_missing: frozenset[str] = frozenset()):
+        """Load trained tensors after ``check_trained_state_dict``.
+
+        Args:
+            state: name -> tensor, as ``trained_state_dict`` returns.
+            allow_missing: trained names that may be absent (they keep the backbone's values).
+        """
+        self.check_trained_state_dict(state, allow_missing)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def check_trained_state_dict(self, state: dict[str, torch.Tensor], allow_missing: frozenset[str] = frozenset()):
+        """Check that ``state`` holds exactly this model's trained tensors, with the right shapes.
+
+        Args:
+            state: name -> tensor, as ``trained_state_dict`` returns.
+            allow_missing: trained names that may be absent (they keep the backbone's values).
+
+        Raises:
+            BadInputError: a missing or unexpected tensor, or the first tensor whose shape does not fit.
+        """
+        params = dict(self.named_parameters())
+        expected = {n for n in params if self.is_trained(n)}
+        missing = sorted(expected - set(state) - allow_missing)
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise BadInputError(
+                f"The checkpoint has {len(unexpected)} tensors this model does not have, e.g. {unexpected[0]!r}:"
+                f" it was made for another architecture or task."
+            )
+        if missing:
+            raise BadInputError(f"The checkpoint lacks {len(missing)} trained tensors, e.g. {missing[0]!r}.")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise BadInputError(
+                    f"Tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but"
+                    f" {tuple(params[name].shape)} in the model built from {self.config.base_model!r}: the"
+                    f" checkpoint does not fit this base model."
+                )
+
+    # --- the forward pass ----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _strength(self, direction: str, r: float | None) -> Iterator[None]:
+        """LoRA scale and conv_in blend set to r for one call (stochastic models), restored afterwards."""
+        if r is None:
+            yield
+            return
+        twin = self.unet.conv_in
+        with lora_scale([self.unet, self.vae[direction]], r):
+            twin.r = r
+            try:
+                yield
+            finally:
+                twin.r = 1.0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        direction: str | None = None,
+        r: float | None = None,
+        noise: torch.Tensor | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Translate a batch in one UNet evaluation.
+
+        Args:
+            x: input images (N, 3, H, W) in the model's input range (``config.input_range``), H and W multiples of 8.
+            prompt_embeds: text encoder states (N or 1, 77, D).
+            direction: "a2b" or "b2a" (unpaired); defaults to ``config.default_direction``.
+            r: stochastic models only: 1 = faithful to the input, 0 = pure text-to-image from ``noise``.
+            noise: the latent noise map for r < 1 (drawn from ``generator`` when None).
+            sample_posterior: sample the VAE posterior (with ``generator``) instead of taking its mode.
+            generator: RNG for the noise map and posterior sampling, so the same seed gives the same image.
+
+        Returns:
+            images (N, 3, H, W) in [-1, 1].
+        """
+        direction = direction or self.config.default_direction
+        if direction not in self.vae:
+            raise BadInputError(f"Unknown direction {direction!r}; this model has {', '.join(self.vae)}.")
+        if r is not None:
+            if not self.config.stochastic:
+                raise BadInputError("r applies only to stochastic models; this one is deterministic.")
+            if not 0.0 <= r <= 1.0:
+                raise BadInputError(f"r must be in [0, 1], got {r}.")
+        vae = self.vae[direction]
+        if prompt_embeds.shape[0] == 1 and x.shape[0] > 1:
+            prompt_embeds = prompt_embeds.expand(x.shape[0], -1, -1)
+        with self._strength(direction, r):
+            posterior, skips = vae.encode(x)
+            z = posterior.sample(generator) if sample_posterior else posterior.mode()
+            z = z * vae.scaling_factor
+            if r is not None and r < 1.0:
+                if noise is None:
+                    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = z * r + noise * (1.0 - r)
+            t = torch.full((z.shape[0],), self.schedule.timestep, device=z.device, dtype=torch.long)
+            eps = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(z.dtype)).sample
+            x0 = self.schedule.x0_from_epsilon(z, eps)
+            return vae.decode(x0 / vae.scaling_factor, skips, gamma=1.0 if r is None else r).clamp(-1.0, 1.0)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet and VAE block activations in the backward pass (memory for compute)."""
+        self.unet.enable_gradient_checkpointing()
+        for vae in self.vae.values():
+            vae.encoder.gradient_checkpointing = vae.decoder.gradient_checkpointing = True
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the given device type, or nothing for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)

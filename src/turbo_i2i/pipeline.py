@@ -1,0 +1,192 @@
+"""``Translator``: one-step image-to-image translation from Python, the recipe every front end calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from . import preprocess as pre
+from .backbone import Backbone, encode_prompt
+from .config import INPUT_RANGES, GeneratorConfig
+from .errors import BadInputError
+from .generator import OneStepGenerator
+from .registry import load_model
+
+logger = logging.getLogger("turbo_i2i")
+
+ImageInput = str | os.PathLike | Image.Image | torch.Tensor
+PROMPT_CACHE_SIZE = 64
+
+
+class Translator:
+    """A loaded one-step model, ready to translate images.
+
+    Args:
+        generator: the one-step generator.
+        backbone: the backbone it was built on (its tokenizer and text encoder encode prompts).
+        max_pixels: images whose header claims more pixels are refused before decoding.
+    """
+
+    def __init__(self, generator: OneStepGenerator, backbone: Backbone, max_pixels: int = pre.MAX_PIXELS):
+        self.generator = generator.eval()
+        self.tokenizer = backbone.tokenizer
+        self.text_encoder = backbone.text_encoder
+        self.max_pixels = max_pixels
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # One call at a time: a call sets LoRA scales for its own r; concurrent callers (a web demo) must not mix.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Translator:
+        """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
+
+        Args:
+            name_or_path: see ``registry.load_model``.
+            device: where to run (CPU when None).
+            dtype: weight dtype (float32 by default; bfloat16/float16 for speed).
+
+        Returns:
+            a ``Translator``.
+        """
+        generator, backbone = load_model(name_or_path, device=device, dtype=dtype)
+        return cls(generator, backbone)
+
+    @property
+    def config(self) -> GeneratorConfig:
+        return self.generator.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
+    # --- recipe steps --------------------------------------------------------------------------------------------
+
+    def _resolve_prompt(self, prompt: str | None, direction: str) -> str:
+        if prompt is None:
+            prompt = self.config.prompts.get(direction)
+            if prompt is None:
+                raise BadInputError(f"This model has no default prompt for direction {direction!r}; pass a prompt.")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadInputError("The prompt is empty; describe the output image, or omit it to use the default.")
+        return prompt
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Text embeddings (1, 77, D) for ``prompt``, cached (the text encoder runs once per distinct prompt).
+
+        Prompts longer than 77 tokens are cut there, with a warning.
+        """
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+            return self._prompt_cache[prompt]
+        embeds, truncated = encode_prompt(self.tokenizer, self.text_encoder, [prompt])
+        if truncated:
+            logger.warning("The prompt is longer than %d tokens and was cut there.", self.tokenizer.model_max_length)
+        self._prompt_cache[prompt] = embeds.to(self.dtype)
+        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return self._prompt_cache[prompt]
+
+    def prepare(self, image: ImageInput, edges: str | None, canny_thresholds: tuple[int, int]) -> Image.Image:
+        """Load one input as RGB and apply the edge / sketch extraction the model expects."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise BadInputError(f"A tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}.")
+            image = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+        rgb = pre.load_image_or_pil(image, max_pixels=self.max_pixels)
+        if edges == "canny":
+            return pre.canny(rgb, *canny_thresholds)
+        if edges == "sketch":
+            return pre.sketch(rgb)
+        if edges is not None:
+            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or none.")
+        return rgb
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompt: str | Sequence[str] | None = None,
+        direction: str | None = None,
+        r: float | None = None,
+        seed: int | None = None,
+        edges: str | None = "default",
+        canny_thresholds: tuple[int, int] = (100, 200),
+        sample_posterior: bool = False,
+        batch_size: int = 8,
+    ) -> Image.Image | list[Image.Image]:
+        """Translate one image or a batch, each in one UNet evaluation.
+
+        Args:
+            images: a path, PIL image or (3, H, W) tensor in [0, 1], or a list of them.
+            prompt: one caption for all, one per image, or None for the model's default for ``direction``.
+            direction: "a2b" or "b2a" for unpaired models (default: the model's).
+            r: stochastic models: faithfulness in [0, 1] (default: the model's).
+            seed: seeds the noise map and posterior sampling; the same seed gives the same image.
+            edges: "canny", "sketch" or None (use the input as is); "default" takes the model's own setting.
+            canny_thresholds: (low, high) hysteresis thresholds of the Canny detector, 0-255 (default 100, 200).
+            sample_posterior: sample the VAE posterior instead of its mode (deterministic unless seeded).
+            batch_size: images per forward pass.
+
+        Returns:
+            a PIL image per input, at the input's size (a single image for a single input).
+        """
+        # 1. check inputs
+        single = isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, torch.Tensor) and images.ndim == 3
+        )
+        items = [images] if single else list(images)
+        if not items:
+            raise BadInputError("No images to translate.")
+        direction = direction or self.config.default_direction
+        if direction not in self.config.directions:
+            raise BadInputError(
+                f"Unknown direction {direction!r}; this model has {', '.join(self.config.directions)}."
+            )
+        prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(items):
+            raise BadInputError(f"Got {len(prompts)} prompts for {len(items)} images.")
+        prompts = [self._resolve_prompt(p, direction) for p in prompts]
+        if r is None and self.config.stochastic:
+            r = self.config.default_r
+        edges = self.config.preprocess if edges == "default" else edges
+        # 2. preprocess: RGB, edges, model size (multiples of 8)
+        inputs = [self.prepare(image, edges, canny_thresholds) for image in items]
+        low, high = INPUT_RANGES[self.config.input_range]
+        outputs: list[Image.Image | None] = [None] * len(items)
+        with self._lock:
+            # 3. encode the prompts once each
+            embeds = [self.encode_prompt(p) for p in prompts]
+            rng = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, image in enumerate(inputs):
+                by_size.setdefault(pre.model_size(*image.size), []).append(i)
+            for size, indices in by_size.items():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start : start + batch_size]
+                    resized = [inputs[i].resize(size, Image.Resampling.LANCZOS) for i in chunk]
+                    x = pre.pil_to_tensor(resized, value_range=(low, high)).to(self.device, self.dtype)
+                    e = torch.cat([embeds[i] for i in chunk])
+                    # 4. one UNet evaluation, decoded with the skips
+                    with torch.no_grad():
+                        y = self.generator(x, e, direction, r=r, sample_posterior=sample_posterior, generator=rng)
+                    # 5. back to PIL at the input's size
+                    for i, out in zip(chunk, pre.tensor_to_pil(y.float())):
+                        outputs[i] = (
+                            out if out.size == inputs[i].size else out.resize(inputs[i].size, Image.Resampling.LANCZOS)
+                        )
+        return outputs[0] if single else outputs

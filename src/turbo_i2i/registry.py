@@ -1,0 +1,147 @@
+"""Named models: the six released img2img-turbo models and the built-in offline demo model.
+
+``load_model`` resolves a name, a model folder, an official ``.pkl`` file or a hub id to a generator.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbone import DEFAULT_BACKBONE
+from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, download, load_official, load_pretrained
+from .errors import BadInputError, TurboI2IError
+
+OFFICIAL_URL = "https://www.cs.cmu.edu/~img2img-turbo/models/"
+BUILTIN_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model known by name.
+
+    Args:
+        name: the name users type.
+        description: one line for ``turbo-i2i models``.
+        file: the official pickle's file name (downloaded from ``OFFICIAL_URL``), or None for a built-in folder.
+        overrides: config fields the official file does not carry (default prompt, direction, r, preprocess).
+    """
+
+    name: str
+    description: str
+    file: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def builtin_path(self) -> Path:
+        return BUILTIN_DIR / self.name
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        NamedModel("demo-circles", "built-in, offline: white outlines -> filled coloured shapes (64 px)"),
+        NamedModel(
+            "edge_to_image",
+            "pix2pix-Turbo, canny edges -> photo",
+            "edge_to_image_loras.pkl",
+            {"preprocess": "canny"},
+        ),
+        NamedModel(
+            "sketch_to_image_stochastic",
+            "pix2pix-Turbo, sketch -> picture, r trades faithfulness for variety",
+            "sketch_to_image_stochastic_lora.pkl",
+            {"preprocess": "sketch", "default_r": 0.4},
+        ),
+        NamedModel(
+            "day_to_night", "CycleGAN-Turbo, driving scenes", "day2night.pkl",
+            {"prompts": {"a2b": "driving in the night"}, "default_direction": "a2b"},
+        ),
+        NamedModel(
+            "night_to_day", "CycleGAN-Turbo, driving scenes", "night2day.pkl",
+            {"prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
+        ),
+        NamedModel(
+            "clear_to_rainy", "CycleGAN-Turbo, driving scenes", "clear2rainy.pkl",
+            {"prompts": {"a2b": "driving in heavy rain"}, "default_direction": "a2b"},
+        ),
+        NamedModel(
+            "rainy_to_clear", "CycleGAN-Turbo, driving scenes", "rainy2clear.pkl",
+            {"prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
+        ),
+    )
+}  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """Where downloaded official checkpoints are kept (``TURBO_I2I_CACHE``, else ``~/.cache/turbo_i2i``)."""
+    return Path(os.environ.get("TURBO_I2I_CACHE", Path.home() / ".cache" / "turbo_i2i"))
+
+
+def availability(model: NamedModel) -> tuple[bool, str]:
+    """Whether a named model can be loaded with no network, and why not.
+
+    Returns:
+        (available offline, a short reason).
+    """
+    if model.file is None:
+        ok = (model.builtin_path / WEIGHTS_NAME).is_file()
+        return ok, "ships with the package" if ok else "weights missing from this install"
+    if not (cache_dir() / model.file).is_file():
+        return False, f"needs a download of {model.file}"
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(DEFAULT_BACKBONE, local_files_only=True)
+    except Exception:  # any failure means "not in the local cache"
+        return False, f"needs {DEFAULT_BACKBONE} in the hub cache"
+    return True, "cached"
+
+
+def load_model(
+    name_or_path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+):
+    """Resolve a model reference and load it.
+
+    Args:
+        name_or_path: a name from ``MODELS``, a folder saved by ``save_pretrained``, an official ``.pkl`` file, or a
+            hub id of a repository in our format.
+        device: where to put it.
+        dtype: weight dtype.
+
+    Returns:
+        (generator, backbone).
+    """
+    ref = str(name_or_path)
+    if ref in MODELS:
+        model = MODELS[ref]
+        if model.file is None:
+            return load_pretrained(model.builtin_path, device, dtype)
+        path = download(OFFICIAL_URL + model.file, cache_dir() / model.file)
+        return load_official(path, DEFAULT_BACKBONE, device, dtype, **model.overrides)
+    path = Path(ref)
+    if path.is_dir():
+        return load_pretrained(path, device, dtype)
+    if path.is_file() and path.suffix == ".pkl":
+        return load_official(path, DEFAULT_BACKBONE, device, dtype)
+    if not path.exists() and ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return load_pretrained(_hub_snapshot(ref), device, dtype)
+    raise BadInputError(
+        f"Unknown model {ref!r}: not a named model, a model folder, an official .pkl file or a hub id."
+        f" Named models: {', '.join(MODELS)}."
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))
+    except Exception as error:  # offline, not found, gated: all mean "cannot get it now"
+        raise TurboI2IError(
+            f"Could not get model {repo_id!r} from the hub or its cache ({type(error).__name__}). Pass a local model"
+            f" folder instead, or download it where a network is available. Named models: {', '.join(MODELS)}."
+        ) from error

@@ -1,0 +1,63 @@
+import math
+
+import open_clip
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from turbo_i2i.backbone import OneStepSchedule, build_clip_tokenizer, encode_prompt, load_backbone
+from turbo_i2i.errors import BadInputError, TurboI2IError
+
+
+def test_tokenizer_matches_open_clip():
+    tokenizer = build_clip_tokenizer()
+    for prompt in ["a cyan circle on a light golden background", "Driving in heavy rain, at night", "edge map"]:
+        ours = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours == open_clip.tokenize([prompt])[0].tolist()
+    assert len(tokenizer) == 49408 and tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+
+
+def test_x0_matches_ddpm_scheduler_step():
+    schedule = OneStepSchedule.from_config({})
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False
+    )
+    scheduler.set_timesteps(1)
+    assert schedule.timestep == 999 == int(scheduler.timesteps[0])
+    x_t, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    expected = scheduler.step(eps, 999, x_t).prev_sample
+    torch.testing.assert_close(schedule.x0_from_epsilon(x_t, eps), expected, rtol=1e-5, atol=1e-5)
+    assert math.isclose(schedule.alpha_cumprod, float(scheduler.alphas_cumprod[999]))
+
+
+def test_builtin_backbone_is_seeded_and_keeps_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone("tiny")
+    after = torch.rand(1)
+    b = load_backbone("tiny")
+    assert torch.equal(before, after)  # building did not consume the caller's RNG
+    for (name, p), q in zip(a.unet.named_parameters(), b.unet.parameters()):
+        assert torch.equal(p, q), name
+    assert not any(p.requires_grad for p in a.unet.parameters())
+
+
+def test_missing_hub_weights_give_one_paragraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(TurboI2IError) as info:
+        load_backbone("nobody/no-such-model", local_files_only=True)
+    message = str(info.value)
+    assert "nobody/no-such-model" in message and "HF_HUB_OFFLINE" in message and "local folder" in message
+    assert "\n" not in message
+
+
+def test_bad_backbone_name_lists_builtins():
+    with pytest.raises(BadInputError, match="tiny"):
+        load_backbone("not-a-backbone")
+
+
+def test_long_prompt_is_reported_as_truncated():
+    backbone = load_backbone("tiny")
+    embeds, truncated = encode_prompt(backbone.tokenizer, backbone.text_encoder, ["red " * 100, "red"])
+    assert embeds.shape == (2, 77, 32) and truncated == ["red " * 100]
