@@ -79,6 +79,17 @@ def attach_lora(module: nn.Module, adapter_name: str, targets: Iterable[str], ra
         inject_adapter_in_model(config, module, adapter_name=adapter_name)
 
 
+def activate_adapters(module: nn.Module, adapter_names: list[str]) -> None:
+    """Make several adapters active together (injecting an adapter makes it the only active one in every layer).
+
+    Args:
+        module: the model.
+        adapter_names: adapters that all take part in the forward pass (a layer ignores names it does not hold).
+    """
+    for layer in lora_layers(module):
+        layer.set_adapter(adapter_names)  # also sets requires_grad; the generator sets trainability afterwards
+
+
 def lora_layers(module: nn.Module) -> Iterator[LoraLayer]:
     """Every peft LoRA layer inside ``module``."""
     return (m for m in module.modules() if isinstance(m, LoraLayer))

@@ -22,7 +22,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import Decoder, DiagonalGaussianDistribution, Encoder
 from torch import nn
 
-from .adapters import UNET_ADAPTER, VAE_ADAPTER, attach_lora, lora_scale, unpaired_unet_targets
+from .adapters import (
+    UNET_ADAPTER,
+    UNPAIRED_UNET_ADAPTERS,
+    VAE_ADAPTER,
+    activate_adapters,
+    attach_lora,
+    lora_scale,
+    unpaired_unet_targets,
+)
 from .backbone import OneStepSchedule
 from .config import GeneratorConfig
 from .errors import BadInputError
@@ -224,6 +232,7 @@ class OneStepGenerator(nn.Module):
         else:
             for adapter, targets in unpaired_unet_targets(unet, config.unet_lora_targets).items():
                 attach_lora(unet, adapter, targets, config.unet_lora_rank, config.unet_lora_alpha)
+            activate_adapters(unet, list(UNPAIRED_UNET_ADAPTERS))
         if config.stochastic:
             unet.conv_in = TwinConv(copy.deepcopy(unet.conv_in).requires_grad_(False), unet.conv_in)
         self.unet = unet

@@ -1,0 +1,473 @@
+"""Image I/O and preprocessing: load any picture as RGB, size it for the model, turn it into tensors and back.
+
+Every failure a user can cause (a missing, corrupt, truncated or oversized file, a bad threshold, an existing output
+file) is raised as :class:`~turbo_i2i.errors.BadInputError` with a one-sentence message naming the file and the fix,
+never as a PIL or OS traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import BadInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_PIXELS = 4096 * 4096
+
+# Pillow format names for the extensions save_image writes; reading accepts whatever Pillow can identify.
+_SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
+# Pillow's default JPEG/WebP quality (75) visibly blurs model outputs; 95 keeps them close to lossless.
+_LOSSY_QUALITY = 95
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image file into memory as an RGB picture, upright as its EXIF orientation says.
+
+    The size is checked from the header before any pixel is decoded, so a small file that claims a huge size (a
+    decompression bomb) is refused without allocating memory. Truncated files fail instead of returning a partly
+    grey picture.
+
+    Args:
+        path: the image file.
+        max_pixels: the most pixels (width * height) accepted.
+
+    Returns:
+        A fully loaded ``PIL.Image.Image`` in mode "RGB", detached from the file.
+
+    Raises:
+        BadInputError: the file is missing, a folder, not an image, corrupt, truncated or too large.
+    """
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        # PIL warns (DecompressionBombWarning) above its own global limit; max_pixels is checked explicitly below,
+        # so the caller's limit, not PIL's global one, decides.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_size(image.size, max_pixels, f"Image '{path}'")
+                image.load()
+                return _to_rgb(_upright(image, path), path)
+    except (BadInputError, MemoryError):
+        # MemoryError is the machine's limit, not a damaged file: do not report it as "corrupt".
+        raise
+    except Image.DecompressionBombError as exc:
+        # Raised by Image.open itself, before our check, when the header exceeds Pillow's global hard limit.
+        raise BadInputError(
+            f"Image '{path}' is too large to load safely ({str(exc).rstrip('.')}); the limit is {max_pixels} pixels, "
+            "so downscale it."
+        ) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise BadInputError(
+            f"'{path}' is not an image Pillow can read; use one of {', '.join(IMAGE_EXTENSIONS)}."
+        ) from exc
+    except PermissionError as exc:
+        raise BadInputError(f"Image '{path}' cannot be read (permission denied); check its permissions.") from exc
+    except Exception as exc:
+        # Pillow's decoders report damaged data with many exception types (OSError, SyntaxError, struct.error,
+        # ValueError, EOFError, ...); all of them mean the same thing to the user.
+        raise BadInputError(
+            f"Image '{path}' is corrupt or truncated ({type(exc).__name__}: {exc}); re-export or re-download it."
+        ) from exc
+
+
+def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Accept a file path or an in-memory PIL image and return an RGB picture by the same rules as :func:`load_image`.
+
+    Args:
+        image: a path (str or os.PathLike) or a ``PIL.Image.Image``; the PIL image is not modified.
+        max_pixels: the most pixels (width * height) accepted.
+
+    Returns:
+        A new RGB ``PIL.Image.Image``.
+
+    Raises:
+        BadInputError: the path is bad (see :func:`load_image`), the image is too large or cannot be decoded, or
+            ``image`` is neither a path nor a PIL image.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, max_pixels=max_pixels)
+    if not isinstance(image, Image.Image):
+        raise BadInputError(f"Expected an image path or a PIL image, got a {type(image).__name__}; pass one of those.")
+    name = _describe(image)
+    _check_size(image.size, max_pixels, name)
+    try:
+        # An image straight from Image.open is still lazy; a truncated file only fails here.
+        image.load()
+    except Exception as exc:
+        raise BadInputError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc}); reload it.") from exc
+    # exif_transpose returns a copy, so the caller's image is never rotated or converted in place.
+    return _to_rgb(_upright(image, name), name)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """List the image files directly inside a folder, sorted by name.
+
+    Subfolders are not searched. Hidden files (name starting with ".") are skipped because they are usually
+    metadata such as macOS ``._photo.jpg`` resource forks, not pictures.
+
+    Args:
+        folder: the folder to list.
+
+    Returns:
+        Sorted paths of the files whose extension is in ``IMAGE_EXTENSIONS`` (any letter case).
+
+    Raises:
+        BadInputError: the folder does not exist, is a file, cannot be read, or holds no image.
+    """
+    folder = Path(folder)
+    accepted = ", ".join(IMAGE_EXTENSIONS)
+    if not folder.exists():
+        raise BadInputError(f"Folder '{folder}' does not exist; check the path.")
+    if not folder.is_dir():
+        raise BadInputError(f"'{folder}' is a file, not a folder; pass the folder that holds the images.")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise BadInputError(f"Folder '{folder}' cannot be listed ({exc.strerror}); check its permissions.") from exc
+    images = sorted(
+        p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not images:
+        raise BadInputError(f"Folder '{folder}' holds no images; expected files ending in {accepted}.")
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes and tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def model_size(width: int, height: int, multiple: int = 8, min_side: int = 64) -> tuple[int, int]:
+    """The size the model runs at for an image of ``width`` x ``height``.
+
+    The VAE downsamples by 8, so each side must be a multiple of 8. Tiny images (down to 1x1) are first scaled up,
+    keeping the aspect ratio, until the shorter side is ``min_side``; then each side is rounded to the nearest
+    multiple of ``multiple`` (never below ``multiple``, and never below ``min_side`` where rounding down would cross
+    it).
+
+    Args:
+        width: the image width in pixels (> 0).
+        height: the image height in pixels (> 0).
+        multiple: each side of the result is a multiple of this (>= 1).
+        min_side: the shorter side of the result is at least this (>= 1).
+
+    Returns:
+        ``(width, height)`` to resize the image to before it enters the model.
+
+    Raises:
+        BadInputError: a size or parameter is not a positive integer.
+    """
+    for name, value in (("width", width), ("height", height), ("multiple", multiple), ("min_side", min_side)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise BadInputError(f"model_size: {name} must be a positive integer, got {value!r}.")
+    w, h = float(width), float(height)
+    shorter = min(w, h)
+    if shorter < min_side:
+        # Set the shorter side exactly (not via a float scale) so 63.9999 never rounds below min_side.
+        scale = min_side / shorter
+        w, h = (float(min_side), h * scale) if w <= h else (w * scale, float(min_side))
+    return _round_side(w, multiple, min_side), _round_side(h, multiple, min_side)
+
+
+def pil_to_tensor(images: Sequence[Image.Image], value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Stack same-size pictures into a float batch for the model.
+
+    Args:
+        images: PIL images, all the same size; non-RGB modes are converted by the rules of :func:`load_image`.
+        value_range: ``(low, high)`` that pixel values 0 and 255 map to, e.g. ``(-1.0, 1.0)`` for a VAE input.
+
+    Returns:
+        A float32 CPU tensor of shape (N, 3, H, W); move it to the model's device yourself.
+
+    Raises:
+        BadInputError: the list is empty, holds a non-image, the images differ in size, or the range is empty.
+    """
+    if isinstance(images, Image.Image) or not isinstance(images, Sequence) or len(images) == 0:
+        raise BadInputError("pil_to_tensor needs a non-empty list of PIL images.")
+    low, high = (float(v) for v in value_range)
+    if not low < high:
+        raise BadInputError(f"pil_to_tensor: value_range must be (low, high) with low < high, got {value_range}.")
+    arrays = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise BadInputError(f"pil_to_tensor: item {i} is a {type(image).__name__}, not a PIL image.")
+        if image.size != images[0].size:
+            raise BadInputError(
+                f"pil_to_tensor: image {i} is {image.width}x{image.height} but image 0 is "
+                f"{images[0].width}x{images[0].height}; resize them to one size to batch them."
+            )
+        arrays.append(np.asarray(_to_rgb(image, f"Image {i}") if image.mode != "RGB" else image, dtype=np.uint8))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
+    return (batch / 255.0 * (high - low) + low).contiguous()
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> list[Image.Image]:
+    """Turn model output in [-1, 1] into RGB pictures.
+
+    Values are clamped to [-1, 1] (NaN becomes 0, i.e. mid grey) and mapped with ``round(x * 127.5 + 127.5)``;
+    rounding rather than truncating makes ``pil_to_tensor(..., (-1, 1))`` followed by this exact.
+
+    Args:
+        tensor: shape (N, 3, H, W) or (3, H, W), any float dtype and device.
+
+    Returns:
+        One RGB ``PIL.Image.Image`` per batch item.
+
+    Raises:
+        BadInputError: the tensor does not have 3 channels in dimension -3.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise BadInputError(f"tensor_to_pil expects a torch tensor, got a {type(tensor).__name__}.")
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 4 or tensor.shape[1] != 3:
+        raise BadInputError(f"tensor_to_pil expects shape (N, 3, H, W) or (3, H, W), got {tuple(tensor.shape)}.")
+    x = torch.nan_to_num(tensor.detach().cpu().float(), nan=0.0).clamp(-1.0, 1.0)
+    pixels = (x * 127.5 + 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(p), mode="RGB") for p in pixels]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning images
+# ----------------------------------------------------------------------------------------------------
+
+
+def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
+    """Canny edge map: white (255) edges on black, the input of the edge_to_image model.
+
+    Edges are found on the grayscale image. The thresholds compare against the intensity gradient magnitude (0-255
+    scale): pixels above ``high_threshold`` are edges; pixels between the two are kept only where connected to such
+    an edge (hysteresis). Lower values give more, noisier edges; 100/200 are the pix2pix-Turbo defaults.
+
+    Args:
+        image: a PIL image (used as is, converted to RGB) or an image path (read with :func:`load_image`).
+        low_threshold: hysteresis lower threshold, 0 <= low <= high.
+        high_threshold: hysteresis upper threshold, low <= high <= 255.
+
+    Returns:
+        An RGB ``PIL.Image.Image`` of the same size, every pixel (0, 0, 0) or (255, 255, 255).
+
+    Raises:
+        BadInputError: the thresholds are out of range or in the wrong order.
+    """
+    if not (_is_number(low_threshold) and _is_number(high_threshold) and 0 <= low_threshold <= high_threshold <= 255):
+        raise BadInputError(
+            "Canny thresholds must satisfy 0 <= low <= high <= 255, "
+            f"got low={low_threshold!r}, high={high_threshold!r}."
+        )
+    gray = cv2.cvtColor(np.asarray(_condition_input(image)), cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(gray, float(low_threshold), float(high_threshold))
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), mode="RGB")
+
+
+def sketch(image: Image.Image, threshold: float = 0.5) -> Image.Image:
+    """Binarise a drawing into the input of the sketch model: white strokes on black.
+
+    A pixel whose grayscale value / 255 is below ``threshold`` (a dark stroke) becomes white, every other pixel (the
+    light page) black, so a pen drawing on paper becomes what the official sketch_to_image model was trained on.
+
+    Args:
+        image: a PIL image (used as is, converted to RGB) or an image path (read with :func:`load_image`).
+        threshold: darkness cut-off in [0, 1].
+
+    Returns:
+        An RGB ``PIL.Image.Image`` of the same size, every pixel (0, 0, 0) or (255, 255, 255).
+
+    Raises:
+        BadInputError: the threshold is not a number in [0, 1].
+    """
+    if not (_is_number(threshold) and 0 <= threshold <= 1):
+        raise BadInputError(f"Sketch threshold must be a number in [0, 1], got {threshold!r}.")
+    gray = np.asarray(_condition_input(image).convert("L"), dtype=np.float32) / 255.0
+    strokes = np.where(gray < threshold, 255, 0).astype(np.uint8)
+    return Image.fromarray(np.repeat(strokes[:, :, None], 3, axis=2), mode="RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a picture atomically: a crash or a full disk never leaves a half-written file at ``path``.
+
+    The image is written to a hidden temporary file in the same folder (same filesystem, so the rename is atomic),
+    flushed to disk, then moved over ``path`` with ``os.replace``. Parent folders are created.
+
+    Args:
+        image: the PIL image to write.
+        path: the output file; its extension (one of ``IMAGE_EXTENSIONS``) picks the format.
+        overwrite: replace an existing file instead of refusing.
+
+    Returns:
+        The path written.
+
+    Raises:
+        BadInputError: the extension is unknown, the file exists and ``overwrite`` is False, the path is a folder,
+            or the file cannot be written.
+    """
+    path = Path(path)
+    if not isinstance(image, Image.Image):
+        raise BadInputError(f"Cannot save a {type(image).__name__} to '{path}'; expected a PIL image.")
+    fmt = _SAVE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise BadInputError(
+            f"Cannot save '{path}': unknown extension {path.suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}."
+        )
+    if path.is_dir():
+        raise BadInputError(f"Cannot save to '{path}': it is a folder; give a file name.")
+    # Checked before writing so an existing file is never touched; a file appearing in between is still replaced.
+    if path.exists() and not overwrite:
+        raise BadInputError(f"'{path}' already exists; pass --overwrite to replace it or choose another name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(_savable(image, fmt), path, fmt)
+    except OSError as exc:
+        raise BadInputError(
+            f"Cannot write '{path}' ({exc.strerror or exc}); check the folder and free space."
+        ) from exc
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_is_file(path: Path) -> None:
+    """Raise BadInputError unless ``path`` names an existing regular file."""
+    if not path.exists():
+        raise BadInputError(f"Image file '{path}' does not exist; check the path.")
+    if path.is_dir():
+        raise BadInputError(f"'{path}' is a folder, not an image file; pass a file (or use the folder option).")
+
+
+def _check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
+    """Refuse empty images and images with more than ``max_pixels`` pixels, using the size alone."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise BadInputError(f"{name} is {width}x{height} and has no pixels; use a non-empty image.")
+    if width * height > max_pixels:
+        raise BadInputError(
+            f"{name} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} pixels; "
+            "downscale it or raise the limit (max_pixels)."
+        )
+
+
+def _is_number(value: object) -> bool:
+    """True for real numbers (int, float, numpy scalars), False for bools, NaN and everything else."""
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _condition_input(image: str | os.PathLike | Image.Image) -> Image.Image:
+    """RGB input for canny/sketch: a path is loaded (EXIF applied), a PIL image keeps its exact pixel grid.
+
+    A PIL image is not EXIF-rotated here so the condition map stays aligned with the picture the caller holds.
+    """
+    if isinstance(image, Image.Image):
+        _check_size(image.size, math.inf, _describe(image))
+        return _to_rgb(image, _describe(image))
+    return load_image_or_pil(image)
+
+
+def _describe(image: Image.Image) -> str:
+    """Name an in-memory image in messages by the file it came from, if known."""
+    filename = getattr(image, "filename", "")
+    return f"Image '{filename}'" if filename else f"The {image.width}x{image.height} {image.mode} image"
+
+
+def _upright(image: Image.Image, name: object) -> Image.Image:
+    """Apply the EXIF orientation tag (phones store rotated pixels plus a tag); return a new image."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # A damaged EXIF block must not lose the picture; the pixels themselves are fine.
+        warnings.warn(f"Ignoring unreadable EXIF orientation of {name}: {exc}", stacklevel=3)
+        return image.copy()
+
+
+def _to_rgb(image: Image.Image, name: object) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping high-bit-depth data.
+
+    Alpha is dropped, not composited, as ``diffusers.utils.load_image`` does, so a model sees the same input here
+    and there.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own convert clips 16-bit values at 255 (a white picture); scale 0..65535 to 0..255 instead.
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return _gray_to_rgb((values * 255 + 32767) // 65535)
+    if mode == "F":
+        # Pillow's convention for float images is the 0..255 scale of "L" (see Image.convert("F")).
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        return _gray_to_rgb(np.rint(np.clip(values, 0.0, 255.0)))
+    if mode == "P" and "transparency" in image.info:
+        # Going through RGBA keeps the palette colours and avoids Pillow's transparency warning.
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        pass
+    try:
+        # Modes without a direct route to RGB (e.g. "La") usually have one through RGBA.
+        return image.convert("RGBA").convert("RGB")
+    except ValueError as exc:
+        raise BadInputError(
+            f"{name} has pixel mode {mode!r}, which cannot be converted to RGB; save it as RGB."
+        ) from exc
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    """An RGB image whose three channels are the given 0..255 gray values."""
+    gray = values.astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), mode="RGB")
+
+
+def _round_side(side: float, multiple: int, min_side: int) -> int:
+    """Round one side to the nearest multiple (half up), never below ``multiple`` nor, if the side reached it,
+    below ``min_side``."""
+    rounded = max(multiple, math.floor(side / multiple + 0.5) * multiple)
+    if rounded < min_side <= side:
+        rounded = math.ceil(side / multiple) * multiple
+    return int(rounded)
+
+
+def _savable(image: Image.Image, fmt: str) -> Image.Image:
+    """Convert the image to a mode the format can store: RGB or L, plus RGBA where the format keeps alpha."""
+    if image.mode in ("RGB", "L") or (image.mode == "RGBA" and fmt in ("PNG", "WEBP")):
+        return image
+    return _to_rgb(image, "The image to save")
+
+
+def _write_atomically(image: Image.Image, path: Path, fmt: str) -> None:
+    """Write to a temporary sibling file, fsync it, then rename it over ``path``; remove the temporary on failure."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    options = {"quality": _LOSSY_QUALITY} if fmt in ("JPEG", "WEBP") else {}
+    # os.open with mode 0o666 lets the umask set the permissions, as a plain open() would (mkstemp forces 0o600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt, **options)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
