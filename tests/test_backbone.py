@@ -20,7 +20,11 @@ def test_tokenizer_matches_open_clip():
 def test_x0_matches_ddpm_scheduler_step():
     schedule = OneStepSchedule.from_config({})
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        clip_sample=False,
     )
     scheduler.set_timesteps(1)
     assert schedule.timestep == 999 == int(scheduler.timesteps[0])

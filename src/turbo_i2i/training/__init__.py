@@ -1,0 +1,1 @@
+"""Training: procedural data sets and quality metrics for the built-in model."""
