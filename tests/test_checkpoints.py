@@ -126,6 +126,21 @@ def test_old_peft_spelling_without_base_layer_is_accepted(tmp_path):
     assert torch.equal(generator.vae["a2b"].decoder.skip_conv_1.base_layer.weight, weight)
 
 
+def test_modules_the_file_never_adapted_keep_a_zero_update(tmp_path):
+    unet, vae = _tiny_parts()
+    state = official_paired(unet, vae)
+    module = "down_blocks.0.downsamplers.0.conv"
+    for part in ("lora_A", "lora_B"):
+        del state["state_dict_unet"][f"{module}.{part}.default.weight"]
+    torch.save(state, tmp_path / "older.pkl")
+    generator, _ = load_official(tmp_path / "older.pkl", "tiny")
+    assert not generator.unet.down_blocks[0].downsamplers[0].conv.lora_B["default"].weight.any()
+    del state["state_dict_unet"]["up_blocks.0.resnets.0.conv1.lora_B.default.weight"]  # half a pair is damage
+    torch.save(state, tmp_path / "damaged.pkl")
+    with pytest.raises(BadInputError, match="lacks 1 trained tensors"):
+        load_official(tmp_path / "damaged.pkl", "tiny")
+
+
 class Exploit:
     def __reduce__(self):
         return (print, ("pwned",))

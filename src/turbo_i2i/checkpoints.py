@@ -7,6 +7,7 @@ pickles are read with ``torch.load(weights_only=True)`` only: no pickled code is
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .backbone import Backbone, load_backbone
 from .config import GeneratorConfig
 from .errors import BadInputError, TurboI2IError
 from .generator import OneStepGenerator
+
+logger = logging.getLogger("turbo_i2i")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -229,8 +232,29 @@ def load_official(
     config.__post_init__()  # re-validate after the overrides
     generator, backbone = build_generator(config, device, dtype)
     names = {n for n, _ in generator.named_parameters()}
-    generator.load_trained_state_dict(fit_base_layer_names(tensors, names), allow_missing=from_backbone)
+    tensors = fit_base_layer_names(tensors, names)
+    generator.load_trained_state_dict(tensors, allow_missing=from_backbone | absent_lora_pairs(tensors, names))
     return generator, backbone
+
+
+def absent_lora_pairs(tensors: dict[str, torch.Tensor], names: set[str]) -> frozenset[str]:
+    """LoRA parameters of modules for which a file holds neither A nor B.
+
+    A diffusers release can name or add a module the released files never adapted; such a module keeps a fresh
+    adapter whose B is zero, which leaves its output exactly as without LoRA, so its absence is not an error.
+
+    Args:
+        tensors: checkpoint tensors under our names.
+        names: the model's parameter names.
+
+    Returns:
+        the names that may be missing.
+    """
+    present = {key.split(".lora_")[0] for key in tensors if ".lora_" in key}
+    absent = frozenset(n for n in names if ".lora_" in n and n.split(".lora_")[0] not in present)
+    if absent:
+        logger.info("%d LoRA'd modules have no weights in the file and stay unchanged.", len(absent) // 2)
+    return absent
 
 
 def convert_official(path: str | Path, out: str | Path, base_model: str, **config_overrides) -> Path:

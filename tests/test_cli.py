@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from turbo_i2i.cli import main
+
+
+def write_picture(path, size=(32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def run(tiny_model_dir, capsys):
+    def _run(*args):
+        code = main(["translate", "--model", str(tiny_model_dir), *map(str, args)])
+        return code, capsys.readouterr().err
+
+    return _run
+
+
+def test_translate_one_file(run, tmp_path):
+    source = write_picture(tmp_path / "in.png", (40, 24))
+    code, err = run("--input", source, "--output", tmp_path / "out.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "out.png").size == (40, 24)
+
+
+def test_existing_output_is_kept_unless_overwrite(run, tmp_path):
+    source = write_picture(tmp_path / "in.png")
+    (tmp_path / "out.png").write_bytes(b"precious")
+    code, err = run("--input", source, "--output", tmp_path / "out.png")
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "out.png").read_bytes() == b"precious"
+    code, _ = run("--input", source, "--output", tmp_path / "out.png", "--overwrite")
+    assert code == 0 and Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+def test_folder_with_a_bad_file_translates_the_rest(run, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write_picture(src / f"ok{i}.png", seed=i)
+    (src / "broken.png").write_text("this is not a png")
+    (src / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ok0.png").write_bytes(b"keep me")
+    code, err = run("--input", src, "--output", out)
+    assert code == 2 and "broken.png" in err and "1 of 4" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["ok0.png", "ok1.png", "ok2.png"]
+    assert (out / "ok0.png").read_bytes() == b"keep me"  # existing output untouched without --overwrite
+    assert "kept 1 existing" in err
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (None, ["--input", "{tmp}/missing.png"], "does not exist"),
+        ("empty_dir", ["--input", "{tmp}/empty"], "no images"),
+        ("text_png", ["--input", "{tmp}/text.png"], "text.png"),
+        ("huge", ["--input", "{tmp}/huge.png"], "pixels"),
+        ("ok", ["--input", "{tmp}/ok.png", "--prompt", ""], "empty"),
+        ("ok", ["--input", "{tmp}/ok.png", "--edges", "canny", "--canny-low", "300"], "thresholds"),
+        ("ok", ["--input", "{tmp}/ok.png", "--r", "0.5"], "stochastic"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(run, tmp_path, setup, args, message):
+    if setup == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "readme.txt").write_text("x")
+    elif setup == "text_png":
+        (tmp_path / "text.png").write_text("hello")
+    elif setup == "huge":
+        Image.new("L", (4200, 4200)).save(tmp_path / "huge.png")
+    elif setup == "ok":
+        write_picture(tmp_path / "ok.png")
+    code, err = run(*[a.format(tmp=tmp_path) for a in args], "--output", tmp_path / "out.png")
+    assert code == 2 and (message in err or message in err.lower()), err
+    assert "Traceback" not in err and not (tmp_path / "out.png").exists()
+
+
+def test_unknown_model_lists_known_names(tmp_path, capsys):
+    write_picture(tmp_path / "in.png")
+    code = main(
+        ["translate", "--model", "nope", "--input", str(tmp_path / "in.png"), "--output", str(tmp_path / "o.png")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "demo-circles" in err and "day_to_night" in err
+
+
+def test_models_lists_every_named_model(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo-circles", "edge_to_image", "sketch_to_image_stochastic", "day_to_night", "rainy_to_clear"):
+        assert name in out
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turbo_i2i.cli",
+            "translate",
+            "--input",
+            str(tmp_path / "none.png"),
+            "--output",
+            "x.png",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    usage = subprocess.run([sys.executable, "-m", "turbo_i2i.cli", "translate"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "--input" in usage.stderr

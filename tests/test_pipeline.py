@@ -1,0 +1,114 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_generator
+from PIL import Image
+
+import turbo_i2i.pipeline as pipeline
+from turbo_i2i import preprocess as pre
+from turbo_i2i.checkpoints import save_pretrained
+from turbo_i2i.errors import BadInputError
+from turbo_i2i.pipeline import Translator
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_model_dir):
+    return Translator.from_pretrained(tiny_model_dir)
+
+
+def picture(w=37, h=29, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_output_is_rgb_at_the_input_size(translator):
+    out = translator(picture(37, 29), prompt="a blue square on a red background")
+    assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == (37, 29)
+    assert np.asarray(out).std() > 0
+
+
+def test_inputs_as_path_pil_tensor_and_batch_agree(translator, tmp_path):
+    image = picture(32, 32)
+    image.save(tmp_path / "in.png")
+    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    outs = [translator(x) for x in (image, tmp_path / "in.png", str(tmp_path / "in.png"), tensor)]
+    arrays = [np.asarray(o) for o in outs]
+    assert all(np.array_equal(arrays[0], a) for a in arrays[1:])
+    batch = translator([image, picture(32, 32, seed=1), picture(24, 40)])
+    assert [b.size for b in batch] == [(32, 32), (32, 32), (24, 40)]
+    assert np.abs(np.asarray(batch[0], dtype=int) - arrays[0]).max() <= 1  # batched == alone, up to rounding
+
+
+def test_prompt_is_encoded_once_and_changes_the_output(translator, monkeypatch):
+    calls = []
+    real = pipeline.encode_prompt
+    monkeypatch.setattr(pipeline, "encode_prompt", lambda *a: calls.append(a[2]) or real(*a))
+    image = picture(32, 32)
+    first = translator(image, prompt="a cyan circle on a pink background")
+    translator(image, prompt="a cyan circle on a pink background")
+    other = translator(image, prompt="a green triangle on a white background")
+    assert calls == [["a cyan circle on a pink background"], ["a green triangle on a white background"]]
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_default_prompt_and_bad_prompts(translator, caplog):
+    image = picture(32, 32)
+    assert np.array_equal(
+        np.asarray(translator(image)), np.asarray(translator(image, prompt="a red circle on a blue background"))
+    )
+    for empty in ("", "   "):
+        with pytest.raises(BadInputError, match="empty"):
+            translator(image, prompt=empty)
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        translator(image, prompt="red " * 100)
+    assert "longer than 77 tokens" in caplog.text
+    with pytest.raises(BadInputError, match="2 prompts for 1 images"):
+        translator([image], prompt=["a", "b"])
+
+
+def test_model_without_default_prompt_asks_for_one(tmp_path):
+    generator, _ = make_generator()
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "m"))
+    with pytest.raises(BadInputError, match="no default prompt"):
+        translator(picture())
+
+
+def test_edges_are_extracted_as_asked(translator):
+    image = picture(40, 40)
+    via_option = translator(image, edges="canny", canny_thresholds=(50, 150))
+    by_hand = translator(pre.canny(image, 50, 150), edges=None)
+    assert np.array_equal(np.asarray(via_option), np.asarray(by_hand))
+    with pytest.raises(BadInputError, match="thresholds"):
+        translator(image, edges="canny", canny_thresholds=(200, 100))
+
+
+def test_stochastic_model_seed_and_r(tmp_path):
+    generator, _ = make_generator(stochastic=True, trained_seed=2, prompts={"a2b": "a sketch"}, default_r=0.4)
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "s"))
+    image = picture(32, 32)
+    a, b, c = (np.asarray(translator(image, seed=s)) for s in (5, 5, 6))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    faithful = np.asarray(translator(image, r=1.0, seed=5))
+    assert not np.array_equal(a, faithful)
+    assert np.array_equal(faithful, np.asarray(translator(image, r=1.0, seed=99)))  # r = 1 uses no noise
+
+
+def test_unpaired_directions(tmp_path):
+    generator, _ = make_generator("unpaired", trained_seed=4, prompts={"a2b": "night", "b2a": "day"})
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "u"))
+    image = picture(32, 32)
+    assert not np.array_equal(np.asarray(translator(image)), np.asarray(translator(image, direction="b2a")))
+    with pytest.raises(BadInputError, match="direction"):
+        translator(image, direction="sideways")
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(BadInputError, match="demo-circles.*edge_to_image"):
+        Translator.from_pretrained("no-such-model")
+
+
+def test_gigapixel_header_is_refused_before_decoding(translator):
+    with pytest.raises(BadInputError, match="pixels"):
+        translator(Image.new("RGB", (5000, 5000)))
