@@ -72,7 +72,12 @@ BUILTIN_BACKBONES: dict[str, dict] = {
 # The demo model's backbone: wider than "tiny" so it can learn colours and shapes from scratch on a CPU.
 BUILTIN_BACKBONES["tiny-circles"] = {
     "seed": 0,
-    "unet": {**BUILTIN_BACKBONES["tiny"]["unet"], "block_out_channels": [64, 128], "attention_head_dim": 16},
+    "unet": {
+        **BUILTIN_BACKBONES["tiny"]["unet"],
+        "block_out_channels": [64, 128],
+        "attention_head_dim": 16,
+        "cross_attention_dim": 64,
+    },
     "vae": {**BUILTIN_BACKBONES["tiny"]["vae"], "block_out_channels": [32, 32, 64, 64]},
     "text_encoder": {**BUILTIN_BACKBONES["tiny"]["text_encoder"], "hidden_size": 64, "intermediate_size": 128},
 }

@@ -24,6 +24,7 @@ logger = logging.getLogger("turbo_i2i")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TEXT_ENCODER_NAME = "text_encoder.safetensors"
 OFFICIAL_LORA_ALPHA = 8.0  # the release never set lora_alpha, so peft's default of the time applied (except below)
 
 
@@ -45,12 +46,16 @@ def build_generator(
     return generator.to(device=device, dtype=dtype).eval(), backbone
 
 
-def save_pretrained(generator: OneStepGenerator, folder: str | Path) -> Path:
+def save_pretrained(
+    generator: OneStepGenerator, folder: str | Path, text_encoder: torch.nn.Module | None = None
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (every trained tensor) into ``folder``.
 
     Args:
         generator: the model to save.
         folder: destination folder (created if needed).
+        text_encoder: also save these text-encoder weights (models trained from scratch on a built-in backbone
+            keep their whole backbone, so that a change in a library's weight init can never alter them).
 
     Returns:
         the folder.
@@ -60,6 +65,9 @@ def save_pretrained(generator: OneStepGenerator, folder: str | Path) -> Path:
     generator.config.save(folder / CONFIG_NAME)
     tensors = {name: t.cpu() for name, t in generator.trained_state_dict().items()}
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", "library": "turbo-i2i"})
+    if text_encoder is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()}
+        save_file(state, folder / TEXT_ENCODER_NAME, metadata={"format": "pt", "library": "turbo-i2i"})
     return folder
 
 
@@ -87,6 +95,11 @@ def load_pretrained(
         raise BadInputError(f"Cannot read {folder / WEIGHTS_NAME}: {error}") from error
     generator, backbone = build_generator(config, device, dtype)
     generator.load_trained_state_dict(state)
+    if (folder / TEXT_ENCODER_NAME).is_file():
+        try:
+            backbone.text_encoder.load_state_dict(load_file(folder / TEXT_ENCODER_NAME))
+        except RuntimeError as error:  # names or shapes that do not fit
+            raise BadInputError(f"{folder / TEXT_ENCODER_NAME} does not fit {config.base_model!r}: {error}") from error
     return generator, backbone
 
 

@@ -48,11 +48,49 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default=None, help="backbone it was trained on (default stabilityai/sd-turbo)")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import MISSING, fields
+
+    from .training.paired import PRESETS, PairedTrainConfig
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
+    p = train.add_parser("paired", help="pix2pix-Turbo on paired images (train_A/, train_B/, train_prompts.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; other options override it")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
+    for f in fields(PairedTrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            required = f.default is MISSING and f.name != "dataset"
+            p.add_argument(flag, type=kind, default=None, required=required)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="generate a data set").add_subparsers(dest="kind", required=True)
+    p = data.add_parser("circles", help="paired outlines -> filled shapes with captions (the demo model's data)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--n", type=int, default=1000, help="number of pairs (10%% go to the test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+
+
+def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-demo", help="measure a circles model on held-out samples (IoU, colour errors)")
+    p.add_argument("--model", default="demo-circles")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--json", help="also write the numbers to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="turbo-i2i", description="One-step image-to-image translation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_translate, _add_models, _add_convert):
+    for add in (_add_translate, _add_models, _add_convert, _add_train, _add_data, _add_eval_demo):
         add(sub)
     return parser
 
@@ -133,7 +171,63 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"translate": _translate, "models": _models, "convert": _convert}
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .training.circles import write_dataset
+    from .training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+
+    options = dict(PRESETS[args.preset]) if args.preset else {}
+    options.update(
+        {f.name: getattr(args, f.name) for f in fields(PairedTrainConfig) if getattr(args, f.name, None) is not None}
+    )
+    circles = options.get("extra", {}).get("circles")
+    if "dataset" not in options:
+        if not circles:
+            raise BadInputError("--dataset is required (a paired folder or a .jsonl manifest).")
+        # The preset's data set is generated, so the recipe reproduces from nothing but this command.
+        options["dataset"] = str(Path(options["output_dir"]) / "data")
+        if not Path(options["dataset"]).is_dir():
+            write_dataset(options["dataset"], **circles)
+    trainer = PairedTrainer(PairedTrainConfig.from_dict(options))
+    logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
+    print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .training.circles import write_dataset
+
+    counts = write_dataset(args.out, n=args.n, seed=args.seed, size=args.size)
+    print(f"wrote {counts['train']} training and {counts['test']} test pairs to {args.out}")
+    return 0
+
+
+def _eval_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline import Translator
+    from .training.circles import evaluate
+
+    translator = Translator.from_pretrained(args.model)
+    scores = evaluate(lambda images, prompts: translator(images, prompt=prompts), n=args.n)
+    print(
+        f"IoU {scores['iou']:.4f}  fill error {scores['fill_error']:.2f}/255  background error"
+        f" {scores['background_error']:.2f}/255  ({scores['n']} held-out samples)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "translate": _translate,
+    "models": _models,
+    "convert": _convert,
+    "train": _train,
+    "data": _data,
+    "eval-demo": _eval_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,411 @@
+"""Paired training (pix2pix-Turbo): ``turbo-i2i train paired``.
+
+Objective (paper, Sec. 3.3), code names -> paper terms:
+    loss_l2      = L2(G(x, c), y)                       reconstruction, weight 1
+    loss_lpips   = LPIPS_VGG(G(x, c), y)                perceptual reconstruction, weight 5
+    loss_clipsim = 1 - cos(CLIP_img(G(x, c)), CLIP_txt(c)) text alignment, weight 5
+    loss_gan     = -log D(G(x, c))  (vision-aided D)    adversarial, weight 0.5
+
+One generator step and one discriminator step per iteration, one LR-scheduler step each. The discriminator's
+gradients are cleared after the generator's backward, so D is updated only by its own loss. Trainable weights stay
+fp32 under bf16/fp16 autocast (frozen weights may be cast down). All randomness of a step (batch order, crops,
+DiffAugment) is derived from (seed, step), so stopping and resuming gives the same run as going straight through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..backbone import encode_prompt
+from ..checkpoints import build_generator, save_pretrained
+from ..config import GeneratorConfig
+from ..errors import BadInputError
+from ..generator import OneStepGenerator
+from .data import PairedDataset, collate
+
+logger = logging.getLogger("turbo_i2i")
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+DISCRIMINATOR = "discriminator.safetensors"
+
+
+@dataclass
+class PairedTrainConfig:
+    """Everything a paired run depends on; saved beside each checkpoint so a resume uses the same settings.
+
+    Args:
+        dataset: a folder in the paired layout (train_A/, train_B/, train_prompts.json, test_*) or a .jsonl manifest.
+        output_dir: run folder: checkpoints/, the exported model/ and eval images.
+        base_model: backbone hub id, folder or built-in name.
+        train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
+        unet_lora_rank, vae_lora_rank: LoRA ranks (8 / 4 in the paper's edge model).
+        transform: name of the pair transform (see ``training.data``).
+        batch_size: images per step (per process).
+        max_steps: optimizer steps to run.
+        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimiser.
+        lambda_l2, lambda_lpips, lambda_clipsim, lambda_gan: loss weights (0 turns a term and its network off).
+        disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
+        mixed_precision: "no", "bf16" or "fp16".
+        gradient_checkpointing: recompute activations in the backward pass.
+        seed: seeds the generator init and every step's randomness.
+        checkpoint_every, eval_every: in steps.
+        num_eval: test pairs evaluated (all when 0).
+        skip_bad: skip bad pairs with a warning instead of refusing the data set.
+        default_prompt: recorded as the exported model's default prompt.
+        lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
+    """
+
+    dataset: str
+    output_dir: str
+    base_model: str = "stabilityai/sd-turbo"
+    train_all: bool = False
+    unet_lora_rank: int = 8
+    vae_lora_rank: int = 4
+    transform: str = "resize_512"
+    batch_size: int = 4
+    max_steps: int = 10000
+    learning_rate: float = 5e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lambda_l2: float = 1.0
+    lambda_lpips: float = 5.0
+    lambda_clipsim: float = 5.0
+    lambda_gan: float = 0.5
+    disc: str = "clip"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    num_eval: int = 16
+    skip_bad: bool = False
+    default_prompt: str | None = None
+    lpips_path: str | None = None
+    clip_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PairedTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInputError(f"Unknown training options: {', '.join(unknown)}.")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict] = {
+    # The built-in offline model: a tiny backbone trained from scratch on generated circles, on a 2-core CPU.
+    # LPIPS and CLIP need downloaded weights and a GAN is not needed for flat colours, so the loss is L2 only.
+    "demo-circles": dict(
+        base_model="tiny-circles",
+        train_all=True,
+        transform="no_resize",
+        batch_size=16,
+        max_steps=3000,
+        learning_rate=5e-4,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        adam_weight_decay=0.0,
+        lambda_lpips=0.0,
+        lambda_clipsim=0.0,
+        lambda_gan=0.0,
+        disc="none",
+        checkpoint_every=500,
+        eval_every=500,
+        num_eval=64,
+        default_prompt="a red circle on a blue background",
+        extra={"circles": {"n": 6000, "seed": 1, "size": 64}},
+    ),
+}
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A private RNG for one step's randomness: the same (seed, step, stream) always gives the same numbers."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63))
+
+
+class PairedTrainer:
+    """Runs, checkpoints, resumes, evaluates and exports a paired training run.
+
+    Args:
+        config: the run's settings.
+        accelerator: an ``accelerate.Accelerator`` (one is made from the config when None).
+        loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
+            (tests pass tiny stand-ins).
+    """
+
+    def __init__(self, config: PairedTrainConfig, accelerator=None, loss_networks=None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.device = self.accelerator.device
+        self.output_dir = Path(config.output_dir)
+        self.train_data = PairedDataset(
+            config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+        )
+        self.test_data = self._test_split()
+        torch.manual_seed(config.seed)  # LoRA init and heads: reproducible for a seed
+        gen_config = GeneratorConfig(
+            base_model=config.base_model,
+            unet_lora_rank=config.unet_lora_rank,
+            vae_lora_rank=config.vae_lora_rank,
+            train_all=config.train_all,
+            prompts={"a2b": config.default_prompt} if config.default_prompt else {},
+        )
+        self.generator, backbone = build_generator(gen_config, device=self.device)
+        self.tokenizer, self.text_encoder = backbone.tokenizer, backbone.text_encoder
+        self.generator.set_trainable(True)
+        if config.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+        self.generator.train()
+        self.lpips, self.clipsim = self._loss_networks(loss_networks)
+        self.discriminator = self._discriminator()
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        self.scheduler_g = self._scheduler(self.optimizer_g)
+        if self.discriminator is not None:
+            d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
+            self.optimizer_d = torch.optim.AdamW(
+                d_params, lr=config.learning_rate, weight_decay=config.adam_weight_decay
+            )
+            self.scheduler_d = self._scheduler(self.optimizer_d)
+        self.model = self.accelerator.prepare_model(self.generator)
+        if self.discriminator is not None:
+            self.discriminator = self.accelerator.prepare_model(self.discriminator)
+        self.step = 0
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # --- set-up pieces -------------------------------------------------------------------------------------------
+
+    def _test_split(self) -> PairedDataset | None:
+        if str(self.config.dataset).endswith(".jsonl") or not (Path(self.config.dataset) / "test_A").is_dir():
+            return None
+        return PairedDataset(self.config.dataset, "test", self.config.transform, skip_bad=self.config.skip_bad)
+
+    def _loss_networks(self, prebuilt):
+        from .losses import CLIPSimLoss, LPIPSLoss
+        from .pretrained import load_clip, load_lpips
+
+        lpips_net, clip = prebuilt if prebuilt is not None else (None, None)
+        lpips = clipsim = None
+        if self.config.lambda_lpips > 0:
+            lpips = LPIPSLoss(lpips_net if lpips_net is not None else load_lpips(path=self.config.lpips_path))
+            lpips.to(self.device)
+        if self.config.lambda_clipsim > 0 or self.config.disc == "clip":
+            clip = clip if clip is not None else load_clip(path=self.config.clip_path)
+            self._clip = clip
+        if self.config.lambda_clipsim > 0:
+            clipsim = CLIPSimLoss(*clip).to(self.device)
+        return lpips, clipsim
+
+    def _discriminator(self):
+        if self.config.disc == "none" or self.config.lambda_gan == 0:
+            return None
+        from .discriminators import build_discriminator
+
+        clip_model = self._clip[0] if self.config.disc == "clip" else None
+        return build_discriminator(self.config.disc, clip=clip_model).to(self.device).train()
+
+    def _scheduler(self, optimizer):
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(
+            self.config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=self.config.lr_warmup_steps,
+            num_training_steps=self.config.max_steps,
+        )
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Caption embeddings, cached: the frozen text encoder runs once per distinct caption."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            with torch.no_grad():
+                embeds, _ = encode_prompt(self.tokenizer, self.text_encoder, missing)
+            self._prompt_cache.update(zip(missing, embeds))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    # --- one iteration -------------------------------------------------------------------------------------------
+
+    def batch(self, step: int) -> dict:
+        """The batch of ``step`` for this process: a slice of a global batch drawn from a per-epoch permutation."""
+        n, world, rank = len(self.train_data), self.accelerator.num_processes, self.accelerator.process_index
+        global_size = self.config.batch_size * world
+        start = step * global_size
+        items = []
+        for position in range(start + rank * self.config.batch_size, start + (rank + 1) * self.config.batch_size):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=step_generator(self.config.seed, epoch, stream=1))
+            self.train_data.set_epoch(epoch)
+            items.append(self.train_data[int(order[offset])])
+        return collate(items)
+
+    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """The generator's loss terms on ``batch`` (the weighted sum under "loss_g")."""
+        cfg = self.config
+        x = batch["input"].to(self.device)
+        y = batch["target"].to(self.device)
+        with self.accelerator.autocast():
+            out = self.model(x, self.encode(batch["prompt"]))
+            terms = {"loss_l2": torch.nn.functional.mse_loss(out.float(), y.float())}
+            if self.lpips is not None:
+                terms["loss_lpips"] = self.lpips(out.float(), y.float())
+            if self.clipsim is not None:
+                terms["loss_clipsim"] = self.clipsim(out.float(), batch["prompt"])
+            if self.discriminator is not None:
+                from .discriminators import generator_gan_loss
+
+                terms["loss_gan"] = generator_gan_loss(self.discriminator, out.float())
+        weights = {"loss_l2": cfg.lambda_l2, "loss_lpips": cfg.lambda_lpips}
+        weights.update({"loss_clipsim": cfg.lambda_clipsim, "loss_gan": cfg.lambda_gan})
+        terms["loss_g"] = sum(weights[k] * v for k, v in terms.items())
+        terms["output"] = out
+        return terms
+
+    def train_step(self) -> dict[str, float]:
+        """One generator step and (with a discriminator) one discriminator step."""
+        batch = self.batch(self.step)
+        terms = self.losses(batch, self.step)
+        self.accelerator.backward(terms["loss_g"])
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
+        self.optimizer_g.step()
+        self.scheduler_g.step()
+        self.optimizer_g.zero_grad(set_to_none=True)
+        logs = {k: float(v) for k, v in terms.items() if k.startswith("loss")}
+        if self.discriminator is not None:
+            from .discriminators import discriminator_loss
+
+            # The generator's GAN term also left gradients on D's heads: D must learn from its own loss only.
+            self.optimizer_d.zero_grad(set_to_none=True)
+            with self.accelerator.autocast():
+                loss_d = discriminator_loss(
+                    self.discriminator, batch["target"].to(self.device), terms["output"].detach().float()
+                )
+            self.accelerator.backward(loss_d)
+            self.optimizer_d.step()
+            self.scheduler_d.step()
+            self.optimizer_d.zero_grad(set_to_none=True)
+            logs["loss_d"] = float(loss_d)
+        self.step += 1
+        return logs
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Everything a resume needs: trained weights, D, optimiser and scheduler states, the step and config."""
+        folder = self.output_dir / "checkpoints" / f"step_{self.step:07d}"
+        if self.accelerator.is_main_process:
+            save_pretrained(self.unwrapped, folder / "model", self._text_encoder_to_save)
+            state = {"optimizer_g": self.optimizer_g.state_dict(), "scheduler_g": self.scheduler_g.state_dict()}
+            if self.discriminator is not None:
+                d = self.accelerator.unwrap_model(self.discriminator)
+                save_file({k: v.contiguous() for k, v in d.state_dict().items()}, folder / DISCRIMINATOR)
+                state.update(optimizer_d=self.optimizer_d.state_dict(), scheduler_d=self.scheduler_d.state_dict())
+            torch.save(state, folder / OPTIMIZER_STATE)
+            (folder / TRAINER_STATE).write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        """Resume from ``save_checkpoint``'s folder (loaded with safetensors / ``weights_only``: no code runs)."""
+        folder = Path(folder)
+        state_file = folder / TRAINER_STATE
+        if not state_file.is_file():
+            raise BadInputError(f"{folder} is not a training checkpoint ({TRAINER_STATE} missing).")
+        self.step = int(json.loads(state_file.read_text())["step"])
+        self.unwrapped.load_trained_state_dict(load_file(folder / "model" / "model.safetensors"))
+        state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.scheduler_g.load_state_dict(state["scheduler_g"])
+        if self.discriminator is not None:
+            self.accelerator.unwrap_model(self.discriminator).load_state_dict(load_file(folder / DISCRIMINATOR))
+            self.optimizer_d.load_state_dict(state["optimizer_d"])
+            self.scheduler_d.load_state_dict(state["scheduler_d"])
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run, if any."""
+        found = sorted((self.output_dir / "checkpoints").glob("step_*"))
+        return found[-1] if found else None
+
+    @property
+    def _text_encoder_to_save(self):
+        # a from-scratch model keeps its (frozen, randomly initialised) text encoder with it
+        return self.text_encoder if self.config.train_all else None
+
+    @property
+    def unwrapped(self) -> OneStepGenerator:
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- evaluation and export -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean L2 (and LPIPS when available) of the test split, on the eval-mode generator."""
+        if self.test_data is None:
+            return {}
+        generator = self.unwrapped.eval()
+        n = len(self.test_data) if self.config.num_eval == 0 else min(self.config.num_eval, len(self.test_data))
+        totals: dict[str, float] = {}
+        for start in range(0, n, self.config.batch_size):
+            batch = collate([self.test_data[i] for i in range(start, min(n, start + self.config.batch_size))])
+            x, y = batch["input"].to(self.device), batch["target"].to(self.device)
+            out = generator(x, self.encode(batch["prompt"])).float()
+            scores = {"eval_l2": torch.nn.functional.mse_loss(out, y, reduction="none").mean((1, 2, 3))}
+            if self.lpips is not None:
+                scores["eval_lpips"] = self.lpips(out, y, reduction="none")
+            for k, v in scores.items():
+                totals[k] = totals.get(k, 0.0) + float(v.sum())
+        generator.train()
+        return {k: v / n for k, v in totals.items()}
+
+    def export(self) -> Path:
+        """Write the final model (our format) to ``output_dir/model``."""
+        folder = self.output_dir / "model"
+        if self.accelerator.is_main_process:
+            save_pretrained(self.unwrapped, folder, self._text_encoder_to_save)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def train(self, resume: bool = False, stop_at: int | None = None) -> dict[str, float]:
+        """Run to ``max_steps`` (or ``stop_at``), checkpointing and evaluating on schedule, then export.
+
+        Args:
+            resume: continue from the newest checkpoint of this run folder.
+            stop_at: stop early at this step (the run can be resumed later).
+
+        Returns:
+            the last step's losses and the last evaluation.
+        """
+        if resume and (latest := self.latest_checkpoint()) is not None:
+            self.load_checkpoint(latest)
+            logger.warning("resumed from %s (step %d)", latest, self.step)
+        end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
+        logs: dict[str, float] = {}
+        started = time.perf_counter()
+        while self.step < end:
+            logs = self.train_step()
+            if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:
+                logs.update(self.evaluate())
+                seconds = (time.perf_counter() - started) / max(1, self.step)
+                logger.warning("step %d %s (%.2f s/step)", self.step, _fmt(logs), seconds)
+            if self.step % max(1, self.config.checkpoint_every) == 0 or self.step == end:
+                self.save_checkpoint()
+        if self.step >= self.config.max_steps:
+            self.export()
+        return logs
+
+
+def _fmt(logs: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in logs.items())
