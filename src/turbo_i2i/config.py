@@ -65,6 +65,8 @@ class GeneratorConfig:
             )
         if self.stochastic and self.task != "paired":
             raise BadInputError("Only paired models can be stochastic.")
+        if self.train_all and (self.stochastic or self.task != "paired"):
+            raise BadInputError("train_all (every weight trained) is for deterministic paired models only.")
         if self.default_direction not in self.directions:
             raise BadInputError(f"default_direction {self.default_direction!r} is not one of {self.directions}.")
         if self.preprocess is not None and self.preprocess not in PREPROCESSORS:

@@ -227,9 +227,11 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.config = config
         self.schedule = schedule
-        if config.task == "paired":
+        # With every weight trained (train_all), LoRA would only add redundant parameters, whose tiny gradients also
+        # drive Adam's second moments into slow denormal floats on CPUs.
+        if not config.train_all and config.task == "paired":
             attach_lora(unet, UNET_ADAPTER, config.unet_lora_targets, config.unet_lora_rank, config.unet_lora_alpha)
-        else:
+        elif not config.train_all:
             for adapter, targets in unpaired_unet_targets(unet, config.unet_lora_targets).items():
                 attach_lora(unet, adapter, targets, config.unet_lora_rank, config.unet_lora_alpha)
             activate_adapters(unet, list(UNPAIRED_UNET_ADAPTERS))
@@ -240,7 +242,7 @@ class OneStepGenerator(nn.Module):
         vaes = {first: SkipVAE(vae)}
         for direction in others:
             vaes[direction] = SkipVAE(share_frozen(vae))
-        for skip_vae in vaes.values():
+        for skip_vae in vaes.values() if not config.train_all else ():
             attach_lora(skip_vae, VAE_ADAPTER, config.vae_lora_targets, config.vae_lora_rank, config.vae_lora_alpha)
         self.vae = nn.ModuleDict(vaes)
         self.set_trainable(False)

@@ -30,6 +30,7 @@ from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .data import PairedDataset, collate
+from .losses import loss_l2
 
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
@@ -129,9 +130,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A private RNG for one step's randomness: the same (seed, step, stream) always gives the same numbers."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63))
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of one step's randomness: the same (seed, step, stream) always gives the same numbers."""
+    return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
+
+
+def init_from_scratch(generator: OneStepGenerator) -> None:
+    """Initialisation for training every weight from random values (the paper's "random init" setting).
+
+    Choices made for fine-tuning a pretrained backbone stall training from scratch:
+
+    - near-zero skip convs would let the decoder ignore the encoder for thousands of steps: default init instead;
+    - a random decoder's outputs land far outside [-1, 1], where the output clamp passes no gradient: its last
+      conv starts at zero (every pixel 0, inside the clamp).
+
+    Args:
+        generator: the freshly built generator, changed in place.
+    """
+    for vae in generator.vae.values():
+        for conv in vae.decoder.skip_convs():
+            conv.reset_parameters()
+        torch.nn.init.zeros_(vae.decoder.conv_out.weight)
+        torch.nn.init.zeros_(vae.decoder.conv_out.bias)
 
 
 class PairedTrainer:
@@ -165,6 +185,8 @@ class PairedTrainer:
         )
         self.generator, backbone = build_generator(gen_config, device=self.device)
         self.tokenizer, self.text_encoder = backbone.tokenizer, backbone.text_encoder
+        if config.train_all:
+            init_from_scratch(self.generator)
         self.generator.set_trainable(True)
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
@@ -246,19 +268,19 @@ class PairedTrainer:
         items = []
         for position in range(start + rank * self.config.batch_size, start + (rank + 1) * self.config.batch_size):
             epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=step_generator(self.config.seed, epoch, stream=1))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 1)))
             self.train_data.set_epoch(epoch)
             items.append(self.train_data[int(order[offset])])
         return collate(items)
 
-    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The generator's loss terms on ``batch`` (the weighted sum under "loss_g")."""
         cfg = self.config
         x = batch["input"].to(self.device)
         y = batch["target"].to(self.device)
         with self.accelerator.autocast():
             out = self.model(x, self.encode(batch["prompt"]))
-            terms = {"loss_l2": torch.nn.functional.mse_loss(out.float(), y.float())}
+            terms = {"loss_l2": loss_l2(out.float(), y.float())}
             if self.lpips is not None:
                 terms["loss_lpips"] = self.lpips(out.float(), y.float())
             if self.clipsim is not None:
@@ -275,15 +297,17 @@ class PairedTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One generator step and (with a discriminator) one discriminator step."""
+        # Every random draw of the step (DiffAugment, noise) comes from (seed, step): resuming replays it exactly.
+        torch.manual_seed(step_seed(self.config.seed, self.step))
         batch = self.batch(self.step)
-        terms = self.losses(batch, self.step)
+        terms = self.losses(batch)
         self.accelerator.backward(terms["loss_g"])
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
         self.optimizer_g.step()
         self.scheduler_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
-        logs = {k: float(v) for k, v in terms.items() if k.startswith("loss")}
+        logs = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
         if self.discriminator is not None:
             from .discriminators import discriminator_loss
 
@@ -362,11 +386,11 @@ class PairedTrainer:
             batch = collate([self.test_data[i] for i in range(start, min(n, start + self.config.batch_size))])
             x, y = batch["input"].to(self.device), batch["target"].to(self.device)
             out = generator(x, self.encode(batch["prompt"])).float()
-            scores = {"eval_l2": torch.nn.functional.mse_loss(out, y, reduction="none").mean((1, 2, 3))}
+            scores = {"eval_l2": torch.nn.functional.mse_loss(out, y)}
             if self.lpips is not None:
-                scores["eval_lpips"] = self.lpips(out, y, reduction="none")
-            for k, v in scores.items():
-                totals[k] = totals.get(k, 0.0) + float(v.sum())
+                scores["eval_lpips"] = self.lpips(out, y)
+            for k, v in scores.items():  # batch means, weighted by batch size
+                totals[k] = totals.get(k, 0.0) + float(v) * len(x)
         generator.train()
         return {k: v / n for k, v in totals.items()}
 

@@ -1,0 +1,155 @@
+"""Reconstruction and text-alignment losses of pix2pix-Turbo's paired objective (Parmar et al. 2024, Sec. 4.1).
+
+The paired objective of the paper, and the names used here:
+
+    L = lambda_l2 * L_2 + lambda_lpips * L_LPIPS + lambda_gan * L_GAN + lambda_clipsim * L_CLIP-sim
+      = 1 * loss_l2 + 5 * LPIPSLoss + 0.5 * generator_gan_loss + 5 * CLIPSimLoss      (PairedLossWeights)
+
+- ``loss_l2``: L_2, the pixel-wise mean squared error to the target image.
+- ``LPIPSLoss``: L_LPIPS, the learned perceptual distance to the target (VGG16 trunk).
+- ``CLIPSimLoss``: L_CLIP-sim, 1 - cosine similarity of the CLIP embeddings of the output image and its caption,
+  which keeps the output faithful to the text.
+- ``generator_gan_loss`` (in ``discriminators``): L_GAN, the adversarial loss of the vision-aided CLIP discriminator.
+
+All images are in [-1, 1], as the generator outputs them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BadInputError
+from .pretrained import clip_image_input, freeze
+
+
+@dataclass
+class PairedLossWeights:
+    """The lambdas of pix2pix-Turbo's paired objective (the paper's and the official training script's defaults).
+
+    Args:
+        l2: weight of the pixel L2 loss.
+        lpips: weight of the LPIPS loss.
+        clipsim: weight of the CLIP-similarity loss.
+        gan: weight of the generator's adversarial loss.
+    """
+
+    l2: float = 1.0
+    lpips: float = 5.0
+    clipsim: float = 5.0
+    gan: float = 0.5
+
+
+def loss_l2(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_2: mean squared error between the output and target images.
+
+    Args:
+        output: generated images (N, 3, H, W).
+        target: ground-truth images of the same shape.
+
+    Returns:
+        a scalar.
+    """
+    return F.mse_loss(output, target)
+
+
+class LPIPSLoss(nn.Module):
+    """L_LPIPS: the mean LPIPS distance between output and target images in [-1, 1].
+
+    Args:
+        lpips_net: a frozen LPIPS network, ``(x, y) -> (N, 1, 1, 1)`` (``load_lpips()`` or ``tiny_lpips()``).
+    """
+
+    def __init__(self, lpips_net: nn.Module):
+        super().__init__()
+        self.net = freeze(lpips_net)
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        """Switch the loss module's mode; the frozen LPIPS net stays in eval mode (its heads have dropout)."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS distance.
+
+        Args:
+            output: generated images (N, 3, H, W) in [-1, 1].
+            target: ground-truth images of the same shape.
+
+        Returns:
+            a scalar, differentiable w.r.t. ``output``.
+        """
+        return self.net(output, target).mean()
+
+
+class CLIPSimLoss(nn.Module):
+    """L_CLIP-sim: mean of ``1 - cos(CLIP image embedding of the output, CLIP text embedding of its caption)``.
+
+    Outputs in [-1, 1] are mapped to [0, 1], resized to the CLIP image size (bicubic, antialiased) and normalised
+    with CLIP's mean/std. The text tower is frozen and captions repeat across epochs, so caption embeddings are
+    computed once and cached (least recently used ones dropped beyond ``cache_size``).
+
+    Args:
+        clip_model: a frozen open_clip model (``load_clip()`` or ``tiny_clip()``).
+        tokenizer: its tokenizer: list of captions -> (N, context) token ids.
+        cache_size: how many caption embeddings to keep.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, cache_size: int = 10_000):
+        super().__init__()
+        self.clip = freeze(clip_model)
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def train(self, mode: bool = True) -> CLIPSimLoss:
+        """Switch the loss module's mode; the frozen CLIP model stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @torch.no_grad()
+    def caption_embeddings(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Unit-norm CLIP text embeddings, encoding only captions not seen before.
+
+        Args:
+            captions: one caption per image.
+            device: where the result should live.
+
+        Returns:
+            (N, embed_dim) float32.
+        """
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            tokens = self.tokenizer(missing).to(device)
+            for caption, embedding in zip(missing, self.clip.encode_text(tokens, normalize=True).float()):
+                self._cache[caption] = embedding
+        for caption in captions:
+            self._cache.move_to_end(caption)
+        embeddings = torch.stack([self._cache[c].to(device) for c in captions])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return embeddings
+
+    def forward(self, output: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
+        """Mean CLIP dissimilarity of images and captions.
+
+        Args:
+            output: generated images (N, 3, H, W) in [-1, 1].
+            captions: one caption per image, or one caption for all.
+
+        Returns:
+            a scalar in [0, 2], differentiable w.r.t. ``output``.
+        """
+        captions = [captions] * len(output) if isinstance(captions, str) else list(captions)
+        if len(captions) != len(output):
+            raise BadInputError(f"CLIPSimLoss got {len(output)} images but {len(captions)} captions.")
+        text = self.caption_embeddings(captions, output.device)
+        image = self.clip.encode_image(clip_image_input(output, self.clip.visual), normalize=True).float()
+        return (1.0 - (image * text).sum(dim=-1)).mean()

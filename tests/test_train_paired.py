@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from turbo_i2i.cli import main
+from turbo_i2i.pipeline import Translator
+from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+from turbo_i2i.training.pretrained import tiny_clip, tiny_lpips
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "circles"
+    write_dataset(folder, n=10, seed=3, size=32)
+    return folder
+
+
+def make_trainer(dataset, out, **overrides):
+    options = dict(
+        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=3,
+        max_steps=20, learning_rate=1e-3, lr_warmup_steps=0, disc="patchgan", lambda_clipsim=1.0,
+        checkpoint_every=10, eval_every=10, num_eval=1, default_prompt="a red circle on a blue background",
+    )  # fmt: skip
+    options.update(overrides)
+    torch.manual_seed(0)
+    return PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), tiny_clip()))
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0)
+    first = trainer.train_step()["loss_g"]
+    for _ in range(29):
+        last = trainer.train_step()["loss_g"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    d_before = {n: p.detach().clone() for n, p in trainer.discriminator.named_parameters()}
+    batch = trainer.batch(0)
+    terms = trainer.losses(batch)
+    assert "loss_gan" in terms and "loss_clipsim" in terms and "loss_lpips" in terms
+    trainer.accelerator.backward(terms["loss_g"])
+    trainer.optimizer_g.step()
+    assert all(torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
+    changed = {n for n, p in trainer.unwrapped.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(trainer.unwrapped.is_trained(n) for n in changed)
+    # a whole iteration: D learns from its own loss (its grads from G's GAN term are cleared first)
+    trainer.optimizer_g.zero_grad()
+    trainer.train_step()
+    frozen = [n for n in before if not trainer.unwrapped.is_trained(n)]
+    assert all(torch.equal(dict(trainer.unwrapped.named_parameters())[n], before[n]) for n in frozen)
+    assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
+
+
+def test_stop_and_resume_equals_straight_run(dataset, tmp_path):
+    straight = make_trainer(dataset, tmp_path / "a")
+    straight.train()
+    first = make_trainer(dataset, tmp_path / "b")
+    first.train(stop_at=10)
+    assert first.step == 10 and not (tmp_path / "b" / "model").exists()
+    resumed = make_trainer(dataset, tmp_path / "b")  # a new process would build everything afresh too
+    resumed.train(resume=True)
+    assert resumed.step == 20
+    a, b = straight.unwrapped.trained_state_dict(), resumed.unwrapped.trained_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    for (n, p), q in zip(straight.discriminator.state_dict().items(), resumed.discriminator.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-6), n
+
+
+def test_exported_model_gives_the_trainers_outputs(tmp_path):
+    write_dataset(tmp_path / "data64", n=10, seed=5, size=64)  # 64 px: the size the Translator runs such inputs at
+    trainer = make_trainer(tmp_path / "data64", tmp_path, max_steps=3, disc="none")
+    trainer.train()
+    translator = Translator.from_pretrained(tmp_path / "model")
+    item = trainer.test_data[0]
+    with torch.no_grad():
+        expected = trainer.unwrapped.eval()(item["input"][None], trainer.encode([item["prompt"]]))
+    image = Image.fromarray((item["input"].permute(1, 2, 0) * 255).round().byte().numpy())
+    got = translator(image, prompt=item["prompt"])
+    expected_image = (expected[0].permute(1, 2, 0) * 127.5 + 127.5).round().clamp(0, 255).byte().numpy()
+    assert (torch.tensor(list(got.getdata())).view(64, 64, 3) - torch.from_numpy(expected_image)).abs().max() <= 1
+
+
+def test_bad_dataset_gives_one_message_and_exit_2(tmp_path, capsys):
+    folder = tmp_path / "bad"
+    write_dataset(folder, n=6, seed=0, size=32)
+    (folder / "train_B" / "000001.png").unlink()
+    (folder / "train_A" / "000002.png").write_text("not an image")
+    prompts = json.loads((folder / "train_prompts.json").read_text())
+    del prompts["000003.png"]
+    (folder / "train_prompts.json").write_text(json.dumps(prompts))
+    code = main(
+        ["train", "paired", "--dataset", str(folder), "--output-dir", str(tmp_path / "run"), "--base-model", "tiny"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "3 problems" in err
+    assert "000001.png" in err and "000002.png" in err and "000003.png" in err and "Traceback" not in err
+
+
+def test_demo_preset_recipe_still_learns(tmp_path):
+    options = dict(PRESETS["demo-circles"], output_dir=str(tmp_path), max_steps=12, batch_size=8, eval_every=100)
+    options["extra"] = {"circles": {"n": 40, "seed": 1, "size": 64}}
+    write_dataset(tmp_path / "data", **options["extra"]["circles"])
+    trainer = PairedTrainer(PairedTrainConfig(dataset=str(tmp_path / "data"), **options))
+    losses = [trainer.train_step()["loss_g"] for _ in range(12)]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
