@@ -103,9 +103,14 @@ def test_bad_dataset_gives_one_message_and_exit_2(tmp_path, capsys):
 
 
 def test_demo_preset_recipe_still_learns(tmp_path):
-    options = dict(PRESETS["demo-circles"], output_dir=str(tmp_path), max_steps=12, batch_size=8, eval_every=100)
-    options["extra"] = {"circles": {"n": 40, "seed": 1, "size": 64}}
-    write_dataset(tmp_path / "data", **options["extra"]["circles"])
+    """The shipped model's recipe, from scratch, on a fixed batch (from random weights a varied stream of batches
+    needs a few hundred steps before the loss moves; a fixed batch shows within tens whether the recipe learns)."""
+    options = dict(PRESETS["demo-circles"], output_dir=str(tmp_path), max_steps=50, lr_warmup_steps=0)
+    write_dataset(tmp_path / "data", n=10, seed=1, size=64)
+    options.update(batch_size=8, eval_every=1000, checkpoint_every=1000)
     trainer = PairedTrainer(PairedTrainConfig(dataset=str(tmp_path / "data"), **options))
-    losses = [trainer.train_step()["loss_g"] for _ in range(12)]
-    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert trainer.unwrapped.config.train_all and trainer.text_encoder.embeddings.token_embedding.weight.requires_grad
+    batch = trainer.batch(0)
+    trainer.batch = lambda step: batch
+    losses = [trainer.train_step()["loss_g"] for _ in range(50)]
+    assert min(losses[-5:]) < 0.75 * losses[0], losses

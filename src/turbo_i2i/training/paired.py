@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbone import encode_prompt
-from ..checkpoints import build_generator, save_pretrained
+from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, build_generator, save_pretrained
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
@@ -112,17 +112,17 @@ PRESETS: dict[str, dict] = {
         train_all=True,
         transform="no_resize",
         batch_size=16,
-        max_steps=3000,
-        learning_rate=5e-4,
+        max_steps=4000,
+        learning_rate=1e-3,
         lr_scheduler="cosine",
-        lr_warmup_steps=100,
+        lr_warmup_steps=50,
         adam_weight_decay=0.0,
         lambda_lpips=0.0,
         lambda_clipsim=0.0,
         lambda_gan=0.0,
         disc="none",
         checkpoint_every=500,
-        eval_every=500,
+        eval_every=250,
         num_eval=64,
         default_prompt="a red circle on a blue background",
         extra={"circles": {"n": 6000, "seed": 1, "size": 64}},
@@ -152,6 +152,32 @@ def init_from_scratch(generator: OneStepGenerator) -> None:
             conv.reset_parameters()
         torch.nn.init.zeros_(vae.decoder.conv_out.weight)
         torch.nn.init.zeros_(vae.decoder.conv_out.bias)
+
+
+class TextConditionedGenerator(torch.nn.Module):
+    """The generator and the text encoder as one module, so that data-parallel training syncs every trained weight
+    (the text encoder is trained only in the from-scratch setting; otherwise its outputs are cached).
+
+    Args:
+        generator: the one-step generator.
+        text_encoder: the CLIP text model.
+    """
+
+    def __init__(self, generator: OneStepGenerator, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.generator = generator
+        self.text_encoder = text_encoder
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: input images.
+            condition: token ids (N, 77) when the text encoder is trained, else its cached outputs (N, 77, D).
+
+        Returns:
+            translated images in [-1, 1].
+        """
+        embeds = self.text_encoder(condition)[0] if condition.dtype == torch.long else condition
+        return self.generator(x, embeds)
 
 
 class PairedTrainer:
@@ -194,17 +220,20 @@ class PairedTrainer:
         self.lpips, self.clipsim = self._loss_networks(loss_networks)
         self.discriminator = self._discriminator()
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        self.scheduler_g = self._scheduler(self.optimizer_g)
         if self.discriminator is not None:
             d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.optimizer_d = torch.optim.AdamW(
                 d_params, lr=config.learning_rate, weight_decay=config.adam_weight_decay
             )
             self.scheduler_d = self._scheduler(self.optimizer_d)
-        self.model = self.accelerator.prepare_model(self.generator)
+        if config.train_all:  # "all parameters trainable" includes the (random) text encoder
+            self.text_encoder.requires_grad_(True)
+            params += list(self.text_encoder.parameters())
+        self.model = self.accelerator.prepare_model(TextConditionedGenerator(self.generator, self.text_encoder))
         if self.discriminator is not None:
             self.discriminator = self.accelerator.prepare_model(self.discriminator)
+        self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        self.scheduler_g = self._scheduler(self.optimizer_g)
         self.step = 0
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
@@ -249,8 +278,18 @@ class PairedTrainer:
             num_training_steps=self.config.max_steps,
         )
 
+    def condition(self, prompts: list[str]) -> torch.Tensor:
+        """What ``TextConditionedGenerator`` takes: token ids if the text encoder is trained, else cached outputs."""
+        if self.config.train_all:
+            ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            return ids.input_ids.to(self.device)
+        return self.encode(prompts)
+
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Caption embeddings, cached: the frozen text encoder runs once per distinct caption."""
+        """Caption embeddings, cached while the text encoder is frozen (it runs once per distinct caption)."""
+        if self.config.train_all:
+            with torch.no_grad():
+                return encode_prompt(self.tokenizer, self.text_encoder, prompts)[0]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
@@ -279,7 +318,7 @@ class PairedTrainer:
         x = batch["input"].to(self.device)
         y = batch["target"].to(self.device)
         with self.accelerator.autocast():
-            out = self.model(x, self.encode(batch["prompt"]))
+            out = self.model(x, self.condition(batch["prompt"]))
             terms = {"loss_l2": loss_l2(out.float(), y.float())}
             if self.lpips is not None:
                 terms["loss_lpips"] = self.lpips(out.float(), y.float())
@@ -349,7 +388,9 @@ class PairedTrainer:
         if not state_file.is_file():
             raise BadInputError(f"{folder} is not a training checkpoint ({TRAINER_STATE} missing).")
         self.step = int(json.loads(state_file.read_text())["step"])
-        self.unwrapped.load_trained_state_dict(load_file(folder / "model" / "model.safetensors"))
+        self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
+        if self.config.train_all:
+            self.text_encoder.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
         state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
         self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.scheduler_g.load_state_dict(state["scheduler_g"])
@@ -370,7 +411,7 @@ class PairedTrainer:
 
     @property
     def unwrapped(self) -> OneStepGenerator:
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model).generator
 
     # --- evaluation and export -----------------------------------------------------------------------------------
 
