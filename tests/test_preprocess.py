@@ -544,3 +544,9 @@ def test_saved_file_is_not_private(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_model_size_refuses_extreme_strips():
+    with pytest.raises(BadInputError, match="aspect ratio"):
+        model_size(1, 10000)
+    assert model_size(1, 100) == (64, 6400)

@@ -154,7 +154,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def model_size(width: int, height: int, multiple: int = 8, min_side: int = 64) -> tuple[int, int]:
+def model_size(
+    width: int, height: int, multiple: int = 8, min_side: int = 64, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """The size the model runs at for an image of ``width`` x ``height``.
 
     The VAE downsamples by 8, so each side must be a multiple of 8. Tiny images (down to 1x1) are first scaled up,
@@ -167,12 +169,13 @@ def model_size(width: int, height: int, multiple: int = 8, min_side: int = 64) -
         height: the image height in pixels (> 0).
         multiple: each side of the result is a multiple of this (>= 1).
         min_side: the shorter side of the result is at least this (>= 1).
+        max_pixels: the result may not exceed this many pixels (a 1 x 10000 strip would otherwise become 64 x 640000).
 
     Returns:
         ``(width, height)`` to resize the image to before it enters the model.
 
     Raises:
-        BadInputError: a size or parameter is not a positive integer.
+        BadInputError: a size or parameter is not a positive integer, or the result would exceed ``max_pixels``.
     """
     for name, value in (("width", width), ("height", height), ("multiple", multiple), ("min_side", min_side)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -183,7 +186,13 @@ def model_size(width: int, height: int, multiple: int = 8, min_side: int = 64) -
         # Set the shorter side exactly (not via a float scale) so 63.9999 never rounds below min_side.
         scale = min_side / shorter
         w, h = (float(min_side), h * scale) if w <= h else (w * scale, float(min_side))
-    return _round_side(w, multiple, min_side), _round_side(h, multiple, min_side)
+    size = _round_side(w, multiple, min_side), _round_side(h, multiple, min_side)
+    if size[0] * size[1] > max_pixels:
+        raise BadInputError(
+            f"A {width}x{height} image would run at {size[0]}x{size[1]}, over the limit of {max_pixels} pixels;"
+            f" its aspect ratio is too extreme. Crop or pad it first."
+        )
+    return size
 
 
 def pil_to_tensor(images: Sequence[Image.Image], value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
