@@ -75,7 +75,7 @@ BUILTIN_BACKBONES["tiny-circles"] = {
     "unet": {
         **BUILTIN_BACKBONES["tiny"]["unet"],
         "block_out_channels": [64, 128],
-        "attention_head_dim": 16,
+        "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads of 32 / 64 channels
         "cross_attention_dim": 64,
     },
     "vae": {**BUILTIN_BACKBONES["tiny"]["vae"], "block_out_channels": [32, 32, 64, 64]},

@@ -201,6 +201,27 @@ class TwinConv(nn.Module):
         return self.conv_in_curr(x) * self.r + self.conv_in_pretrained(x).detach() * (1.0 - self.r)
 
 
+class _ClampImage(torch.autograd.Function):
+    """Clamp to [-1, 1] in the forward pass; pass the gradient through unchanged in the backward pass.
+
+    A plain clamp gives no gradient to pixels outside the range, so a pixel that overshoots can never be pulled back
+    (training from random weights stalls on it). The forward values are exactly ``clamp``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def clamp_image(x: torch.Tensor) -> torch.Tensor:
+    """Decoded images clamped to [-1, 1], with a straight-through gradient."""
+    return _ClampImage.apply(x)
+
+
 def share_frozen(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the *same tensors* as the original's.
 
@@ -370,7 +391,7 @@ class OneStepGenerator(nn.Module):
             t = torch.full((z.shape[0],), self.schedule.timestep, device=z.device, dtype=torch.long)
             eps = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(z.dtype)).sample
             x0 = self.schedule.x0_from_epsilon(z, eps)
-            return vae.decode(x0 / vae.scaling_factor, skips, gamma=1.0 if r is None else r).clamp(-1.0, 1.0)
+            return clamp_image(vae.decode(x0 / vae.scaling_factor, skips, gamma=1.0 if r is None else r))
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet and VAE block activations in the backward pass (memory for compute)."""

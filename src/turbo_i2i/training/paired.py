@@ -112,7 +112,7 @@ PRESETS: dict[str, dict] = {
         train_all=True,
         transform="no_resize",
         batch_size=16,
-        max_steps=4000,
+        max_steps=3000,
         learning_rate=1e-3,
         lr_scheduler="cosine",
         lr_warmup_steps=50,
@@ -360,7 +360,7 @@ class PairedTrainer:
             self.optimizer_d.step()
             self.scheduler_d.step()
             self.optimizer_d.zero_grad(set_to_none=True)
-            logs["loss_d"] = float(loss_d)
+            logs["loss_d"] = float(loss_d.detach())
         self.step += 1
         return logs
 
