@@ -261,9 +261,11 @@ def tensor_to_pil(tensor: torch.Tensor) -> list[Image.Image]:
 def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
     """Canny edge map: white (255) edges on black, the input of the edge_to_image model.
 
-    Edges are found on the grayscale image. The thresholds compare against the intensity gradient magnitude (0-255
-    scale): pixels above ``high_threshold`` are edges; pixels between the two are kept only where connected to such
-    an edge (hysteresis). Lower values give more, noisier edges; 100/200 are the pix2pix-Turbo defaults.
+    Edges are found on the RGB image (OpenCV takes the strongest channel gradient), as the official edge_to_image
+    model's inputs were, so edges between colours of equal brightness are kept. The thresholds compare against the
+    gradient magnitude (0-255 scale): pixels above ``high_threshold`` are edges; pixels between the two are kept
+    only where connected to such an edge (hysteresis). Lower values give more, noisier edges; 100/200 are the
+    pix2pix-Turbo defaults.
 
     Args:
         image: a PIL image (used as is, converted to RGB) or an image path (read with :func:`load_image`).
@@ -281,32 +283,30 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
             "Canny thresholds must satisfy 0 <= low <= high <= 255, "
             f"got low={low_threshold!r}, high={high_threshold!r}."
         )
-    gray = cv2.cvtColor(np.asarray(_condition_input(image)), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(gray, float(low_threshold), float(high_threshold))
+    edges = cv2.Canny(np.ascontiguousarray(np.asarray(_condition_input(image))), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), mode="RGB")
 
 
 def sketch(image: Image.Image, threshold: float = 0.5) -> Image.Image:
     """Binarise a drawing into the input of the sketch model: white strokes on black.
 
-    A pixel whose grayscale value / 255 is below ``threshold`` (a dark stroke) becomes white, every other pixel (the
-    light page) black, so a pen drawing on paper becomes what the official sketch_to_image model was trained on.
+    Each channel is thresholded on its own, as the official sketch_to_image model's inputs were: a value / 255 below
+    ``threshold`` (dark) becomes 255, others 0, so a dark pen drawing on paper becomes white strokes on black.
 
     Args:
         image: a PIL image (used as is, converted to RGB) or an image path (read with :func:`load_image`).
         threshold: darkness cut-off in [0, 1].
 
     Returns:
-        An RGB ``PIL.Image.Image`` of the same size, every pixel (0, 0, 0) or (255, 255, 255).
+        An RGB ``PIL.Image.Image`` of the same size, every channel 0 or 255.
 
     Raises:
         BadInputError: the threshold is not a number in [0, 1].
     """
     if not (_is_number(threshold) and 0 <= threshold <= 1):
         raise BadInputError(f"Sketch threshold must be a number in [0, 1], got {threshold!r}.")
-    gray = np.asarray(_condition_input(image).convert("L"), dtype=np.float32) / 255.0
-    strokes = np.where(gray < threshold, 255, 0).astype(np.uint8)
-    return Image.fromarray(np.repeat(strokes[:, :, None], 3, axis=2), mode="RGB")
+    rgb = np.asarray(_condition_input(image), dtype=np.float32) / 255.0
+    return Image.fromarray(np.where(rgb < threshold, 255, 0).astype(np.uint8), mode="RGB")
 
 
 # ----------------------------------------------------------------------------------------------------
