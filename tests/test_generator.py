@@ -115,3 +115,20 @@ def test_config_is_taken_from_the_model_not_hard_coded():
     lora_a = generator.unet.down_blocks[0].attentions[0].proj_in.lora_A["default"].weight
     assert lora_a.shape[0] == 4
     assert generator.vae["a2b"].decoder.skip_conv_4.lora_A["vae_skip"].weight.shape[0] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the LoRA init of conv_in layers (left alone by randomize_trained) comes from here
+        generator, backbone = make_generator(trained_seed=0)
+        generator.set_trainable(True)
+        if checkpointing:
+            generator.enable_gradient_checkpointing()
+        generator(
+            torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), embed(backbone)
+        ).sum().backward()
+        grads.append({n: p.grad for n, p in generator.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -57,6 +57,13 @@ def skip_channels(block_out_channels: list[int]) -> list[tuple[int, int]]:
     return [(encoder_in[n - k], decoder_in[k - 1]) for k in range(1, n + 1)]
 
 
+def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
+    """Run one VAE block, recomputing its activations in the backward pass when ``checkpointed`` (training only)."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class SkipEncoder(nn.Module):
     """The diffusers VAE encoder's blocks, run so that the input of every down block is returned too.
 
@@ -75,11 +82,6 @@ class SkipEncoder(nn.Module):
         self.conv_out = encoder.conv_out
         self.gradient_checkpointing = False
 
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Args:
             x: images (N, 3, H, W).
@@ -91,8 +93,8 @@ class SkipEncoder(nn.Module):
         skips = []
         for block in self.down_blocks:
             skips.append(h)
-            h = self._run(block, h)
-        h = self._run(self.mid_block, h)
+            h = run_block(block, self.gradient_checkpointing, h)
+        h = run_block(self.mid_block, self.gradient_checkpointing, h)
         return self.conv_out(self.conv_act(self.conv_norm_out(h))), skips
 
 
@@ -123,11 +125,6 @@ class SkipDecoder(nn.Module):
         """skip_conv_1..n in order (deepest first)."""
         return [getattr(self, f"skip_conv_{k}") for k in range(1, self.num_skips + 1)]
 
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
         """Args:
             z: latents after ``post_quant_conv``.
@@ -138,12 +135,12 @@ class SkipDecoder(nn.Module):
             decoded images (N, 3, H, W), not clamped.
         """
         h = self.conv_in(z)
-        h = self._run(self.mid_block, h, None)
+        h = run_block(self.mid_block, self.gradient_checkpointing, h, None)
         for block, conv, skip in zip(self.up_blocks, self.skip_convs(), reversed(skips)):
             # gamma scales the activation before the conv, as in the released models (it matters for LoRA'd convs
             # only through linearity, so the two orders agree).
             h = h + conv(skip * gamma)
-            h = self._run(block, h, None)
+            h = run_block(block, self.gradient_checkpointing, h, None)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
@@ -398,10 +395,3 @@ class OneStepGenerator(nn.Module):
         self.unet.enable_gradient_checkpointing()
         for vae in self.vae.values():
             vae.encoder.gradient_checkpointing = vae.decoder.gradient_checkpointing = True
-
-
-def autocast_context(device_type: str, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on the given device type, or nothing for fp32."""
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
