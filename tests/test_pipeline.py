@@ -112,3 +112,8 @@ def test_unknown_model_lists_the_known_ones():
 def test_gigapixel_header_is_refused_before_decoding(translator):
     with pytest.raises(BadInputError, match="pixels"):
         translator(Image.new("RGB", (5000, 5000)))
+
+
+def test_one_pixel_image_comes_back_as_one_pixel(translator):
+    out = translator(Image.new("RGB", (1, 1), (255, 255, 255)))
+    assert out.size == (1, 1) and out.mode == "RGB"
