@@ -220,20 +220,19 @@ class PairedTrainer:
         self.lpips, self.clipsim = self._loss_networks(loss_networks)
         self.discriminator = self._discriminator()
         params = [p for p in self.generator.parameters() if p.requires_grad]
+        if config.train_all:  # "all parameters trainable" includes the (random) text encoder
+            self.text_encoder.requires_grad_(True)
+            params += list(self.text_encoder.parameters())
+        self.model = self.accelerator.prepare_model(TextConditionedGenerator(self.generator, self.text_encoder))
+        self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        self.scheduler_g = self._scheduler(self.optimizer_g)
         if self.discriminator is not None:
             d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.optimizer_d = torch.optim.AdamW(
                 d_params, lr=config.learning_rate, weight_decay=config.adam_weight_decay
             )
             self.scheduler_d = self._scheduler(self.optimizer_d)
-        if config.train_all:  # "all parameters trainable" includes the (random) text encoder
-            self.text_encoder.requires_grad_(True)
-            params += list(self.text_encoder.parameters())
-        self.model = self.accelerator.prepare_model(TextConditionedGenerator(self.generator, self.text_encoder))
-        if self.discriminator is not None:
             self.discriminator = self.accelerator.prepare_model(self.discriminator)
-        self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        self.scheduler_g = self._scheduler(self.optimizer_g)
         self.step = 0
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
