@@ -232,6 +232,14 @@ def load_backbone(
     return backbone
 
 
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (N, 77): padded and cut to the tokenizer's length, as SD-Turbo tokenizes captions."""
+    max_length = tokenizer.model_max_length
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def encode_prompt(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
 ) -> tuple[torch.Tensor, list[str]]:
@@ -248,6 +256,4 @@ def encode_prompt(
     max_length = tokenizer.model_max_length
     full = tokenizer(prompts, truncation=False).input_ids
     truncated = [p for p, ids in zip(prompts, full) if len(ids) > max_length]
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = text_encoder.device
-    return text_encoder(ids.input_ids.to(device))[0], truncated
+    return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0], truncated

@@ -219,6 +219,16 @@ def clamp_image(x: torch.Tensor) -> torch.Tensor:
     return _ClampImage.apply(x)
 
 
+def attach_unet_lora(unet: UNet2DConditionModel, config: GeneratorConfig) -> None:
+    """The UNet adapters of the config's task: one (paired) or three, all active (unpaired)."""
+    if config.task == "paired":
+        attach_lora(unet, UNET_ADAPTER, config.unet_lora_targets, config.unet_lora_rank, config.unet_lora_alpha)
+        return
+    for adapter, targets in unpaired_unet_targets(unet, config.unet_lora_targets).items():
+        attach_lora(unet, adapter, targets, config.unet_lora_rank, config.unet_lora_alpha)
+    activate_adapters(unet, list(UNPAIRED_UNET_ADAPTERS))
+
+
 def share_frozen(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the *same tensors* as the original's.
 
@@ -247,12 +257,8 @@ class OneStepGenerator(nn.Module):
         self.schedule = schedule
         # With every weight trained (train_all), LoRA would only add redundant parameters, whose tiny gradients also
         # drive Adam's second moments into slow denormal floats on CPUs.
-        if not config.train_all and config.task == "paired":
-            attach_lora(unet, UNET_ADAPTER, config.unet_lora_targets, config.unet_lora_rank, config.unet_lora_alpha)
-        elif not config.train_all:
-            for adapter, targets in unpaired_unet_targets(unet, config.unet_lora_targets).items():
-                attach_lora(unet, adapter, targets, config.unet_lora_rank, config.unet_lora_alpha)
-            activate_adapters(unet, list(UNPAIRED_UNET_ADAPTERS))
+        if not config.train_all:
+            attach_unet_lora(unet, config)
         if config.stochastic:
             unet.conv_in = TwinConv(copy.deepcopy(unet.conv_in).requires_grad_(False), unet.conv_in)
         self.unet = unet
@@ -260,8 +266,11 @@ class OneStepGenerator(nn.Module):
         vaes = {first: SkipVAE(vae)}
         for direction in others:
             vaes[direction] = SkipVAE(share_frozen(vae))
-        for skip_vae in vaes.values() if not config.train_all else ():
-            attach_lora(skip_vae, VAE_ADAPTER, config.vae_lora_targets, config.vae_lora_rank, config.vae_lora_alpha)
+        if not config.train_all:
+            for skip_vae in vaes.values():
+                attach_lora(
+                    skip_vae, VAE_ADAPTER, config.vae_lora_targets, config.vae_lora_rank, config.vae_lora_alpha
+                )
         self.vae = nn.ModuleDict(vaes)
         self.set_trainable(False)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..backbone import encode_prompt
+from ..backbone import encode_prompt, tokenize
 from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, build_generator, save_pretrained
 from ..config import GeneratorConfig
 from ..errors import BadInputError
@@ -280,8 +280,7 @@ class PairedTrainer:
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """What ``TextConditionedGenerator`` takes: token ids if the text encoder is trained, else cached outputs."""
         if self.config.train_all:
-            ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            return ids.input_ids.to(self.device)
+            return tokenize(self.tokenizer, prompts).to(self.device)
         return self.encode(prompts)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -303,12 +302,15 @@ class PairedTrainer:
         n, world, rank = len(self.train_data), self.accelerator.num_processes, self.accelerator.process_index
         global_size = self.config.batch_size * world
         start = step * global_size
-        items = []
+        items, orders = [], {}
         for position in range(start + rank * self.config.batch_size, start + (rank + 1) * self.config.batch_size):
             epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 1)))
+            if epoch not in orders:  # one permutation per epoch (a batch spans at most two)
+                orders[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 1))
+                )
             self.train_data.set_epoch(epoch)
-            items.append(self.train_data[int(order[offset])])
+            items.append(self.train_data[int(orders[epoch][offset])])
         return collate(items)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
