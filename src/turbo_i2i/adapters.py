@@ -116,3 +116,35 @@ def lora_scale(modules: Iterable[nn.Module], scale: float) -> Iterator[None]:
         for layer in layers:
             for adapter in layer.scaling:
                 layer.set_scale(adapter, 1.0)
+
+
+def merge_lora(modules: Iterable[nn.Module], scale: float = 1.0) -> None:
+    """Fold every active LoRA update, times ``scale``, into its base weight (inference runs one conv per layer).
+
+    Args:
+        modules: models whose LoRA layers are merged, in place.
+        scale: factor on alpha / r that the merged weights carry (the stochastic model's r).
+    """
+    for layer in (layer for m in modules for layer in lora_layers(m)):
+        for adapter in layer.scaling:
+            layer.set_scale(adapter, scale)
+        layer.merge()
+        for adapter in layer.scaling:
+            layer.set_scale(adapter, 1.0)
+
+
+def unmerge_lora(modules: Iterable[nn.Module], scale: float = 1.0) -> None:
+    """Undo ``merge_lora(modules, scale)``: subtract the same updates again (exact up to float rounding).
+
+    Args:
+        modules: models merged with ``merge_lora``.
+        scale: the scale they were merged with.
+    """
+    for layer in (layer for m in modules for layer in lora_layers(m)):
+        if not layer.merged:
+            continue
+        for adapter in layer.scaling:  # peft subtracts the update at the *current* scale
+            layer.set_scale(adapter, scale)
+        layer.unmerge()
+        for adapter in layer.scaling:
+            layer.set_scale(adapter, 1.0)

@@ -29,6 +29,8 @@ from .adapters import (
     activate_adapters,
     attach_lora,
     lora_scale,
+    merge_lora,
+    unmerge_lora,
     unpaired_unet_targets,
 )
 from .backbone import OneStepSchedule
@@ -272,6 +274,7 @@ class OneStepGenerator(nn.Module):
                     skip_vae, VAE_ADAPTER, config.vae_lora_targets, config.vae_lora_rank, config.vae_lora_alpha
                 )
         self.vae = nn.ModuleDict(vaes)
+        self.merged_strength: float | None = None  # the LoRA strength folded into the base weights, if any
         self.set_trainable(False)
 
     # --- which weights are trained -------------------------------------------------------------------------------
@@ -291,6 +294,8 @@ class OneStepGenerator(nn.Module):
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trained tensor (adapters, skip convs, conv_in; all with ``train_all``), detached and contiguous."""
+        if self.merged_strength is not None:  # merged base weights already hold the LoRA update: saving doubles it
+            raise RuntimeError("The LoRA adapters are merged into the base weights; call unmerge_lora() first.")
         return {n: p.detach().contiguous() for n, p in self.named_parameters() if self.is_trained(n)}
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor], allow_missing: frozenset[str] = frozenset()):
@@ -334,6 +339,32 @@ class OneStepGenerator(nn.Module):
                     f" {tuple(params[name].shape)} in the model built from {self.config.base_model!r}: the"
                     f" checkpoint does not fit this base model."
                 )
+
+    # --- merged LoRA (inference) ----------------------------------------------------------------------------------
+
+    def _mergeable(self) -> list[nn.Module]:
+        # The directions of an unpaired model share their frozen VAE tensors: merging one direction's adapter into
+        # them would change the other direction too, so only the (shared) UNet is merged there.
+        return [self.unet] if len(self.vae) > 1 else [self.unet, *self.vae.values()]
+
+    def merge_lora(self, r: float | None = None) -> None:
+        """Fold the LoRA updates into the base weights for inference at a fixed strength (one conv per layer).
+
+        A later call with another ``r`` unmerges automatically, so results never depend on the merge.
+
+        Args:
+            r: the strength to merge at (the stochastic model's r; None = the trained strength, 1).
+        """
+        self.unmerge_lora()
+        strength = 1.0 if r is None else float(r)
+        merge_lora(self._mergeable(), strength)
+        self.merged_strength = strength
+
+    def unmerge_lora(self) -> None:
+        """Restore the separate LoRA branches (needed for another strength, for training and for saving)."""
+        if self.merged_strength is not None:
+            unmerge_lora(self._mergeable(), self.merged_strength)
+            self.merged_strength = None
 
     # --- the forward pass ----------------------------------------------------------------------------------------
 
@@ -383,6 +414,8 @@ class OneStepGenerator(nn.Module):
                 raise BadInputError("r applies only to stochastic models; this one is deterministic.")
             if not 0.0 <= r <= 1.0:
                 raise BadInputError(f"r must be in [0, 1], got {r}.")
+        if self.merged_strength is not None and self.merged_strength != (1.0 if r is None else r):
+            self.unmerge_lora()  # per-call r: the merged weights hold another strength
         vae = self.vae[direction]
         if prompt_embeds.shape[0] == 1 and x.shape[0] > 1:
             prompt_embeds = prompt_embeds.expand(x.shape[0], -1, -1)

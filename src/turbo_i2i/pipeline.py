@@ -33,11 +33,31 @@ class Translator:
         max_pixels: images whose header claims more pixels are refused before decoding.
     """
 
-    def __init__(self, generator: OneStepGenerator, backbone: Backbone, max_pixels: int = pre.MAX_PIXELS):
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        backbone: Backbone,
+        max_pixels: int = pre.MAX_PIXELS,
+        fast: bool = True,
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+    ):
         self.generator = generator.eval()
         self.tokenizer = backbone.tokenizer
         self.text_encoder = backbone.text_encoder
         self.max_pixels = max_pixels
+        self.fast = fast
+        if fast:
+            # LoRA merged while the weights are still in the precision they were loaded in (fp32 from
+            # from_pretrained), so the merged weights round once; a call with another r unmerges automatically.
+            generator.merge_lora(generator.config.default_r if generator.config.stochastic else None)
+            generator.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions are fastest in NHWC
+        if dtype is not None:
+            generator.to(dtype)
+            self.text_encoder.to(dtype)
+        if compile:
+            for module in (generator.unet, *(m for vae in generator.vae.values() for m in (vae.encoder, vae.decoder))):
+                module.compile()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         # One call at a time: a call sets LoRA scales for its own r; concurrent callers (a web demo) must not mix.
         self._lock = threading.Lock()
@@ -48,19 +68,23 @@ class Translator:
         name_or_path: str | os.PathLike,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        fast: bool = True,
+        compile: bool = False,
     ) -> Translator:
         """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
 
         Args:
             name_or_path: see ``registry.load_model``.
             device: where to run (CPU when None).
-            dtype: weight dtype (float32 by default; bfloat16/float16 for speed).
+            dtype: weight dtype (float32 by default; bfloat16/float16 for speed, see the README's performance table).
+            fast: merge LoRA into the base weights and use channels-last memory (same results up to float rounding).
+            compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones).
 
         Returns:
             a ``Translator``.
         """
-        generator, backbone = load_model(name_or_path, device=device, dtype=dtype)
-        return cls(generator, backbone)
+        generator, backbone = load_model(name_or_path, device=device, dtype=torch.float32 if fast else dtype)
+        return cls(generator, backbone, fast=fast, dtype=dtype if fast else None, compile=compile)
 
     @property
     def config(self) -> GeneratorConfig:
@@ -180,6 +204,8 @@ class Translator:
                     chunk = indices[start : start + batch_size]
                     resized = [inputs[i].resize(size, Image.Resampling.LANCZOS) for i in chunk]
                     x = pre.pil_to_tensor(resized, value_range=(low, high)).to(self.device, self.dtype)
+                    if self.fast:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     e = torch.cat([embeds[i] for i in chunk])
                     # 4. one UNet evaluation, decoded with the skips
                     with torch.no_grad():
