@@ -1,0 +1,356 @@
+"""Score a folder of outputs against a folder of references (and their inputs): what ``turbo-i2i eval`` runs.
+
+Files are matched by name without extension (``0001.png`` in the outputs pairs with ``0001.jpg`` in the
+references); unmatched files are reported, not scored. Every file is checked before any network is loaded, so a bad
+folder fails in a second with one message that lists every problem. Metrics (lower is better unless noted):
+
+- ``l2``: mean squared pixel error in [-1, 1] units, per pair, as the paired trainer logs it;
+- ``lpips``: LPIPS (VGG) distance, per pair;
+- ``clip_sim``: CLIP ViT-B/32 image-caption cosine similarity (higher is better), when captions are given;
+- ``fid``: clean-fid FID of the outputs against the references (the matched ones; all of both folders when
+  ``unpaired``);
+- ``dino_structure``: DINO ViT-B/8 self-similarity distance of each output to its input, when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import preprocess as pre
+from ..errors import BadInputError
+
+METRICS = ("l2", "lpips", "clip_sim", "fid", "dino_structure")
+HIGHER_IS_BETTER = {"clip_sim"}
+MAX_LISTED = 20
+WEIGHT_KEYS = ("lpips", "clip", "inception", "dino")
+
+
+@dataclasses.dataclass
+class EvalNetworks:
+    """The pretrained networks the metrics are measured with; None entries are loaded when a metric needs them.
+
+    Args:
+        lpips: an LPIPS network, ``(x, y) -> (N, 1, 1, 1)`` (``load_lpips()`` / ``tiny_lpips()``).
+        clip: ``(open_clip model, tokenizer)`` (``load_clip()`` / ``tiny_clip()``).
+        inception: the FID feature network (``load_inception()`` / ``tiny_inception()``).
+        dino: the ViT of the structure distance (``load_dino()`` / ``tiny_dino()``).
+    """
+
+    lpips: nn.Module | None = None
+    clip: tuple | None = None
+    inception: nn.Module | None = None
+    dino: nn.Module | None = None
+
+
+def load_networks(
+    needed: Sequence[str],
+    given: EvalNetworks | None = None,
+    weights: dict[str, str | os.PathLike] | None = None,
+    device: torch.device | str | None = None,
+) -> EvalNetworks:
+    """The networks for some metrics: the given ones, the rest loaded by the standard loaders.
+
+    Args:
+        needed: metric names from ``METRICS``; "l2" needs no network.
+        given: networks to use as they are (moved to ``device`` when one is given).
+        weights: local weight files by network: "lpips", "clip", "inception", "dino" (else caches / downloads).
+        device: where the networks run (CPU when None).
+
+    Returns:
+        an ``EvalNetworks`` with every network the metrics need.
+
+    Raises:
+        TurboI2IError: a pretrained network can neither be found on disk nor downloaded (one paragraph each).
+        BadInputError: a weights file that does not exist, or an unknown key in ``weights``.
+    """
+    from ..training.pretrained import load_clip, load_lpips
+    from .dino_structure import load_dino
+    from .fid import load_inception
+
+    weights = dict(weights or {})
+    unknown = set(weights) - set(WEIGHT_KEYS)
+    if unknown:
+        raise BadInputError(f"Unknown network(s) {sorted(unknown)} in weights; expected {', '.join(WEIGHT_KEYS)}.")
+    nets = dataclasses.replace(given) if given is not None else EvalNetworks()
+    if "lpips" in needed and nets.lpips is None:
+        nets.lpips = load_lpips(path=weights.get("lpips"))
+    if "clip_sim" in needed and nets.clip is None:
+        nets.clip = load_clip(path=weights.get("clip"))
+    if "fid" in needed and nets.inception is None:
+        nets.inception = load_inception(path=weights.get("inception"))
+    if "dino_structure" in needed and nets.dino is None:
+        nets.dino = load_dino(path=weights.get("dino"))
+    if device is not None:
+        for net in (nets.lpips, nets.inception, nets.dino, nets.clip[0] if nets.clip else None):
+            if net is not None:
+                net.to(device)
+    return nets
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """What ``evaluate_folders`` measured.
+
+    Args:
+        metrics: metric name -> mean value over the images it was computed on.
+        counts: metric name -> how many images (pairs) it was computed on.
+        per_image: output file name -> {metric: value} for the per-image metrics.
+        unmatched: "outputs" / "references" / "inputs" -> file names that found no partner and were not scored.
+        folders: "outputs" / "references" / "inputs" -> the folders as given.
+    """
+
+    metrics: dict[str, float]
+    counts: dict[str, int]
+    per_image: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    folders: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The report as JSON-ready data."""
+        return {
+            "metrics": self.metrics,
+            "counts": self.counts,
+            "folders": self.folders,
+            "unmatched": self.unmatched,
+            "per_image": self.per_image,
+        }
+
+    def table(self) -> str:
+        """A plain-text table: metric, value, better direction, number of images; then the unmatched counts."""
+        lines = [f"{'metric':<16}{'value':>12}  {'better':<8}{'images':>8}"]
+        for name in METRICS:
+            if name in self.metrics:
+                better = "higher" if name in HIGHER_IS_BETTER else "lower"
+                lines.append(f"{name:<16}{self.metrics[name]:>12.5f}  {better:<8}{self.counts[name]:>8}")
+        for side, names in self.unmatched.items():
+            if names:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                lines.append(f"not scored: {len(names)} file(s) in {side} without a partner ({shown})")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- matching
+
+
+def _by_stem(files: Sequence[Path], problems: list[str]) -> dict[str, Path]:
+    """File name without extension -> file; two files sharing a stem are a problem (which one would be meant?)."""
+    found: dict[str, Path] = {}
+    for path in files:
+        if path.stem in found:
+            problems.append(f"{found[path.stem]} and {path.name} share the name {path.stem!r}; keep one of them")
+        else:
+            found[path.stem] = path
+    return found
+
+
+def _read_prompts(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"Prompts file '{path}' does not exist; pass a JSON file mapping file names to captions.")
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInputError(f"Prompts file '{path}' is not readable JSON ({error}); fix or re-export it.") from error
+    if not isinstance(prompts, dict):
+        raise BadInputError(f"Prompts file '{path}' must hold one JSON object mapping file names to captions.")
+    return prompts
+
+
+def _caption(prompts: dict, names: Sequence[str], stem: str) -> object:
+    for key in (*names, stem):
+        if key in prompts:
+            return prompts[key]
+    return None
+
+
+def _format(problems: Sequence[str]) -> str:
+    noun = "problem" if len(problems) == 1 else "problems"
+    lines = [f"{len(problems)} {noun} with the evaluation files:"] + [f"  - {p}" for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What is scored, by output stem: the outputs, their references and inputs, their captions, the FID sets."""
+
+    outputs: dict[str, Path]
+    references: dict[str, Path]
+    inputs: dict[str, Path]
+    captions: dict[str, str]
+    fid_sets: tuple[list[Path], list[Path]] | None
+    unmatched: dict[str, list[str]]
+
+
+def _plan(
+    outputs: Path, references: Path, prompts: str | os.PathLike | None, inputs: Path | None, fid: bool, unpaired: bool
+) -> _Plan:
+    """Match the files and check every one of them, raising one listing error when anything is wrong."""
+    problems: list[str] = []
+    outs = _by_stem(pre.list_images(outputs), problems)
+    refs = _by_stem(pre.list_images(references), problems)
+    unmatched: dict[str, list[str]] = {}
+    scored, partners = dict(outs), {}
+    if not unpaired:
+        scored = {s: p for s, p in outs.items() if s in refs}
+        partners = {s: refs[s] for s in scored}
+        unmatched["outputs"] = sorted(p.name for s, p in outs.items() if s not in refs)
+        unmatched["references"] = sorted(p.name for s, p in refs.items() if s not in outs)
+        if not scored:
+            raise BadInputError(
+                f"No file in {outputs} has a partner of the same name in {references} (e.g. {next(iter(outs))!r} vs"
+                f" {next(iter(refs))!r}); outputs are matched to references by file name without extension. Pass"
+                " --unpaired to compare the two folders as sets (FID only)."
+            )
+    sources = {}
+    if inputs is not None:
+        ins = _by_stem(pre.list_images(inputs), problems)
+        sources = {s: ins[s] for s in scored if s in ins}
+        unmatched["outputs without input"] = sorted(p.name for s, p in scored.items() if s not in ins)
+        if not sources:
+            raise BadInputError(
+                f"No scored output in {outputs} has an input of the same name in {inputs}; inputs are matched to"
+                " outputs by file name without extension."
+            )
+    captions: dict[str, str] = {}
+    if prompts is not None:
+        table = _read_prompts(prompts)
+        for s, path in scored.items():
+            caption = _caption(table, [path.name] + ([partners[s].name] if s in partners else []), s)
+            if not isinstance(caption, str) or not caption.strip():
+                why = "no caption" if caption is None else "a caption that is not a non-empty string"
+                problems.append(f"{path.name} has {why} in {prompts}")
+            else:
+                captions[s] = caption
+    fid_sets = None
+    if fid:
+        # Paired: the scored pairs, so every number describes the same images; unpaired: both folders as sets.
+        fid_sets = (list(scored.values()), list(partners.values()) if not unpaired else list(refs.values()))
+        if min(len(fid_sets[0]), len(fid_sets[1])) < 2:
+            problems.append("FID needs at least 2 images on each side; pass --no-fid to skip it")
+    sizes: dict[Path, tuple[int, int]] = {}
+    to_read = {*scored.values(), *partners.values(), *sources.values(), *(fid_sets[1] if fid_sets else ())}
+    for path in sorted(to_read):
+        try:
+            sizes[path] = pre.load_image(path).size
+        except BadInputError as error:
+            problems.append(str(error))
+    for s, ref in partners.items():
+        out = scored[s]
+        if out in sizes and ref in sizes and sizes[out] != sizes[ref]:
+            problems.append(
+                f"{out} is {sizes[out][0]}x{sizes[out][1]} but {ref} is {sizes[ref][0]}x{sizes[ref][1]}; paired"
+                " metrics need outputs at the references' size"
+            )
+    if problems:
+        raise BadInputError(_format(problems))
+    return _Plan(scored, partners, sources, captions, fid_sets, unmatched)
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def _tensor(path: Path) -> torch.Tensor:
+    return pre.pil_to_tensor([pre.load_image(path)], value_range=(-1.0, 1.0))
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def evaluate_folders(
+    outputs: str | os.PathLike,
+    references: str | os.PathLike,
+    prompts: str | os.PathLike | None = None,
+    inputs: str | os.PathLike | None = None,
+    *,
+    lpips: bool = True,
+    fid: bool = True,
+    dino_structure: bool = False,
+    unpaired: bool = False,
+    networks: EvalNetworks | None = None,
+    weights: dict[str, str | os.PathLike] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 16,
+) -> EvalReport:
+    """Score generated images against references (``turbo-i2i eval``).
+
+    Args:
+        outputs: folder of generated images.
+        references: folder of real images; matched to the outputs by file name without extension.
+        prompts: JSON file mapping file names (an output's or its reference's, with or without extension) to
+            captions; given, ``clip_sim`` is computed.
+        inputs: folder of the inputs the outputs were translated from (needed by ``dino_structure``).
+        lpips: compute LPIPS.
+        fid: compute clean-fid FID.
+        dino_structure: compute the DINO structure distance of each output to its input.
+        unpaired: do not match outputs to references (unpaired translation): only FID, CLIP and DINO, on every
+            output.
+        networks: networks to use instead of loading the pretrained ones (tests pass tiny stand-ins).
+        weights: local weight files by network ("lpips", "clip", "inception", "dino") for the ones loaded here.
+        device: where the networks run (CPU when None).
+        batch_size: images per forward pass for FID.
+
+    Returns:
+        an ``EvalReport`` (``.table()`` to print, ``.to_dict()`` for JSON).
+
+    Raises:
+        BadInputError: a missing or empty folder, no matching files, an unreadable image, a missing caption,
+            mismatched sizes, ``dino_structure`` without ``inputs``: one message listing every problem found.
+        TurboI2IError: a pretrained network can neither be found on disk nor downloaded.
+    """
+    from ..training.losses import CLIPSimLoss, LPIPSLoss
+    from .clip_score import clip_similarities
+    from .dino_structure import DINOStructureDistance
+    from .fid import compute_fid
+
+    if dino_structure and inputs is None:
+        raise BadInputError("The DINO structure distance compares outputs with their inputs; pass the inputs folder.")
+    outputs, references = Path(outputs), Path(references)
+    inputs = Path(inputs) if dino_structure else None
+    plan = _plan(outputs, references, prompts, inputs, fid, unpaired)
+    needed = ["lpips"] * (lpips and bool(plan.references)) + ["clip_sim"] * bool(plan.captions)
+    needed += ["fid"] * fid + ["dino_structure"] * dino_structure
+    nets = load_networks(needed, networks, weights, device)
+    lpips_loss = LPIPSLoss(nets.lpips) if "lpips" in needed else None
+    clip_loss = CLIPSimLoss(*nets.clip) if "clip_sim" in needed else None
+    dino = DINOStructureDistance(nets.dino) if dino_structure else None
+
+    per_image: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for stem, out_path in plan.outputs.items():
+            out, scores = _tensor(out_path), {}
+            if stem in plan.references:
+                ref = _tensor(plan.references[stem])
+                scores["l2"] = float(torch.nn.functional.mse_loss(out, ref))
+                if lpips_loss is not None:
+                    net_device = _device(lpips_loss.net)
+                    scores["lpips"] = float(lpips_loss(out.to(net_device), ref.to(net_device)))
+            if stem in plan.captions:
+                scores["clip_sim"] = float(clip_similarities(out, [plan.captions[stem]], clip_loss)[0])
+            if dino is not None and stem in plan.inputs:
+                scores["dino_structure"] = float(dino(_tensor(plan.inputs[stem]), out)[0])
+            if scores:
+                per_image[out_path.name] = scores
+
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name in METRICS:
+        values = [scores[name] for scores in per_image.values() if name in scores]
+        if values:
+            metrics[name], counts[name] = sum(values) / len(values), len(values)
+    if plan.fid_sets is not None:
+        metrics["fid"] = compute_fid(plan.fid_sets[0], plan.fid_sets[1], nets.inception, batch_size)
+        counts["fid"] = len(plan.fid_sets[0])
+    folders = {"outputs": str(outputs), "references": str(references)}
+    if inputs is not None:
+        folders["inputs"] = str(inputs)
+    return EvalReport(metrics, counts, per_image, plan.unmatched, folders)
