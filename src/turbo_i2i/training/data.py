@@ -98,7 +98,19 @@ class PairTransform:
         Returns:
             (input, target) after the same steps.
         """
-        images = [input_image, target_image]
+        input_image, target_image = self.apply([input_image, target_image], generator)
+        return input_image, target_image
+
+    def apply(self, images: list[Image.Image], generator: torch.Generator) -> list[Image.Image]:
+        """Transform images of one size identically (one crop box, one flip); unpaired data passes a single image.
+
+        Args:
+            images: pictures of the same size.
+            generator: the source of the random crop and flip (drawn in the order crop top, crop left, flip).
+
+        Returns:
+            the transformed pictures, in order.
+        """
         if self.resize is not None:
             images = [image.resize(self.resize, Image.Resampling.LANCZOS) for image in images]
         if self.shorter_side is not None:
@@ -112,7 +124,7 @@ class PairTransform:
             images = [image.crop(box) for image in images]
         if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
             images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-        return images[0], images[1]
+        return images
 
 
 def build_transform(name: str) -> PairTransform:
@@ -460,6 +472,49 @@ def format_problems(source: object, problems: Sequence[str], limit: int = MAX_LI
     return "\n".join(lines)
 
 
+def report_problems(
+    source: object,
+    problems: list[str],
+    n_found: int,
+    n_usable: int,
+    skip_bad: bool,
+    units: tuple[str, str] = ("pair", "pairs"),
+    stacklevel: int = 3,
+) -> None:
+    """Refuse a data set with problems (all listed in one message), or with ``skip_bad`` warn once about the skipped.
+
+    Args:
+        source: the data set folder or manifest, as the user named it.
+        problems: every problem found; "it holds no <units>" is appended when it is empty and nothing is usable.
+        n_found: how many items (pairs, images) were found.
+        n_usable: how many of them are usable.
+        skip_bad: warn and go on instead of raising, as long as something is usable.
+        units: the item's name, singular and plural ("pair", "pairs"; "image", "images").
+        stacklevel: passed to ``warnings.warn`` so the warning points at the user's call.
+
+    Raises:
+        BadInputError: problems without ``skip_bad``, or nothing usable left.
+    """
+    one, many = units
+    if not problems and not n_usable:
+        problems.append(f"it holds no {many}")
+    if problems and not skip_bad:
+        raise BadInputError(format_problems(source, problems))
+    if not n_usable:
+        raise BadInputError(
+            format_problems(source, problems) + f"\nNo usable {one} is left after skipping the bad ones."
+        )
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems[:_WARN_LISTED])
+        more = len(problems) - _WARN_LISTED
+        warnings.warn(
+            f"Skipped {n_found - n_usable} of {n_found} {many} of the dataset {source} "
+            f"({len(problems)} problems), e.g.:\n{listed}" + (f"\n  ... and {more} more" if more > 0 else ""),
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data set
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,23 +591,7 @@ class PairedDataset(Dataset):
 
     def _report(self, n_candidates: int, skip_bad: bool) -> None:
         """Raise for the problems found, or with ``skip_bad`` warn about the dropped pairs."""
-        if not self.problems and not self.pairs:
-            self.problems.append("it holds no pairs")
-        if self.problems and not skip_bad:
-            raise BadInputError(format_problems(self.source, self.problems))
-        if not self.pairs:
-            raise BadInputError(
-                format_problems(self.source, self.problems) + "\nNo usable pair is left after skipping the bad ones."
-            )
-        if self.problems:
-            listed = "\n".join(f"  - {problem}" for problem in self.problems[:_WARN_LISTED])
-            more = len(self.problems) - _WARN_LISTED
-            warnings.warn(
-                f"Skipped {n_candidates - len(self.pairs)} of {n_candidates} pairs of the dataset {self.source} "
-                f"({len(self.problems)} problems), e.g.:\n{listed}" + (f"\n  ... and {more} more" if more > 0 else ""),
-                UserWarning,
-                stacklevel=3,
-            )
+        report_problems(self.source, self.problems, n_candidates, len(self.pairs), skip_bad, stacklevel=4)
 
     def __len__(self) -> int:
         """The number of usable pairs."""

@@ -14,28 +14,22 @@ DiffAugment) is derived from (seed, step), so stopping and resuming gives the sa
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..backbone import encode_prompt, tokenize
-from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, build_generator, save_pretrained
+from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .data import PairedDataset, collate
+from .loop import TrainerBase, step_seed
 from .losses import loss_l2
 
 logger = logging.getLogger("turbo_i2i")
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
-DISCRIMINATOR = "discriminator.safetensors"
 
 
 @dataclass
@@ -130,11 +124,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """The seed of one step's randomness: the same (seed, step, stream) always gives the same numbers."""
-    return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
-
-
 def init_from_scratch(generator: OneStepGenerator) -> None:
     """Initialisation for training every weight from random values (the paper's "random init" setting).
 
@@ -180,7 +169,7 @@ class TextConditionedGenerator(torch.nn.Module):
         return self.generator(x, embeds)
 
 
-class PairedTrainer:
+class PairedTrainer(TrainerBase):
     """Runs, checkpoints, resumes, evaluates and exports a paired training run.
 
     Args:
@@ -189,6 +178,8 @@ class PairedTrainer:
         loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
             (tests pass tiny stand-ins).
     """
+
+    collate_fn = staticmethod(collate)
 
     def __init__(self, config: PairedTrainConfig, accelerator=None, loss_networks=None):
         from accelerate import Accelerator
@@ -225,13 +216,13 @@ class PairedTrainer:
             params += list(self.text_encoder.parameters())
         self.model = self.accelerator.prepare_model(TextConditionedGenerator(self.generator, self.text_encoder))
         self.optimizer_g = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        self.scheduler_g = self._scheduler(self.optimizer_g)
+        self.scheduler_g = self.make_scheduler(self.optimizer_g)
         if self.discriminator is not None:
             d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.optimizer_d = torch.optim.AdamW(
                 d_params, lr=config.learning_rate, weight_decay=config.adam_weight_decay
             )
-            self.scheduler_d = self._scheduler(self.optimizer_d)
+            self.scheduler_d = self.make_scheduler(self.optimizer_d)
             self.discriminator = self.accelerator.prepare_model(self.discriminator)
         self.step = 0
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -267,16 +258,6 @@ class PairedTrainer:
         clip_model = self._clip[0] if self.config.disc == "clip" else None
         return build_discriminator(self.config.disc, clip=clip_model).to(self.device).train()
 
-    def _scheduler(self, optimizer):
-        from diffusers.optimization import get_scheduler
-
-        return get_scheduler(
-            self.config.lr_scheduler,
-            optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps,
-            num_training_steps=self.config.max_steps,
-        )
-
     def condition(self, prompts: list[str]) -> torch.Tensor:
         """What ``TextConditionedGenerator`` takes: token ids if the text encoder is trained, else cached outputs."""
         if self.config.train_all:
@@ -296,22 +277,6 @@ class PairedTrainer:
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     # --- one iteration -------------------------------------------------------------------------------------------
-
-    def batch(self, step: int) -> dict:
-        """The batch of ``step`` for this process: a slice of a global batch drawn from a per-epoch permutation."""
-        n, world, rank = len(self.train_data), self.accelerator.num_processes, self.accelerator.process_index
-        global_size = self.config.batch_size * world
-        start = step * global_size
-        items, orders = [], {}
-        for position in range(start + rank * self.config.batch_size, start + (rank + 1) * self.config.batch_size):
-            epoch, offset = divmod(position, n)
-            if epoch not in orders:  # one permutation per epoch (a batch spans at most two)
-                orders[epoch] = torch.randperm(
-                    n, generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 1))
-                )
-            self.train_data.set_epoch(epoch)
-            items.append(self.train_data[int(orders[epoch][offset])])
-        return collate(items)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The generator's loss terms on ``batch`` (the weighted sum under "loss_g")."""
@@ -365,46 +330,6 @@ class PairedTrainer:
         self.step += 1
         return logs
 
-    # --- checkpoints ---------------------------------------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        """Everything a resume needs: trained weights, D, optimiser and scheduler states, the step and config."""
-        folder = self.output_dir / "checkpoints" / f"step_{self.step:07d}"
-        if self.accelerator.is_main_process:
-            save_pretrained(self.unwrapped, folder / "model", self._text_encoder_to_save)
-            state = {"optimizer_g": self.optimizer_g.state_dict(), "scheduler_g": self.scheduler_g.state_dict()}
-            if self.discriminator is not None:
-                d = self.accelerator.unwrap_model(self.discriminator)
-                save_file({k: v.contiguous() for k, v in d.state_dict().items()}, folder / DISCRIMINATOR)
-                state.update(optimizer_d=self.optimizer_d.state_dict(), scheduler_d=self.scheduler_d.state_dict())
-            torch.save(state, folder / OPTIMIZER_STATE)
-            (folder / TRAINER_STATE).write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def load_checkpoint(self, folder: str | Path) -> None:
-        """Resume from ``save_checkpoint``'s folder (loaded with safetensors / ``weights_only``: no code runs)."""
-        folder = Path(folder)
-        state_file = folder / TRAINER_STATE
-        if not state_file.is_file():
-            raise BadInputError(f"{folder} is not a training checkpoint ({TRAINER_STATE} missing).")
-        self.step = int(json.loads(state_file.read_text())["step"])
-        self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
-        if self.config.train_all:
-            self.text_encoder.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
-        state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
-        self.optimizer_g.load_state_dict(state["optimizer_g"])
-        self.scheduler_g.load_state_dict(state["scheduler_g"])
-        if self.discriminator is not None:
-            self.accelerator.unwrap_model(self.discriminator).load_state_dict(load_file(folder / DISCRIMINATOR))
-            self.optimizer_d.load_state_dict(state["optimizer_d"])
-            self.scheduler_d.load_state_dict(state["scheduler_d"])
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint of this run, if any."""
-        found = sorted((self.output_dir / "checkpoints").glob("step_*"))
-        return found[-1] if found else None
-
     @property
     def _text_encoder_to_save(self):
         # a from-scratch model keeps its (frozen, randomly initialised) text encoder with it
@@ -435,43 +360,3 @@ class PairedTrainer:
                 totals[k] = totals.get(k, 0.0) + float(v) * len(x)
         generator.train()
         return {k: v / n for k, v in totals.items()}
-
-    def export(self) -> Path:
-        """Write the final model (our format) to ``output_dir/model``."""
-        folder = self.output_dir / "model"
-        if self.accelerator.is_main_process:
-            save_pretrained(self.unwrapped, folder, self._text_encoder_to_save)
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def train(self, resume: bool = False, stop_at: int | None = None) -> dict[str, float]:
-        """Run to ``max_steps`` (or ``stop_at``), checkpointing and evaluating on schedule, then export.
-
-        Args:
-            resume: continue from the newest checkpoint of this run folder.
-            stop_at: stop early at this step (the run can be resumed later).
-
-        Returns:
-            the last step's losses and the last evaluation.
-        """
-        if resume and (latest := self.latest_checkpoint()) is not None:
-            self.load_checkpoint(latest)
-            logger.warning("resumed from %s (step %d)", latest, self.step)
-        end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
-        logs: dict[str, float] = {}
-        started = time.perf_counter()
-        while self.step < end:
-            logs = self.train_step()
-            if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:
-                logs.update(self.evaluate())
-                seconds = (time.perf_counter() - started) / max(1, self.step)
-                logger.warning("step %d %s (%.2f s/step)", self.step, _fmt(logs), seconds)
-            if self.step % max(1, self.config.checkpoint_every) == 0 or self.step == end:
-                self.save_checkpoint()
-        if self.step >= self.config.max_steps:
-            self.export()
-        return logs
-
-
-def _fmt(logs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in logs.items())

@@ -1,0 +1,441 @@
+"""Unpaired training (CycleGAN-Turbo): ``turbo-i2i train unpaired``.
+
+Objective (paper, Sec. 3.3 / Eq. 4), code names -> paper terms; G(x, c_Y) is the generator with the direction's
+caption and VAE adapters, G_a2b: A -> B, G_b2a: B -> A, D_A judges domain B images, D_B domain A images::
+
+    loss_cycle_a = L1(G_b2a(G_a2b(a)), a) + 10 * LPIPS(G_b2a(G_a2b(a)), a)     L_cyc, A -> B -> A
+    loss_cycle_b = L1(G_a2b(G_b2a(b)), b) + 10 * LPIPS(G_a2b(G_b2a(b)), b)     L_cyc, B -> A -> B
+    loss_idt_a   = L1(G_a2b(b), b) + 1 * LPIPS(G_a2b(b), b)                   L_idt, B through a2b stays B
+    loss_idt_b   = L1(G_b2a(a), a) + 1 * LPIPS(G_b2a(a), a)                   L_idt, A through b2a stays A
+    loss_gan_a   = -log D_A(G_a2b(a))                                          L_GAN of the a2b translation
+    loss_gan_b   = -log D_B(G_b2a(b))                                          L_GAN of the b2a translation
+    loss_g       = loss_cycle_a + loss_cycle_b + loss_idt_a + loss_idt_b + 0.5 * (loss_gan_a + loss_gan_b)
+
+(weights: ``lambda_cycle`` / ``lambda_cycle_lpips`` = 1 / 10, ``lambda_idt`` / ``lambda_idt_lpips`` = 1 / 1,
+``lambda_gan`` = 0.5, the paper's and the public implementation's values.)
+
+Step modes:
+
+- ``joint`` (default, the paper's equation): each translation is computed once per iteration and reused, six
+  generator passes: a2b(a) = fake_b, b2a(fake_b) = rec_a, b2a(b) = fake_a, a2b(fake_a) = rec_b, a2b(b) = idt_a,
+  b2a(a) = idt_b; one generator step on ``loss_g``.
+- ``separate`` (the public implementation's schedule, for comparison): three generator steps per iteration, on the
+  cycle terms (four passes), the GAN terms (fake_b and fake_a recomputed with the updated weights: two passes) and
+  the identity terms (two passes): eight passes. Unlike the public script the LR schedule still steps once per
+  iteration.
+
+Then one discriminator step on ``0.5 * (loss_d_a + loss_d_b)``, D_A on real b vs. fake_b and D_B on real a vs. fake_a
+(the fakes of the iteration, detached), after clearing the gradients the generator's GAN terms left on the
+discriminators. Memory: trainable weights stay fp32 under bf16 autocast while the frozen backbone is stored in bf16
+(``cast_frozen``); gradient checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the
+text encoder is freed once the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..backbone import encode_prompt
+from ..checkpoints import build_generator
+from ..config import GeneratorConfig
+from ..errors import BadInputError
+from ..generator import OneStepGenerator
+from .loop import TrainerBase, cast_frozen, step_seed
+from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
+
+logger = logging.getLogger("turbo_i2i")
+STEP_MODES = ("joint", "separate")
+MIXED_PRECISION = ("no", "bf16")
+DISC_KINDS = ("clip", "patchgan", "none")
+
+# metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
+# of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
+Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], dict[str, float]]
+
+
+@dataclass
+class UnpairedTrainConfig:
+    """Everything an unpaired run depends on; saved beside each checkpoint so a resume uses the same settings.
+
+    Args:
+        dataset: a folder in the unpaired layout (train_A/, train_B/, fixed_prompt_a.txt, fixed_prompt_b.txt, test_*).
+        output_dir: run folder: checkpoints/ and the exported model/.
+        base_model: backbone hub id, folder or built-in name.
+        unet_lora_rank: rank of the three UNet adapters (alpha = rank, as in the public recipe).
+        vae_lora_rank: rank of each direction's VAE adapter.
+        transform: training transform (see ``training.data``); the public recipe's 256 px random crop by default.
+        eval_transform: transform of the test images (deterministic).
+        batch_size: images of each domain per step.
+        max_steps: iterations to run.
+        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimisers (G and D).
+        use_8bit_adam: bitsandbytes' 8-bit AdamW for the generator (needs ``bitsandbytes``).
+        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips, lambda_gan: loss weights (see the module).
+        disc: discriminators: "clip" (vision-aided), "patchgan" or "none".
+        d_real_target: label of real images for D ("multilevel_sigmoid" of the public recipe: 1).
+        step_mode: "joint" (one generator step, six passes) or "separate" (the public three steps, eight passes).
+        mixed_precision: "no" or "bf16" (trainable weights stay fp32; the frozen backbone is stored in bf16).
+        gradient_checkpointing: recompute UNet and VAE block activations in the backward pass.
+        seed: seeds the init, the pairing and every step's randomness.
+        checkpoint_every, eval_every: in steps.
+        num_eval: test images per domain evaluated (all when 0).
+        skip_bad: skip unreadable images with a warning instead of refusing the data set.
+        lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
+    """
+
+    dataset: str
+    output_dir: str
+    base_model: str = "stabilityai/sd-turbo"
+    unet_lora_rank: int = 128
+    vae_lora_rank: int = 4
+    transform: str = "resize_286_randomcrop_256x256_hflip"
+    eval_transform: str = "no_resize"
+    batch_size: int = 1
+    max_steps: int = 25000
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 10.0
+    use_8bit_adam: bool = False
+    lambda_cycle: float = 1.0
+    lambda_cycle_lpips: float = 10.0
+    lambda_idt: float = 1.0
+    lambda_idt_lpips: float = 1.0
+    lambda_gan: float = 0.5
+    disc: str = "clip"
+    d_real_target: float = 1.0
+    step_mode: str = "joint"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    num_eval: int = 16
+    skip_bad: bool = False
+    lpips_path: str | None = None
+    clip_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("step_mode", self.step_mode, STEP_MODES),
+            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
+            ("disc", self.disc, DISC_KINDS),
+        ):
+            if value not in allowed:
+                raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UnpairedTrainConfig:
+        """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInputError(f"Unknown training options: {', '.join(unknown)}.")
+        return cls(**data)
+
+
+def reconstruction_loss(
+    output: torch.Tensor, target: torch.Tensor, lambda_l1: float, lambda_lpips: float, lpips: torch.nn.Module | None
+) -> torch.Tensor:
+    """``lambda_l1 * L1 + lambda_lpips * LPIPS`` of ``output`` against ``target`` (the cycle and identity terms).
+
+    Args:
+        output: generated images (N, 3, H, W) in [-1, 1].
+        target: the images they should reproduce.
+        lambda_l1: weight of the mean absolute error.
+        lambda_lpips: weight of the LPIPS distance (ignored when ``lpips`` is None).
+        lpips: an ``LPIPSLoss`` or None.
+
+    Returns:
+        a scalar (fp32).
+    """
+    output, target = output.float(), target.float()
+    loss = lambda_l1 * F.l1_loss(output, target)
+    if lpips is not None and lambda_lpips > 0:
+        loss = loss + lambda_lpips * lpips(output, target)
+    return loss
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: UnpairedTrainConfig, eight_bit: bool = False):
+    """AdamW over ``params`` with the config's learning rate and weight decay (8-bit AdamW when asked).
+
+    Args:
+        params: the trained parameters.
+        config: the run's settings.
+        eight_bit: use bitsandbytes' ``AdamW8bit`` (its moments take a quarter of the memory).
+
+    Returns:
+        the optimiser.
+
+    Raises:
+        BadInputError: 8-bit AdamW was asked for but bitsandbytes is not installed.
+    """
+    if eight_bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise BadInputError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from error
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+
+
+class UnpairedTrainer(TrainerBase):
+    """Runs, checkpoints, resumes, evaluates and exports an unpaired (CycleGAN-Turbo) training run.
+
+    Args:
+        config: the run's settings.
+        accelerator: an ``accelerate.Accelerator`` (one is made from the config when None); one process only.
+        loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
+            (tests and benchmarks pass stand-ins).
+        metrics: extra evaluation metrics per direction (see ``Metrics``), e.g. FID and the DINO structure distance;
+            their names are logged as ``eval_<direction>_<name>``.
+    """
+
+    collate_fn = staticmethod(collate_unpaired)
+
+    def __init__(
+        self,
+        config: UnpairedTrainConfig,
+        accelerator=None,
+        loss_networks=None,
+        metrics: Metrics | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        if self.accelerator.num_processes > 1:
+            # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
+            raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
+        self.device = self.accelerator.device
+        self.output_dir = Path(config.output_dir)
+        self.metrics = metrics
+        self.train_data = UnpairedDataset(
+            config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+        )
+        self.test_data = None
+        if has_split(config.dataset, "test"):
+            self.test_data = UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)
+        torch.manual_seed(config.seed)  # LoRA init and discriminator heads: reproducible for a seed
+        captions = self.train_data.captions
+        # Each direction is conditioned on the caption of the domain it translates *to*.
+        prompts = {"a2b": captions["B"], "b2a": captions["A"]}
+        gen_config = GeneratorConfig(
+            base_model=config.base_model,
+            task="unpaired",
+            unet_lora_rank=config.unet_lora_rank,
+            unet_lora_alpha=float(config.unet_lora_rank),
+            vae_lora_rank=config.vae_lora_rank,
+            prompts=prompts,
+        )
+        self.generator, backbone = build_generator(gen_config, device=self.device)
+        with torch.no_grad():
+            self.prompt_embeds = {
+                d: encode_prompt(backbone.tokenizer, backbone.text_encoder, [p])[0] for d, p in prompts.items()
+            }
+        del backbone  # the text encoder is not needed again: its memory goes back now (UNet and VAE live on)
+        self.generator.set_trainable(True)
+        if config.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+        self.generator.train()
+        self.lpips, clip = self._loss_networks(loss_networks)
+        self.discriminator = self._discriminators(clip)
+        if config.mixed_precision == "bf16":
+            cast_frozen(self.generator, torch.bfloat16)
+            if self.discriminator is not None:
+                cast_frozen(self.discriminator, torch.bfloat16)
+        self.optimizer_g = make_optimizer(
+            [p for p in self.generator.parameters() if p.requires_grad], config, config.use_8bit_adam
+        )
+        self.scheduler_g = self.make_scheduler(self.optimizer_g)
+        if self.discriminator is not None:
+            self.optimizer_d = make_optimizer([p for p in self.discriminator.parameters() if p.requires_grad], config)
+            self.scheduler_d = self.make_scheduler(self.optimizer_d)
+        self.step = 0
+
+    # --- set-up pieces -------------------------------------------------------------------------------------------
+
+    def _loss_networks(self, prebuilt):
+        from .losses import LPIPSLoss
+        from .pretrained import load_clip, load_lpips
+
+        lpips_net, clip = prebuilt if prebuilt is not None else (None, None)
+        lpips = None
+        if self.config.lambda_cycle_lpips > 0 or self.config.lambda_idt_lpips > 0:
+            lpips = LPIPSLoss(lpips_net if lpips_net is not None else load_lpips(path=self.config.lpips_path))
+            lpips.to(self.device)
+        if self.config.disc == "clip" and self.config.lambda_gan > 0 and clip is None:
+            clip = load_clip(path=self.config.clip_path)
+        return lpips, clip
+
+    def _discriminators(self, clip) -> torch.nn.ModuleDict | None:
+        """D_A (judges domain B) and D_B (judges domain A); vision-aided ones share one frozen CLIP tower."""
+        if self.config.disc == "none" or self.config.lambda_gan == 0:
+            return None
+        from .discriminators import build_discriminator
+
+        clip_model = clip[0] if self.config.disc == "clip" else None
+        discs = {d: build_discriminator(self.config.disc, clip=clip_model) for d in ("a", "b")}
+        return torch.nn.ModuleDict(discs).to(self.device).train()
+
+    @property
+    def unwrapped(self) -> OneStepGenerator:
+        return self.generator
+
+    # --- one iteration -------------------------------------------------------------------------------------------
+
+    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+        """One generator pass with the direction's cached caption embedding (under the run's autocast).
+
+        Args:
+            x: images (N, 3, H, W) in [-1, 1].
+            direction: "a2b" or "b2a".
+
+        Returns:
+            translated images in [-1, 1].
+        """
+        with self.accelerator.autocast():
+            return self.generator(x, self.prompt_embeds[direction], direction)
+
+    def _cycle(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict, images: dict) -> None:
+        cfg = self.config
+        images["fake_b"] = self.translate(real_a, "a2b")
+        rec_a = self.translate(images["fake_b"], "b2a")
+        images["fake_a"] = self.translate(real_b, "b2a")
+        rec_b = self.translate(images["fake_a"], "a2b")
+        terms["loss_cycle_a"] = reconstruction_loss(
+            rec_a, real_a, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
+        )
+        terms["loss_cycle_b"] = reconstruction_loss(
+            rec_b, real_b, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
+        )
+
+    def _identity(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict) -> None:
+        cfg = self.config
+        idt_a = self.translate(real_b, "a2b")
+        idt_b = self.translate(real_a, "b2a")
+        weights = (cfg.lambda_idt, cfg.lambda_idt_lpips, self.lpips)
+        terms["loss_idt_a"] = reconstruction_loss(idt_a, real_b, *weights)
+        terms["loss_idt_b"] = reconstruction_loss(idt_b, real_a, *weights)
+
+    def _gan(self, images: dict, terms: dict) -> None:
+        if self.discriminator is None:
+            return
+        from .discriminators import generator_gan_loss
+
+        with self.accelerator.autocast():
+            terms["loss_gan_a"] = generator_gan_loss(self.discriminator["a"], images["fake_b"].float())
+            terms["loss_gan_b"] = generator_gan_loss(self.discriminator["b"], images["fake_a"].float())
+
+    def _weighted(self, terms: dict, keys: tuple[str, ...]) -> torch.Tensor:
+        # the cycle and identity terms carry their weights already; the GAN terms are weighted here
+        weight = {"loss_gan_a": self.config.lambda_gan, "loss_gan_b": self.config.lambda_gan}
+        return sum(weight.get(k, 1.0) * terms[k] for k in keys if k in terms)
+
+    def losses(self, real_a: torch.Tensor, real_b: torch.Tensor) -> tuple[dict, dict]:
+        """Every generator loss term of the joint objective, from six generator passes.
+
+        Args:
+            real_a: domain A images (N, 3, H, W) in [-1, 1], on the device.
+            real_b: domain B images.
+
+        Returns:
+            (terms: ``loss_cycle_a/b``, ``loss_idt_a/b``, ``loss_gan_a/b`` and their weighted sum ``loss_g``;
+            images: ``fake_b`` = a2b(a) and ``fake_a`` = b2a(b), which the discriminator step reuses).
+        """
+        terms: dict[str, torch.Tensor] = {}
+        images: dict[str, torch.Tensor] = {}
+        self._cycle(real_a, real_b, terms, images)
+        self._identity(real_a, real_b, terms)
+        self._gan(images, terms)
+        terms["loss_g"] = self._weighted(terms, tuple(terms))
+        return terms, images
+
+    def _generator_step(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
+        self.optimizer_g.step()
+        self.optimizer_g.zero_grad(set_to_none=True)
+
+    def _discriminator_step(self, real_a: torch.Tensor, real_b: torch.Tensor, images: dict, logs: dict) -> None:
+        from .discriminators import discriminator_loss
+
+        # The generator's GAN terms also left gradients on D's heads: D must learn from its own loss only.
+        self.optimizer_d.zero_grad(set_to_none=True)
+        target = self.config.d_real_target
+        with self.accelerator.autocast():
+            loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].detach().float(), target)
+            loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].detach().float(), target)
+        self.accelerator.backward(0.5 * (loss_d_a + loss_d_b))
+        self.optimizer_d.step()
+        self.scheduler_d.step()
+        self.optimizer_d.zero_grad(set_to_none=True)
+        logs.update(loss_d_a=float(loss_d_a.detach()), loss_d_b=float(loss_d_b.detach()))
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: the generator step(s) of ``step_mode``, then one discriminator step."""
+        # Every random draw of the step (DiffAugment) comes from (seed, step): resuming replays it exactly.
+        torch.manual_seed(step_seed(self.config.seed, self.step))
+        batch = self.batch(self.step)
+        real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
+        if self.config.step_mode == "joint":
+            terms, images = self.losses(real_a, real_b)
+            self._generator_step(terms["loss_g"])
+        else:
+            terms, images = {}, {}
+            self._cycle(real_a, real_b, terms, images)
+            self._generator_step(self._weighted(terms, ("loss_cycle_a", "loss_cycle_b")))
+            if self.discriminator is not None:
+                # the public schedule recomputes both translations with the weights the cycle step just updated
+                images = {"fake_b": self.translate(real_a, "a2b"), "fake_a": self.translate(real_b, "b2a")}
+                self._gan(images, terms)
+                self._generator_step(self._weighted(terms, ("loss_gan_a", "loss_gan_b")))
+            self._identity(real_a, real_b, terms)
+            self._generator_step(self._weighted(terms, ("loss_idt_a", "loss_idt_b")))
+            terms["loss_g"] = self._weighted(terms, tuple(terms)).detach()
+        self.scheduler_g.step()  # once per iteration, whatever the number of generator steps
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        if self.discriminator is not None:
+            self._discriminator_step(real_a, real_b, images, logs)
+        self.step += 1
+        return logs
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean L1 of the cycle reconstructions of the test images, per direction, plus ``metrics`` if given.
+
+        ``eval_cycle_l1_a`` is the mean |b2a(a2b(a)) - a| over test_A, ``eval_cycle_l1_b`` the same for test_B;
+        ``metrics`` sees each direction's inputs and outputs and the target domain's test images.
+
+        Returns:
+            {name: value}; empty when the data set has no test split.
+        """
+        if self.test_data is None:
+            return {}
+        self.generator.eval()
+        limit = self.config.num_eval or None
+        test = {d: [image for _, image in self.test_data.images(d, limit)] for d in ("A", "B")}
+        scores: dict[str, float] = {}
+        for source, target, forward, back in (("A", "B", "a2b", "b2a"), ("B", "A", "b2a", "a2b")):
+            outputs, total = [], 0.0
+            for image in test[source]:  # one at a time: test images may differ in size
+                x = image[None].to(self.device)
+                out = self.translate(x, forward)
+                total += float(F.l1_loss(self.translate(out, back).float(), x))
+                outputs.append(out[0].float().cpu())
+            scores[f"eval_cycle_l1_{source.lower()}"] = total / len(test[source])
+            if self.metrics is not None:
+                extra = self.metrics(forward, test[source], outputs, test[target])
+                scores.update({f"eval_{forward}_{k}": float(v) for k, v in extra.items()})
+        self.generator.train()
+        return scores
