@@ -86,11 +86,29 @@ def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the numbers to this file")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a folder of outputs against references (L2, LPIPS, CLIP, FID, DINO)")
+    p.add_argument("--outputs", required=True, help="folder of generated images")
+    p.add_argument("--references", required=True, help="folder of real images, matched to outputs by file name")
+    p.add_argument("--prompts", help="JSON file: file name -> caption; adds the CLIP image-caption similarity")
+    p.add_argument("--inputs", help="folder of the inputs the outputs came from (for --dino-structure)")
+    p.add_argument("--dino-structure", action="store_true", help="DINO ViT-B/8 structure distance to the inputs")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="clean-fid FID (default on)")
+    p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="LPIPS-VGG (default on)")
+    p.add_argument("--unpaired", action="store_true", help="folders as sets: no name matching, no L2/LPIPS")
+    p.add_argument("--json", help="also write the scores (and per-image values) to this file")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per FID forward pass (default 16)")
+    for net, what in (("lpips", "VGG16 trunk .pth"), ("clip", "open_clip ViT-B-32"), ("inception", "FID Inception"),
+                      ("dino", "DINO ViT-B/8")):  # fmt: skip
+        p.add_argument(f"--{net}-path", help=f"local {what} weights instead of the cache / download")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="turbo-i2i", description="One-step image-to-image translation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_translate, _add_models, _add_convert, _add_train, _add_data, _add_eval_demo):
+    for add in (_add_translate, _add_models, _add_convert, _add_train, _add_data, _add_eval_demo, _add_eval):
         add(sub)
     return parser
 
@@ -220,6 +238,28 @@ def _eval_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation.metrics import evaluate_folders
+
+    if args.batch_size < 1:
+        raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.inputs and not args.dino_structure:
+        logger.warning("--inputs is only used by --dino-structure; it is ignored")
+    weights = {net: getattr(args, f"{net}_path") for net in ("lpips", "clip", "inception", "dino")}
+    report = evaluate_folders(
+        args.outputs, args.references, args.prompts, args.inputs, lpips=args.lpips, fid=args.fid,
+        dino_structure=args.dino_structure, unpaired=args.unpaired, device=args.device, batch_size=args.batch_size,
+        weights={net: path for net, path in weights.items() if path},
+    )  # fmt: skip
+    print(report.table())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
 COMMANDS = {
     "translate": _translate,
     "models": _models,
@@ -227,6 +267,7 @@ COMMANDS = {
     "train": _train,
     "data": _data,
     "eval-demo": _eval_demo,
+    "eval": _eval,
 }
 
 

@@ -14,6 +14,7 @@ folder fails in a second with one message that lists every problem. Metrics (low
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import preprocess as pre
-from ..errors import BadInputError
+from ..errors import BadInputError, TurboI2IError
 
 METRICS = ("l2", "lpips", "clip_sim", "fid", "dino_structure")
 HIGHER_IS_BETTER = {"clip_sim"}
@@ -80,9 +81,11 @@ def load_networks(
         raise BadInputError(f"Unknown network(s) {sorted(unknown)} in weights; expected {', '.join(WEIGHT_KEYS)}.")
     nets = dataclasses.replace(given) if given is not None else EvalNetworks()
     if "lpips" in needed and nets.lpips is None:
-        nets.lpips = load_lpips(path=weights.get("lpips"))
+        with _cli_hint("--lpips-path FILE", "--no-lpips skips LPIPS"):
+            nets.lpips = load_lpips(path=weights.get("lpips"))
     if "clip_sim" in needed and nets.clip is None:
-        nets.clip = load_clip(path=weights.get("clip"))
+        with _cli_hint("--clip-path FILE", "leaving out --prompts skips the CLIP score"):
+            nets.clip = load_clip(path=weights.get("clip"))
     if "fid" in needed and nets.inception is None:
         nets.inception = load_inception(path=weights.get("inception"))
     if "dino_structure" in needed and nets.dino is None:
@@ -92,6 +95,17 @@ def load_networks(
             if net is not None:
                 net.to(device)
     return nets
+
+
+@contextlib.contextmanager
+def _cli_hint(flag: str, skip: str):
+    """Add the ``turbo-i2i eval`` spelling to a shared loader's missing-weights paragraph (it names ``path=``)."""
+    try:
+        yield
+    except BadInputError:
+        raise
+    except TurboI2IError as error:
+        raise TurboI2IError(f"{error} With turbo-i2i eval, {flag} passes a local copy; {skip}.") from error
 
 
 @dataclasses.dataclass
