@@ -48,17 +48,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default=None, help="backbone it was trained on (default stabilityai/sd-turbo)")
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, config_class, optional: tuple[str, ...] = ()) -> None:
+    """One flag per field of a training config dataclass (``--max-steps`` for ``max_steps``); None = the default."""
     from dataclasses import MISSING, fields
 
-    from .training.paired import PRESETS, PairedTrainConfig
-
-    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
-    p = train.add_parser("paired", help="pix2pix-Turbo on paired images (train_A/, train_B/, train_prompts.json)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; other options override it")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
-    for f in fields(PairedTrainConfig):
+    for f in fields(config_class):
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -66,8 +60,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            required = f.default is MISSING and f.name != "dataset"
+            required = f.default is MISSING and f.name not in optional
             p.add_argument(flag, type=kind, default=None, required=required)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .training.paired import PRESETS, PairedTrainConfig
+    from .training.unpaired import UnpairedTrainConfig
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
+    p = train.add_parser("paired", help="pix2pix-Turbo on paired images (train_A/, train_B/, train_prompts.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; other options override it")
+    u = train.add_parser(
+        "unpaired", help="CycleGAN-Turbo on two unpaired folders (train_A/, train_B/, fixed_prompt_a/b.txt)"
+    )
+    for parser in (p, u):
+        parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output-dir")
+        parser.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
+    _add_config_flags(p, PairedTrainConfig, optional=("dataset",))  # a preset can generate its data set
+    _add_config_flags(u, UnpairedTrainConfig)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -195,6 +206,8 @@ def _train(args: argparse.Namespace) -> int:
     from .training.circles import write_dataset
     from .training.paired import PRESETS, PairedTrainConfig, PairedTrainer
 
+    if args.task == "unpaired":
+        return _train_unpaired(args)
     options = dict(PRESETS[args.preset]) if args.preset else {}
     options.update(
         {f.name: getattr(args, f.name) for f in fields(PairedTrainConfig) if getattr(args, f.name, None) is not None}
@@ -208,6 +221,19 @@ def _train(args: argparse.Namespace) -> int:
         if not Path(options["dataset"]).is_dir():
             write_dataset(options["dataset"], **circles)
     trainer = PairedTrainer(PairedTrainConfig.from_dict(options))
+    logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
+    print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
+    return 0
+
+
+def _train_unpaired(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .training.unpaired import UnpairedTrainConfig, UnpairedTrainer
+
+    given = vars(args)
+    options = {f.name: given[f.name] for f in fields(UnpairedTrainConfig) if given.get(f.name) is not None}
+    trainer = UnpairedTrainer(UnpairedTrainConfig.from_dict(options))
     logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
     print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
     return 0

@@ -53,6 +53,7 @@ logger = logging.getLogger("turbo_i2i")
 STEP_MODES = ("joint", "separate")
 MIXED_PRECISION = ("no", "bf16")
 DISC_KINDS = ("clip", "patchgan", "none")
+EVAL_METRICS = ("fid", "dino_structure")
 
 # metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
 # of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
@@ -84,8 +85,12 @@ class UnpairedTrainConfig:
         seed: seeds the init, the pairing and every step's randomness.
         checkpoint_every, eval_every: in steps.
         num_eval: test images per domain evaluated (all when 0).
+        eval_metrics: comma-separated metrics besides the cycle L1, per direction: "fid" (clean-fid, outputs vs. the
+            target domain's test images; needs 2+ test images) and "dino_structure" (DINO ViT-B/8 self-similarity
+            distance of input and output); "" for none.
         skip_bad: skip unreadable images with a warning instead of refusing the data set.
         lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
+        inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
     """
 
     dataset: str
@@ -117,9 +122,12 @@ class UnpairedTrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 500
     num_eval: int = 16
+    eval_metrics: str = "fid,dino_structure"
     skip_bad: bool = False
     lpips_path: str | None = None
     clip_path: str | None = None
+    inception_path: str | None = None
+    dino_path: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +138,14 @@ class UnpairedTrainConfig:
         ):
             if value not in allowed:
                 raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+        unknown = set(self.metric_names) - set(EVAL_METRICS)
+        if unknown:
+            raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names in ``eval_metrics``."""
+        return tuple(name.strip() for name in self.eval_metrics.split(",") if name.strip())
 
     @classmethod
     def from_dict(cls, data: dict) -> UnpairedTrainConfig:
@@ -163,6 +179,36 @@ def reconstruction_loss(
     return loss
 
 
+def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn.Module | None = None) -> Metrics:
+    """The evaluation metrics of one direction: FID against the target domain and the DINO structure distance.
+
+    Args:
+        inception: the FID feature network (``load_inception()``; ``tiny_inception()`` in tests), or None for no FID.
+        dino: the structure distance's ViT (``load_dino()``; ``tiny_dino()`` in tests), or None for none.
+
+    Returns:
+        ``metrics(direction, inputs, outputs, references) -> {"fid": ..., "dino_structure": ...}``; the reference
+        statistics of each direction are computed once and reused at every evaluation.
+    """
+    from ..evaluation import DINOStructureDistance, compute_fid, fid_statistics
+
+    structure = DINOStructureDistance(dino) if dino is not None else None
+    reference_stats: dict = {}
+
+    def metrics(direction, inputs, outputs, references) -> dict[str, float]:
+        scores = {}
+        if inception is not None and len(outputs) >= 2 and len(references) >= 2:  # FID needs two images per set
+            if direction not in reference_stats:
+                reference_stats[direction] = fid_statistics(references, inception)
+            scores["fid"] = compute_fid(outputs, reference_stats[direction], inception)
+        if structure is not None:  # one image at a time: test images may differ in size
+            distances = [float(structure(x[None], y[None])[0]) for x, y in zip(inputs, outputs)]
+            scores["dino_structure"] = sum(distances) / len(distances)
+        return scores
+
+    return metrics
+
+
 def make_optimizer(params: list[torch.nn.Parameter], config: UnpairedTrainConfig, eight_bit: bool = False):
     """AdamW over ``params`` with the config's learning rate and weight decay (8-bit AdamW when asked).
 
@@ -194,8 +240,9 @@ class UnpairedTrainer(TrainerBase):
         accelerator: an ``accelerate.Accelerator`` (one is made from the config when None); one process only.
         loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
             (tests and benchmarks pass stand-ins).
-        metrics: extra evaluation metrics per direction (see ``Metrics``), e.g. FID and the DINO structure distance;
-            their names are logged as ``eval_<direction>_<name>``.
+        metrics: the evaluation metrics per direction (see ``Metrics``), logged as ``eval_<direction>_<name>``; None
+            builds ``translation_metrics`` from ``config.eval_metrics`` with the pretrained networks (tests pass
+            ``translation_metrics(tiny_inception(), tiny_dino())``).
     """
 
     collate_fn = staticmethod(collate_unpaired)
@@ -210,19 +257,21 @@ class UnpairedTrainer(TrainerBase):
         from accelerate import Accelerator
 
         self.config = config
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = accelerator or Accelerator()  # precision: see autocast()
         if self.accelerator.num_processes > 1:
             # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
             raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
-        self.metrics = metrics
         self.train_data = UnpairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
         )
         self.test_data = None
         if has_split(config.dataset, "test"):
             self.test_data = UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)
+        if metrics is None and self.test_data is not None and config.metric_names:
+            metrics = self._load_metrics()  # at start-up, so a missing network fails now, not after hours
+        self.metrics = metrics
         torch.manual_seed(config.seed)  # LoRA init and discriminator heads: reproducible for a seed
         captions = self.train_data.captions
         # Each direction is conditioned on the caption of the domain it translates *to*.
@@ -275,6 +324,13 @@ class UnpairedTrainer(TrainerBase):
             clip = load_clip(path=self.config.clip_path)
         return lpips, clip
 
+    def _load_metrics(self) -> Metrics:
+        from ..evaluation import load_networks
+
+        weights = {k: v for k, v in (("inception", self.config.inception_path), ("dino", self.config.dino_path)) if v}
+        nets = load_networks(self.config.metric_names, weights=weights, device=self.device)
+        return translation_metrics(nets.inception, nets.dino)
+
     def _discriminators(self, clip) -> torch.nn.ModuleDict | None:
         """D_A (judges domain B) and D_B (judges domain A); vision-aided ones share one frozen CLIP tower."""
         if self.config.disc == "none" or self.config.lambda_gan == 0:
@@ -291,6 +347,14 @@ class UnpairedTrainer(TrainerBase):
 
     # --- one iteration -------------------------------------------------------------------------------------------
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast when ``mixed_precision="bf16"`` (a no-op otherwise).
+
+        The trainer's own setting rather than Accelerate's: Accelerate keeps its precision in process-wide state that
+        cannot change once set, and a benchmark compares fp32 and bf16 runs in one process.
+        """
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
+
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """One generator pass with the direction's cached caption embedding (under the run's autocast).
 
@@ -301,7 +365,7 @@ class UnpairedTrainer(TrainerBase):
         Returns:
             translated images in [-1, 1].
         """
-        with self.accelerator.autocast():
+        with self.autocast():
             return self.generator(x, self.prompt_embeds[direction], direction)
 
     def _cycle(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict, images: dict) -> None:
@@ -330,7 +394,7 @@ class UnpairedTrainer(TrainerBase):
             return
         from .discriminators import generator_gan_loss
 
-        with self.accelerator.autocast():
+        with self.autocast():
             terms["loss_gan_a"] = generator_gan_loss(self.discriminator["a"], images["fake_b"].float())
             terms["loss_gan_b"] = generator_gan_loss(self.discriminator["b"], images["fake_a"].float())
 
@@ -371,7 +435,7 @@ class UnpairedTrainer(TrainerBase):
         # The generator's GAN terms also left gradients on D's heads: D must learn from its own loss only.
         self.optimizer_d.zero_grad(set_to_none=True)
         target = self.config.d_real_target
-        with self.accelerator.autocast():
+        with self.autocast():
             loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].detach().float(), target)
             loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].detach().float(), target)
         self.accelerator.backward(0.5 * (loss_d_a + loss_d_b))

@@ -1,0 +1,221 @@
+"""Unpaired (CycleGAN-Turbo) training on the tiny backbone and generated data: the objective learns, resume is exact,
+one export holds both directions, the frozen VAE is shared, the joint objective runs six generator passes (the public
+schedule eight), the discriminator step is isolated, only trainable weights change, bad data exit 2."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from turbo_i2i.checkpoints import load_pretrained
+from turbo_i2i.cli import main
+from turbo_i2i.evaluation import tiny_dino, tiny_inception
+from turbo_i2i.pipeline import Translator
+from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.pretrained import tiny_lpips
+from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer, translation_metrics
+
+CAPTION_A, CAPTION_B = "white outlines of shapes", "filled shapes"
+
+
+def make_unpaired(root, n=10, size=32, drop_b=2, keep_test=True):
+    """Circle outlines as domain A, filled shapes as domain B, unpaired (B has fewer images; a caption per domain)."""
+    write_dataset(root, n=n, seed=3, size=size)
+    for path in root.glob("*_prompts.json"):
+        path.unlink()
+    for path in sorted((root / "train_B").iterdir())[:drop_b]:
+        path.unlink()
+    if not keep_test:
+        for domain in "AB":
+            shutil.rmtree(root / f"test_{domain}")
+    (root / "fixed_prompt_a.txt").write_text(CAPTION_A + "\n")
+    (root / "fixed_prompt_b.txt").write_text(CAPTION_B + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_unpaired(tmp_path_factory.mktemp("data") / "unpaired")
+
+
+def make_trainer(dataset, out, metrics=None, **overrides):
+    options = dict(
+        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=1,
+        max_steps=4, learning_rate=1e-3, lr_warmup_steps=0, unet_lora_rank=4, disc="patchgan", checkpoint_every=2,
+        eval_every=1000, num_eval=1, eval_metrics="",
+    )  # fmt: skip
+    options.update(overrides)
+    return UnpairedTrainer(UnpairedTrainConfig(**options), loss_networks=(tiny_lpips(), None), metrics=metrics)
+
+
+@pytest.fixture
+def one_thread():
+    """One-thread CPU kernels sum in a fixed order, so exact replay can be compared (see test_train_paired)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def count_passes(trainer):
+    """Record the direction of every generator forward call (a forward pre-hook; the model is not changed)."""
+    calls = []
+    handle = trainer.generator.register_forward_pre_hook(lambda module, args: calls.append(args[2]))
+    return calls, handle
+
+
+def test_short_run_lowers_the_cycle_loss(tmp_path):
+    # one image per domain and batch 1: every step sees the same pair, so the loss curve is not batch noise
+    data = make_unpaired(tmp_path / "one", n=2, keep_test=False, drop_b=0)
+    for domain in "AB":
+        (data / f"train_{domain}" / "000001.png").unlink()
+    trainer = make_trainer(data, tmp_path / "run", disc="none", max_steps=100)
+    cycle = []
+    for _ in range(10):
+        logs = trainer.train_step()
+        cycle.append(logs["loss_cycle_a"] + logs["loss_cycle_b"])
+    assert cycle[-1] < 0.6 * cycle[0], cycle
+
+
+def test_joint_runs_six_generator_passes_and_separate_eight(dataset, tmp_path):
+    joint = make_trainer(dataset, tmp_path / "joint")
+    calls, handle = count_passes(joint)
+    logs = joint.train_step()
+    handle.remove()
+    assert sorted(calls) == ["a2b"] * 3 + ["b2a"] * 3
+    assert {"loss_cycle_a", "loss_cycle_b", "loss_idt_a", "loss_idt_b", "loss_gan_a", "loss_gan_b"} <= set(logs)
+    separate = make_trainer(dataset, tmp_path / "separate", step_mode="separate")
+    calls, handle = count_passes(separate)
+    separate.train_step()
+    handle.remove()
+    assert sorted(calls) == ["a2b"] * 4 + ["b2a"] * 4
+    # both modes step the LR schedule once per iteration
+    assert joint.scheduler_g.last_epoch == separate.scheduler_g.last_epoch == 1
+
+
+def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.generator.named_parameters()}
+    d_before = {n: p.detach().clone() for n, p in trainer.discriminator.named_parameters()}
+    batch = trainer.batch(0)
+    terms, _ = trainer.losses(batch["a"], batch["b"])
+    trainer.accelerator.backward(terms["loss_g"])
+    assert all(p.grad is not None for p in trainer.discriminator.parameters() if p.requires_grad)  # G's GAN term
+    trainer.optimizer_g.step()
+    assert all(torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
+    changed = {n for n, p in trainer.generator.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(trainer.generator.is_trained(n) for n in changed)
+    assert any("vae.a2b" in n for n in changed) and any("vae.b2a" in n for n in changed)
+    trainer.optimizer_g.zero_grad()
+    trainer.train_step()  # a whole iteration: D learns, from its own loss only
+    params = dict(trainer.generator.named_parameters())
+    assert all(torch.equal(params[n], before[n]) for n in before if not trainer.generator.is_trained(n))
+    assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_directions_share_one_frozen_vae_and_trainable_weights_stay_fp32(dataset, tmp_path, precision):
+    trainer = make_trainer(dataset, tmp_path, mixed_precision=precision, gradient_checkpointing=True)
+    a2b = dict(trainer.generator.vae["a2b"].named_parameters(remove_duplicate=False))
+    b2a = dict(trainer.generator.vae["b2a"].named_parameters(remove_duplicate=False))
+    assert a2b.keys() == b2a.keys()
+    frozen = [n for n in a2b if not a2b[n].requires_grad]
+    assert len(frozen) > 20 and all(a2b[n].data_ptr() == b2a[n].data_ptr() for n in frozen)
+    trained = [n for n in a2b if a2b[n].requires_grad]
+    assert trained and all(a2b[n].data_ptr() != b2a[n].data_ptr() for n in trained)
+    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(a2b[n].dtype == half for n in frozen) and all(a2b[n].dtype == torch.float32 for n in trained)
+    assert not hasattr(trainer, "text_encoder") and trainer.prompt_embeds["a2b"].shape[:2] == (1, 77)
+    logs = trainer.train_step()  # bf16 autocast over bf16 frozen and fp32 trainable weights, checkpointed blocks
+    assert np.isfinite(logs["loss_g"]) and all(
+        p.dtype == torch.float32 for p in trainer.optimizer_g.param_groups[0]["params"]
+    )
+    assert all(a2b[n].data_ptr() == b2a[n].data_ptr() for n in frozen)  # still shared after the step
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the resume test compares against this run with one-thread kernels
+    try:
+        trainer = make_trainer(dataset, tmp_path_factory.mktemp("straight"))
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def test_stop_and_resume_equals_straight_run(dataset, straight_run, tmp_path, one_thread):
+    first = make_trainer(dataset, tmp_path)
+    first.train(stop_at=2)
+    assert first.step == 2 and not (tmp_path / "model").exists()
+    resumed = make_trainer(dataset, tmp_path)  # a new process builds everything afresh too
+    resumed.train(resume=True)
+    assert resumed.step == 4
+    a, b = straight_run.generator.trained_state_dict(), resumed.generator.trained_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    d_a, d_b = straight_run.discriminator.state_dict(), resumed.discriminator.state_dict()
+    assert all(torch.allclose(d_a[k].float(), d_b[k].float(), atol=1e-6) for k in d_a)
+
+
+def test_export_holds_both_directions_and_reloads_bit_exactly(straight_run):
+    folder = straight_run.output_dir / "model"
+    generator, _ = load_pretrained(folder)
+    assert generator.config.task == "unpaired" and generator.config.prompts == {"a2b": CAPTION_B, "b2a": CAPTION_A}
+    assert generator.config.unet_lora_rank == generator.config.unet_lora_alpha == 4
+    saved, trained = generator.trained_state_dict(), straight_run.generator.trained_state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert any(k.startswith("unet.conv_in.base_layer") for k in saved)  # the trained conv_in is kept
+
+    translator = Translator.from_pretrained(folder)
+    image = Image.open(straight_run.config.dataset + "/test_A/" + straight_run.test_data.files["A"][0].name)
+    image = image.resize((64, 64))  # the Translator runs tiny inputs at 64 px
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    outputs = {}
+    for direction in ("a2b", "b2a"):
+        with torch.no_grad():
+            expected = straight_run.generator.eval()(x, straight_run.prompt_embeds[direction], direction)[0]
+        got = torch.from_numpy(np.asarray(translator(image, direction=direction), dtype=np.float32))
+        assert (got - (expected.permute(1, 2, 0) * 127.5 + 127.5).round().clamp(0, 255)).abs().max() <= 1
+        outputs[direction] = got
+    assert (outputs["a2b"] - outputs["b2a"]).abs().max() > 1  # two different translations
+    straight_run.generator.train()
+
+
+def test_evaluation_scores_both_directions(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, num_eval=0, disc="none", metrics=translation_metrics(None, tiny_dino()))
+    scores = trainer.evaluate()
+    ((_, a),) = trainer.test_data.images("A")
+    with torch.no_grad():
+        rec_a = trainer.translate(trainer.translate(a[None], "a2b"), "b2a")
+    assert scores["eval_cycle_l1_a"] == pytest.approx(float((rec_a - a[None]).abs().mean()), rel=1e-5)
+    assert set(scores) == {"eval_cycle_l1_a", "eval_cycle_l1_b", "eval_a2b_dino_structure", "eval_b2a_dino_structure"}
+    assert all(v >= 0 for v in scores.values()) and trainer.generator.training
+
+
+def test_fid_metric_needs_two_images_per_set_and_separates_sets():
+    metrics = translation_metrics(tiny_inception(), None)
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 32, 32, generator=rng) * 2 - 1 for _ in range(6)]
+    assert metrics("a2b", images[:1], images[:1], images) == {}  # no FID from one image
+    assert abs(metrics("a2b", images, images, images)["fid"]) < 1e-6
+    washed_out = [0.9 + 0.1 * x for x in images]
+    assert metrics("b2a", images, washed_out, images)["fid"] > 1e-3
+
+
+def test_bad_dataset_gives_one_message_and_exit_2(tmp_path, capsys):
+    root = make_unpaired(tmp_path / "bad")
+    (root / "train_A" / "000002.png").write_text("not an image")
+    (root / "fixed_prompt_b.txt").unlink()
+    code = main(
+        ["train", "unpaired", "--dataset", str(root), "--output-dir", str(tmp_path / "run"), "--base-model", "tiny"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "2 problems" in err and "000002.png" in err and "fixed_prompt_b.txt" in err
+    assert "Traceback" not in err
+    code = main(
+        ["train", "unpaired", "--dataset", str(root), "--output-dir", str(tmp_path / "run"), "--step-mode", "x"]
+    )
+    assert code == 2 and "step_mode" in capsys.readouterr().err
