@@ -3,6 +3,7 @@
 import json
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,8 @@ from turbo_i2i.evaluation import (
     compute_fid,
     evaluate_folders,
     fid_statistics,
+    frechet_distance,
+    image_features,
     load_inception,
     tiny_dino,
     tiny_inception,
@@ -88,17 +91,19 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_for_a_different_set():
     assert compute_fid(b, a, net) == pytest.approx(different, rel=1e-6)  # symmetric
 
 
-def test_fid_matches_clean_fid_compute_fid_in_clean_mode(tmp_path):
-    """Our file handling + clean-fid's resize/network/distance give clean-fid's own folder FID."""
+def test_fid_features_match_clean_fids_own_clean_mode_folder_features(tmp_path):
+    """Our file handling + clean-fid's resize and network give exactly clean-fid's features of a folder."""
     import cleanfid.fid
 
     net = tiny_inception()
-    dir_a, dir_b = write(tmp_path / "a", blobs(12, 0)), write(tmp_path / "b", stripes(12, 1))
-    theirs = cleanfid.fid.compute_fid(
-        str(dir_a), str(dir_b), mode="clean", custom_feat_extractor=net, num_workers=0,
-        device=torch.device("cpu"), verbose=False, use_dataparallel=False,
-    )  # fmt: skip
-    assert compute_fid(dir_a, dir_b, net) == pytest.approx(theirs, rel=1e-4)
+    folder = write(tmp_path / "a", torch.cat([blobs(3, 0), stripes(2, 1)]))
+    write(folder, blobs(2, 2, size=48)[:, :, :40], names=["x0", "x1"])  # another size, not square
+    theirs = cleanfid.fid.get_folder_features(
+        str(folder), net, num_workers=0, batch_size=4, device=torch.device("cpu"), mode="clean", verbose=False
+    )
+    ours = image_features(folder, net, batch_size=3)
+    assert ours.shape == theirs.shape == (7, 8)
+    assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
 def test_fid_of_tensors_equals_fid_of_their_saved_pngs_and_accepts_cached_statistics(tmp_path):
@@ -113,6 +118,16 @@ def test_fid_of_tensors_equals_fid_of_their_saved_pngs_and_accepts_cached_statis
     # Lists of differently sized tensors work too (each image is resized to 299 on its own).
     mixed = [outputs[0], torch.nn.functional.interpolate(outputs[1:2], size=48)[0], *outputs[2:]]
     assert compute_fid(mixed, stats, net) > 0
+
+
+def test_frechet_distance_matches_the_closed_form():
+    net = tiny_inception()
+    a, b = fid_statistics(blobs(12, 0), net), fid_statistics(stripes(12, 1), net)
+    # Tr((S_a S_b)^(1/2)) is the sum of the square roots of the (real, non-negative) eigenvalues of S_a S_b.
+    eigenvalues = np.linalg.eigvals(a.sigma @ b.sigma).real.clip(min=0)
+    expected = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(eigenvalues).sum()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
 
 
 def test_fid_needs_two_images_and_readable_ones(tmp_path):

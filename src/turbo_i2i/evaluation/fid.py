@@ -2,10 +2,11 @@
 
 Clean mode is what the pix2pix-Turbo / CycleGAN-Turbo paper reports: every image, as 8-bit RGB, is resized to
 299 x 299 with PIL's bicubic filter on float channels (no quantisation after the resize), then fed in [0, 255] to the
-2015 TensorFlow Inception v3 ported to TorchScript, whose 2048-d pool features are compared as Gaussians. The resize,
-the network and the Frechet distance are clean-fid's own; only the file handling is ours, so that images load with
-the same checks as everywhere else in turbo-i2i and tensors (generator outputs in [-1, 1]) are quantised exactly as
-saving them to PNG would.
+2015 TensorFlow Inception v3 ported to TorchScript, whose 2048-d pool features are compared as Gaussians. The resize
+and the network are clean-fid's own (a test checks that folder FIDs equal ``cleanfid.fid.compute_fid``'s). The file
+handling is ours, so that images load with the same checks as everywhere else in turbo-i2i and tensors (generator
+outputs in [-1, 1]) are quantised exactly as saving them to PNG would; the Frechet distance is clean-fid's formula,
+written out for SciPy 1.18 (see ``frechet_distance``).
 
 Trainers cache the reference side once (``fid_statistics(test_folder, net)``) and call
 ``compute_fid(outputs, reference_stats, net)`` on every evaluation.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,9 @@ def load_inception(
         except (OSError, urllib.error.URLError, RuntimeError) as error:
             raise _inception_missing(candidates, _first_line(error)) from error
     try:
-        net = InceptionFeatures(torch.jit.load(str(found), map_location="cpu"))
+        with warnings.catch_warnings():  # the file is TorchScript, whose loader torch now marks as deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            net = InceptionFeatures(torch.jit.load(str(found), map_location="cpu"))
     except (OSError, RuntimeError, ValueError, AttributeError) as error:
         raise _inception_missing([found], f"unreadable: {_first_line(error)}") from error
     net = freeze(net)
@@ -274,18 +278,38 @@ def fid_statistics(images: Images, net: nn.Module, batch_size: int = 32) -> FIDS
     return FIDStatistics(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=len(features))
 
 
-def frechet_distance(a: FIDStatistics, b: FIDStatistics) -> float:
-    """The Frechet distance of two Gaussians, ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` (clean-fid's
-    numerically stabilised implementation).
+def frechet_distance(a: FIDStatistics, b: FIDStatistics, eps: float = 1e-6) -> float:
+    """The Frechet distance of two Gaussians, ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``.
+
+    The same numerically stabilised computation as clean-fid's ``frechet_distance`` (and pytorch-fid's), written out
+    here because clean-fid's passes ``disp=`` to ``scipy.linalg.sqrtm``, which SciPy removes in 1.18.
 
     Args:
         a: statistics of one set.
         b: statistics of the other, same feature size.
+        eps: added to both covariances' diagonals when their product has no finite square root.
 
     Returns:
         the distance (>= 0 up to float error).
+
+    Raises:
+        TurboI2IError: the square root is far from real (degenerate statistics, e.g. from very few images).
     """
-    return float(_cleanfid().fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    from scipy import linalg
+
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma.dot(b.sigma))
+    if not np.isfinite(covmean).all():  # a near-singular product: regularise both covariances
+        offset = np.eye(a.sigma.shape[0]) * eps
+        covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
+    if np.iscomplexobj(covmean):  # rounding leaves a tiny imaginary part
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise TurboI2IError(
+                f"FID failed: the covariance square root has an imaginary part of {np.abs(covmean.imag).max():.3g}"
+                f" (statistics of {a.n} and {b.n} images); use more images."
+            )
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
 
 def compute_fid(
