@@ -57,6 +57,19 @@ def test_folder_with_a_bad_file_translates_the_rest(run, tmp_path):
     assert "kept 1 existing" in err
 
 
+def test_folder_batches_give_the_images_of_single_calls(run, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):  # two sizes, so batches mix sizes and the Translator groups them
+        write_picture(src / f"im{i}.png", size=(32, 32) if i % 2 else (24, 40), seed=i)
+    for batch in (1, 3):
+        code, err = run("--input", src, "--output", tmp_path / f"out{batch}", "--batch-size", batch)
+        assert code == 0, err
+    for i in range(5):
+        one, three = (np.asarray(Image.open(tmp_path / f"out{b}" / f"im{i}.png"), dtype=int) for b in (1, 3))
+        assert one.shape == three.shape and np.abs(one - three).max() <= 1  # batching changes float rounding only
+
+
 @pytest.mark.parametrize(
     "setup,args,message",
     [

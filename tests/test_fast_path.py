@@ -85,8 +85,6 @@ def pixels(image):
 def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
     plain, fast = translators(tiny_model_dir)
     assert fast.generator.merged_strength == 1.0 and plain.generator.merged_strength is None
-    conv = fast.generator.vae["a2b"].decoder.up_blocks[0].resnets[0].conv1.base_layer.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
     images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (40, 48, 3)))) for i in range(3)]
     for a, b in zip(plain(images), fast(images)):
         # PIL output is rounded to 1/255: a difference below FP32_TOL can flip at most one rounding step
