@@ -32,7 +32,9 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canny-low", type=int, default=100, help="Canny low threshold, 0-255 (default 100)")
     p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (pays off on big folders)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass for folders (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -115,6 +117,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{net}-path", help=f"local {what} weights instead of the cache / download")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="inference speed and memory of the full-size architecture (random weights)")
+    p.add_argument(
+        "--reference", type=Path,
+        help="folder of SD-Turbo configs (default: shared/reference/sd-turbo-architecture here or one level up)",
+    )  # fmt: skip
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--modes", nargs="+", choices=("baseline", "fast"), default=["baseline", "fast"])
+    p.add_argument("--precision", choices=DTYPES, help="the fast mode's dtype (default: bf16 where native)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast mode")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per case, interleaved (default 3)")
+    p.add_argument("--out", type=Path, help="write the report here: OUT.json and OUT.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="turbo-i2i", description="One-step image-to-image translation.")
@@ -142,12 +160,24 @@ def _translate(args: argparse.Namespace) -> int:
         target = target / f"{source.stem}.png"
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
-    translator = Translator.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.batch_size < 1:
+        raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    translator = Translator.from_pretrained(
+        args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile
+    )
     options = dict(
         prompt=args.prompt, direction=args.direction, r=args.r, seed=args.seed,
         edges=None if args.edges == "none" else args.edges, canny_thresholds=(args.canny_low, args.canny_high),
+        batch_size=args.batch_size,
     )  # fmt: skip
-    failed, skipped = [], []
+    failed, skipped, pending = [], [], []
+
+    def flush():  # one batched call for the images gathered so far
+        if pending:
+            for out, image in zip([o for o, _ in pending], translator([i for _, i in pending], **options)):
+                pre.save_image(image, out, overwrite=args.overwrite)
+            pending.clear()
+
     for path in tqdm(files, desc="translating", unit="img", disable=not folder):
         out = target / f"{path.stem}.png" if folder else target
         if out.exists() and not args.overwrite:
@@ -160,7 +190,10 @@ def _translate(args: argparse.Namespace) -> int:
                 raise
             failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
             continue
-        pre.save_image(translator(image, **options), out, overwrite=args.overwrite)
+        pending.append((out, image))
+        if len(pending) == args.batch_size:
+            flush()
+    flush()
     if skipped:
         logger.warning(
             "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s", len(skipped), skipped[0]
@@ -170,6 +203,31 @@ def _translate(args: argparse.Namespace) -> int:
         for line in failed:
             print(f"  {line}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .benchmark import markdown_table, run_benchmark
+
+    candidates = [Path(p) / "reference" / "sd-turbo-architecture" for p in ("shared", "../shared")]
+    reference = args.reference or next((c for c in candidates if c.is_dir()), candidates[0])
+    if args.repeats < 1 or min(args.sizes) < 8 or min(args.batches) < 1:
+        raise BadInputError("--repeats and --batches must be at least 1 and --sizes at least 8.")
+    report = run_benchmark(
+        reference, device=args.device, sizes=tuple(args.sizes), batches=tuple(args.batches), modes=tuple(args.modes),
+        precision=getattr(torch, args.precision) if args.precision else None, compile=args.compile,
+        repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    table = markdown_table(report)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(table)
     return 0
 
 
@@ -281,14 +339,18 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(report.table())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as error:
+            raise BadInputError(f"Cannot write the scores to {args.json} ({error.strerror}); pick another --json.") from error
     return 0
 
 
 COMMANDS = {
     "translate": _translate,
     "models": _models,
+    "bench": _bench,
     "convert": _convert,
     "train": _train,
     "data": _data,
