@@ -343,7 +343,8 @@ def _eval(args: argparse.Namespace) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         except OSError as error:
-            raise BadInputError(f"Cannot write the scores to {args.json} ({error.strerror}); pick another --json.") from error
+            message = f"Cannot write the scores to {args.json} ({error.strerror}); pick another --json."
+            raise BadInputError(message) from error
     return 0
 
 

@@ -116,7 +116,8 @@ class EvalReport:
         metrics: metric name -> mean value over the images it was computed on.
         counts: metric name -> how many images (pairs) it was computed on.
         per_image: output file name -> {metric: value} for the per-image metrics.
-        unmatched: "outputs" / "references" / "inputs" -> file names that found no partner and were not scored.
+        unmatched: "outputs" / "references" (paired: no partner of the same name) and "outputs without input"
+            (with inputs: scored outputs the structure distance skipped) -> file names.
         folders: "outputs" / "references" / "inputs" -> the folders as given.
     """
 
