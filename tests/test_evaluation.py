@@ -336,6 +336,10 @@ def test_cli_eval_prints_the_table_and_writes_json(folders, nets, monkeypatch, c
     assert main(["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--no-fid",
                  "--no-lpips", "--json", str(out)]) == 0  # fmt: skip
     assert set(json.loads(out.read_text())["metrics"]) == {"l2"}
+    capsys.readouterr()
+    code = main(["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--no-fid",
+                 "--no-lpips", "--json", str(root)])  # fmt: skip
+    assert code == 2 and "Cannot write the scores to" in capsys.readouterr().err  # --json names a folder
 
 
 def test_cli_eval_bad_input_exits_2_with_one_message(folders, offline, capsys):
