@@ -57,6 +57,21 @@ def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset,
     assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
 
 
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, tmp_path):
+    trainer = make_trainer(
+        dataset, tmp_path, mixed_precision="bf16", batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0
+    )
+    dtypes = {n: p.dtype for n, p in trainer.unwrapped.named_parameters()}
+    assert {dtypes[n] for n in dtypes if trainer.unwrapped.is_trained(n)} == {torch.float32}
+    assert {dtypes[n] for n in dtypes if not trainer.unwrapped.is_trained(n)} == {torch.bfloat16}
+    first = trainer.train_step()["loss_g"]
+    for _ in range(29):
+        last = trainer.train_step()["loss_g"]
+    assert last < 0.5 * first, (first, last)
+    assert all(p.dtype == torch.float32 for group in trainer.optimizer_g.state.values() for p in group.values()
+               if torch.is_tensor(p) and p.ndim > 0)  # fmt: skip
+
+
 @pytest.fixture
 def one_thread():
     """Multi-threaded CPU kernels may sum in a different order from run to run; Adam turns such last-bit noise in

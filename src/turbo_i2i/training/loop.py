@@ -24,6 +24,7 @@ from ..generator import OneStepGenerator
 
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_STATE = "optimizer.pt"
 DISCRIMINATOR = "discriminator.safetensors"
 
@@ -64,6 +65,15 @@ class TrainerBase:
     step: int
 
     # --- set-up pieces -------------------------------------------------------------------------------------------
+
+    def autocast(self) -> torch.autocast:
+        """Autocast to the run's half precision (``config.mixed_precision`` "bf16" / "fp16"; a no-op for "no").
+
+        The trainer's own setting rather than Accelerate's: Accelerate keeps its precision in process-wide state that
+        cannot change once set, and benchmarks and tests compare fp32 and half-precision runs in one process.
+        """
+        dtype = HALF_PRECISION.get(self.config.mixed_precision)
+        return torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype is not None)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
         """The config's learning-rate schedule for ``optimizer`` (stepped once per iteration)."""

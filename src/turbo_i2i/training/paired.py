@@ -8,8 +8,9 @@ Objective (paper, Sec. 3.3), code names -> paper terms:
 
 One generator step and one discriminator step per iteration, one LR-scheduler step each. The discriminator's
 gradients are cleared after the generator's backward, so D is updated only by its own loss. Trainable weights stay
-fp32 under bf16/fp16 autocast (frozen weights may be cast down). All randomness of a step (batch order, crops,
-DiffAugment) is derived from (seed, step), so stopping and resuming gives the same run as going straight through.
+fp32 under bf16/fp16 autocast; frozen weights are stored in that half precision (fp16 adds a gradient scaler).
+All randomness of a step (batch order, crops, DiffAugment) is derived
+from (seed, step), so stopping and resuming gives the same run as going straight through.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import encode_prompt, tokenize
+from ..backbone import Backbone, encode_prompt, tokenize
 from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .data import PairedDataset, collate
-from .loop import TrainerBase, step_seed
+from .loop import HALF_PRECISION, TrainerBase, cast_frozen, step_seed
 from .losses import loss_l2
 
 logger = logging.getLogger("turbo_i2i")
@@ -177,15 +178,21 @@ class PairedTrainer(TrainerBase):
         accelerator: an ``accelerate.Accelerator`` (one is made from the config when None).
         loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
             (tests pass tiny stand-ins).
+        backbone: a prebuilt backbone to train on instead of loading ``config.base_model`` (benchmarks pass the
+            full-size architecture with random weights).
     """
 
     collate_fn = staticmethod(collate)
 
-    def __init__(self, config: PairedTrainConfig, accelerator=None, loss_networks=None):
+    def __init__(
+        self, config: PairedTrainConfig, accelerator=None, loss_networks=None, backbone: Backbone | None = None
+    ):
         from accelerate import Accelerator
 
         self.config = config
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        if config.mixed_precision not in ("no", *HALF_PRECISION):
+            raise BadInputError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}.")
+        self.accelerator = accelerator or Accelerator()  # precision: TrainerBase.autocast()
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
         self.train_data = PairedDataset(
@@ -200,11 +207,22 @@ class PairedTrainer(TrainerBase):
             train_all=config.train_all,
             prompts={"a2b": config.default_prompt} if config.default_prompt else {},
         )
-        self.generator, backbone = build_generator(gen_config, device=self.device)
+        if backbone is None:
+            self.generator, backbone = build_generator(gen_config, device=self.device)
+        else:
+            self.generator = OneStepGenerator(gen_config, backbone.unet, backbone.vae, backbone.schedule)
+            self.generator.to(self.device)
+            backbone.text_encoder.to(self.device)
         self.tokenizer, self.text_encoder = backbone.tokenizer, backbone.text_encoder
         if config.train_all:
             init_from_scratch(self.generator)
         self.generator.set_trainable(True)
+        if config.mixed_precision in HALF_PRECISION:
+            # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
+            # trainable weights and the optimiser state stay fp32.
+            cast_frozen(self.generator, HALF_PRECISION[config.mixed_precision])
+        # fp16's narrow range needs loss scaling; bf16 has fp32's range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
         self.generator.train()
@@ -283,7 +301,7 @@ class PairedTrainer(TrainerBase):
         cfg = self.config
         x = batch["input"].to(self.device)
         y = batch["target"].to(self.device)
-        with self.accelerator.autocast():
+        with self.autocast():
             out = self.model(x, self.condition(batch["prompt"]))
             terms = {"loss_l2": loss_l2(out.float(), y.float())}
             if self.lpips is not None:
@@ -306,10 +324,11 @@ class PairedTrainer(TrainerBase):
         torch.manual_seed(step_seed(self.config.seed, self.step))
         batch = self.batch(self.step)
         terms = self.losses(batch)
-        self.accelerator.backward(terms["loss_g"])
+        self.accelerator.backward(self.scaler.scale(terms["loss_g"]))
         if self.config.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
             self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
-        self.optimizer_g.step()
+        self.scaler.step(self.optimizer_g)
         self.scheduler_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
         logs = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
@@ -318,17 +337,24 @@ class PairedTrainer(TrainerBase):
 
             # The generator's GAN term also left gradients on D's heads: D must learn from its own loss only.
             self.optimizer_d.zero_grad(set_to_none=True)
-            with self.accelerator.autocast():
+            with self.autocast():
                 loss_d = discriminator_loss(
                     self.discriminator, batch["target"].to(self.device), terms["output"].detach().float()
                 )
-            self.accelerator.backward(loss_d)
-            self.optimizer_d.step()
+            self.accelerator.backward(self.scaler.scale(loss_d))
+            self.scaler.step(self.optimizer_d)
             self.scheduler_d.step()
             self.optimizer_d.zero_grad(set_to_none=True)
             logs["loss_d"] = float(loss_d.detach())
+        self.scaler.update()
         self.step += 1
         return logs
+
+    def _states(self) -> dict:
+        states = super()._states()
+        if self.scaler.is_enabled():  # the loss scale is part of an exact resume in fp16
+            states["scaler"] = self.scaler
+        return states
 
     @property
     def _text_encoder_to_save(self):
