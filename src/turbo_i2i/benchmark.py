@@ -13,6 +13,7 @@ machine's measured peak (matmul and convolution probes in the same run) and the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -67,13 +68,16 @@ def _configs(reference: Path) -> tuple[dict, dict, dict]:
     return unet, vae, text
 
 
-def random_backbone(reference: str | Path, meta: bool = False, seed: int = 0) -> Backbone:
+def random_backbone(
+    reference: str | Path, meta: bool = False, seed: int = 0, device: torch.device | str | None = None
+) -> Backbone:
     """SD-Turbo's architecture from its configs, with random weights (or none at all on the meta device).
 
     Args:
         reference: a folder with ``unet/``, ``vae/`` and ``text_encoder/`` ``config.json`` files.
         meta: build on the meta device (shapes only, for FLOP counting).
         seed: seed of the random weights.
+        device: where to create the weights (initialising 1.3 B parameters is much faster on a GPU).
 
     Returns:
         a ``Backbone`` with the real CLIP tokenizer.
@@ -82,8 +86,11 @@ def random_backbone(reference: str | Path, meta: bool = False, seed: int = 0) ->
     text_config = {k: v for k, v in text_config.items() if not k.startswith("_") and k != "architectures"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        context = init_empty_weights() if meta else torch.no_grad()
-        with context:
+        if meta:
+            context = init_empty_weights()
+        else:
+            context = torch.device(device) if device is not None else contextlib.nullcontext()
+        with context, torch.no_grad():
             unet = UNet2DConditionModel.from_config(unet_config)
             vae = AutoencoderKL.from_config(vae_config)
             text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
@@ -265,7 +272,7 @@ def run_benchmark(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or default_precision(device)
     progress(f"building the full-size generator with random weights on {device} ...")
-    backbone = random_backbone(reference)
+    backbone = random_backbone(reference, device=device)
     generator = OneStepGenerator(OFFICIAL_PAIRED, backbone.unet, backbone.vae, backbone.schedule)
     _randomize_lora(generator, seed=1)
     calls: dict[str, Callable] = {}
