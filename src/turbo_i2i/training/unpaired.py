@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbone import encode_prompt
+from ..backbone import Backbone, encode_prompt
 from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
@@ -243,6 +243,9 @@ class UnpairedTrainer(TrainerBase):
         metrics: the evaluation metrics per direction (see ``Metrics``), logged as ``eval_<direction>_<name>``; None
             builds ``translation_metrics`` from ``config.eval_metrics`` with the pretrained networks (tests pass
             ``translation_metrics(tiny_inception(), tiny_dino())``).
+        backbone: a prebuilt backbone to train on instead of loading ``config.base_model`` (benchmarks pass the
+            full-size architecture with random weights); the trainer keeps its UNet and VAE, and its text encoder is
+            freed once the captions are encoded unless the caller still holds it.
     """
 
     collate_fn = staticmethod(collate_unpaired)
@@ -253,6 +256,7 @@ class UnpairedTrainer(TrainerBase):
         accelerator=None,
         loss_networks=None,
         metrics: Metrics | None = None,
+        backbone: Backbone | None = None,
     ):
         from accelerate import Accelerator
 
@@ -284,10 +288,15 @@ class UnpairedTrainer(TrainerBase):
             vae_lora_rank=config.vae_lora_rank,
             prompts=prompts,
         )
-        self.generator, backbone = build_generator(gen_config, device=self.device)
-        with torch.no_grad():
+        if backbone is None:
+            self.generator, backbone = build_generator(gen_config, device=self.device)
+        else:
+            generator = OneStepGenerator(gen_config, backbone.unet, backbone.vae, backbone.schedule)
+            self.generator = generator.to(self.device)
+        with torch.no_grad():  # wherever the text encoder is: a given backbone's stays where the caller put it
             self.prompt_embeds = {
-                d: encode_prompt(backbone.tokenizer, backbone.text_encoder, [p])[0] for d, p in prompts.items()
+                d: encode_prompt(backbone.tokenizer, backbone.text_encoder, [p])[0].to(self.device)
+                for d, p in prompts.items()
             }
         del backbone  # the text encoder is not needed again: its memory goes back now (UNet and VAE live on)
         self.generator.set_trainable(True)

@@ -1,0 +1,294 @@
+"""Seconds per iteration and peak memory of unpaired (CycleGAN-Turbo) training, full-size architecture, random weights.
+
+The cases, each in a fresh subprocess (so one case's memory never counts towards another's, and peak RSS,
+which only grows within a process, is the case's own on the CPU):
+
+- ``public``: the public implementation's schedule: three generator steps per iteration (cycle, GAN, identity),
+  translations recomputed: eight generator passes; fp32 everywhere; no gradient checkpointing (its one frozen VAE is
+  shared by both directions here, where the public code deep-copies it: 0.3 GiB more there, not counted);
+- ``ours-fp32``: the joint objective: one generator step, each translation computed once: six passes; fp32;
+- ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
+  stored in bf16, gradient checkpointing of the UNet and VAE blocks;
+- ``ours-bf16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
+  checkpointing costs and saves), and bf16 + checkpointing with 8-bit AdamW (needs bitsandbytes).
+
+All use the unpaired recipe's adapters (UNet LoRA rank 128, alpha 128; VAE LoRA rank 4 per direction, both
+directions on one frozen VAE), batch 1, two PatchGAN discriminators (the paper's vision-aided CLIP discriminators need
+downloaded CLIP weights; they add a frozen ViT-B/32) and LPIPS with a randomly initialised VGG16 trunk (same cost as
+the pretrained one, no download). The weights are random: cost does not depend on their values.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` from just before the first iteration (weights, optimiser states
+created by the first step, activations); on the CPU, the peak resident set size sampled while the iterations run.
+
+Usage (from a checkout, ``PYTHONPATH=src`` unless the package is installed)::
+
+    python benchmarks/train_unpaired.py --out bench/train_unpaired                    # GPU if present, 256 + 512 px
+    python benchmarks/train_unpaired.py --config tiny --sizes 32 64 --out /tmp/tiny  # smoke test, seconds on a CPU
+
+Writes ``OUT.json`` (every measurement) and ``OUT.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+CASES = {
+    "public": dict(step_mode="separate", mixed_precision="no", gradient_checkpointing=False),
+    "ours-fp32": dict(step_mode="joint", mixed_precision="no", gradient_checkpointing=False),
+    "ours-bf16": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
+    "ours-bf16-ckpt": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True),
+    "ours-bf16-ckpt-8bit": dict(
+        step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True, use_8bit_adam=True
+    ),
+}
+DEFAULT_CASES = ("public", "ours-fp32", "ours-bf16-ckpt")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd-turbo-architecture"
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------- one case (worker)
+
+
+def _write_images(root: Path, size: int) -> None:
+    """Two random images per domain and the two captions (the unpaired layout; no test split: no evaluation)."""
+    rng = torch.Generator().manual_seed(0)
+    for domain in ("A", "B"):
+        folder = root / f"train_{domain}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (size, size, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "fixed_prompt_a.txt").write_text("picture of a day street\n")
+    (root / "fixed_prompt_b.txt").write_text("picture of a night street\n")
+
+
+class RSSSampler:
+    """The peak resident set size of this process while running, sampled every few milliseconds in a thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _backbone(config: str, reference: Path, device: torch.device):
+    if config == "tiny":
+        from turbo_i2i.backbone import load_backbone
+
+        return load_backbone("tiny", device=device)
+    from turbo_i2i.benchmark import random_backbone
+
+    with device:  # random init where the weights will live: seconds on a GPU instead of a minute on its host
+        return random_backbone(reference)
+
+
+def _lpips(config: str):
+    from turbo_i2i.training.pretrained import load_lpips, tiny_lpips
+
+    # pretrained=False: the calibrated heads ship in the lpips wheel, the VGG16 trunk stays random (no download)
+    return tiny_lpips() if config == "tiny" else load_lpips(pretrained=False)
+
+
+def run_case(case: str, size: int, device: str, config: str, reference: Path, iters: int, warmup: int) -> dict:
+    """Build a trainer for one case and time its iterations.
+
+    Args:
+        case: a key of ``CASES``.
+        size: image side in pixels.
+        device: torch device.
+        config: "full" (SD-Turbo's architecture from ``reference``) or "tiny" (the built-in tiny backbone).
+        reference: the SD-Turbo config folder.
+        iters: timed iterations (the median is reported).
+        warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
+
+    Returns:
+        the measurement.
+    """
+    from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
+
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_images(Path(tmp) / "data", size)
+        options = dict(
+            dataset=str(Path(tmp) / "data"), output_dir=str(Path(tmp) / "run"), base_model=f"{config} (random)",
+            transform="no_resize", batch_size=1, max_steps=10**6, lr_warmup_steps=0, disc="patchgan",
+            eval_metrics="", checkpoint_every=10**9, eval_every=10**9, **CASES[case],
+        )  # fmt: skip
+        if config == "tiny":
+            options["unet_lora_rank"] = 8
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=dev.type == "cpu")
+        trainer = UnpairedTrainer(
+            UnpairedTrainConfig(**options),
+            accelerator=accelerator,
+            loss_networks=(_lpips(config), None),
+            backbone=_backbone(config, reference, dev),
+        )
+        passes = []
+        trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
+        trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        with RSSSampler() as rss:
+            for i in range(warmup + iters):
+                sync()
+                started = time.perf_counter()
+                trainer.train_step()
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - started)
+        result = dict(
+            case=case, size=size, device=str(dev), config=config, **CASES[case],
+            passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
+            seconds_per_iteration=statistics.median(times), seconds=times,
+        )  # fmt: skip
+        if dev.type == "cuda":
+            result.update(
+                peak_memory_gib=torch.cuda.max_memory_allocated(dev) / GIB,
+                peak_reserved_gib=torch.cuda.max_memory_reserved(dev) / GIB,
+                memory_kind="torch.cuda.max_memory_allocated",
+            )
+        else:
+            result.update(peak_memory_gib=rss.peak / GIB, memory_kind="peak RSS during the iterations")
+        return result
+
+
+# ------------------------------------------------------------------------------------------------------ the whole run
+
+
+def _run_in_subprocess(args: argparse.Namespace, case: str, size: int) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
+        "--config", args.config, "--reference", str(args.reference), "--iters", str(args.iters),
+        "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case=case, size=size, error=f"timed out after {args.timeout} s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        error = "out of memory" if "OutOfMemoryError" in done.stderr else " | ".join(tail)
+        return dict(case=case, size=size, error=error)
+    return json.loads(lines[-1])
+
+
+def machine(device: str) -> str:
+    """The machine the numbers come from, in words."""
+    from turbo_i2i.benchmark import machine_description
+
+    return machine_description(torch.device(device))
+
+
+def markdown(report: dict) -> str:
+    """The results as a markdown table, with the ratios to the public schedule at the same size."""
+    lines = [
+        f"Unpaired training, {report['config']} architecture with random weights, batch 1, on {report['machine']}."
+        f" Memory: {report['memory_kind']}. Discriminators: PatchGAN (no CLIP weights needed); LPIPS: random VGG16"
+        f" trunk; UNet LoRA rank 128, VAE LoRA rank 4. Median of {report['iters']} iterations after"
+        f" {report['warmup']} warm-up.",
+        "",
+        "| size | schedule | generator passes / it | s / it | peak memory (GiB) | memory vs public | time vs public |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    public = {r["size"]: r for r in report["results"] if r["case"] == "public" and "error" not in r}
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['case']} | | | {r['error']} | | |")
+            continue
+        base = public.get(r["size"])
+        mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x" if base else ""
+        sec = f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x" if base else ""
+        lines.append(
+            f"| {r['size']} | {r['case']} | {r['passes_per_iteration']} | {r['seconds_per_iteration']:.3f} |"
+            f" {r['peak_memory_gib']:.2f} | {mem} | {sec} |"
+        )
+    lines += ["", "Targets (issue 4): memory at most 0.5x and time at most 0.7x of the public schedule's."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(DEFAULT_CASES))
+    parser.add_argument("--config", choices=("full", "tiny"), default="full", help="tiny: a smoke test in seconds")
+    parser.add_argument("--reference", type=Path, default=REFERENCE, help="the SD-Turbo config folder")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (their memory counts)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per case before it is abandoned")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.config == "full" and not (args.reference / "unet" / "config.json").is_file():
+        parser.error(f"{args.reference} does not hold the SD-Turbo configs; pass --reference")
+    if args.worker:  # one case, in this fresh process: print its measurement as one JSON line
+        result = run_case(
+            args.cases[0], args.sizes[0], args.device, args.config, args.reference, args.iters, args.warmup
+        )
+        print(json.dumps(result))
+        return 0
+    results = []
+    for size in args.sizes:
+        for case in args.cases:
+            result = _run_in_subprocess(args, case, size)
+            results.append(result)
+            shown = {k: v for k, v in result.items() if k not in ("seconds",)}
+            print(json.dumps(shown), flush=True)
+    kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
+    report = dict(
+        machine=machine(args.device), device=args.device, config=args.config, iters=args.iters, warmup=args.warmup,
+        memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__, results=results,
+    )  # fmt: skip
+    table = markdown(report)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
