@@ -109,8 +109,7 @@ def _backbone(config: str, reference: Path, device: torch.device):
         return load_backbone("tiny", device=device)
     from turbo_i2i.benchmark import random_backbone
 
-    with device:  # random init where the weights will live: seconds on a GPU instead of a minute on its host
-        return random_backbone(reference)
+    return random_backbone(reference, device=device)  # initialised where it runs: seconds on a GPU
 
 
 def _lpips(config: str):
