@@ -219,3 +219,20 @@ def test_bad_dataset_gives_one_message_and_exit_2(tmp_path, capsys):
         ["train", "unpaired", "--dataset", str(root), "--output-dir", str(tmp_path / "run"), "--step-mode", "x"]
     )
     assert code == 2 and "step_mode" in capsys.readouterr().err
+
+
+def test_cli_trains_and_the_model_translates_both_ways(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(
+        ["train", "unpaired", "--dataset", str(dataset), "--output-dir", str(run), "--base-model", "tiny",
+         "--transform", "no_resize", "--unet-lora-rank", "4", "--disc", "none", "--max-steps", "1",
+         "--eval-metrics", "", "--lambda-cycle-lpips", "0", "--lambda-idt-lpips", "0"]
+    )  # fmt: skip
+    assert code == 0 and "loss_cycle_a=" in capsys.readouterr().out
+    assert (run / "model" / "config.json").is_file() and (run / "checkpoints" / "step_0000001").is_dir()
+    source = next((dataset / "test_B").iterdir())
+    for direction in ("a2b", "b2a"):
+        out = tmp_path / f"{direction}.png"
+        args = ["--model", str(run / "model"), "--input", str(source), "--output", str(out), "--direction", direction]
+        assert main(["translate", *args]) == 0
+        assert Image.open(out).size == Image.open(source).size
