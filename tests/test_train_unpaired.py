@@ -236,3 +236,27 @@ def test_cli_trains_and_the_model_translates_both_ways(dataset, tmp_path, capsys
         args = ["--model", str(run / "model"), "--input", str(source), "--output", str(out), "--direction", direction]
         assert main(["translate", *args]) == 0
         assert Image.open(out).size == Image.open(source).size
+
+
+def test_vision_aided_discriminators_share_one_clip_tower_through_a_checkpoint(dataset, tmp_path):
+    from turbo_i2i.training.pretrained import tiny_clip
+
+    def build():
+        config = UnpairedTrainConfig(
+            dataset=str(dataset), output_dir=str(tmp_path), base_model="tiny", transform="no_resize",
+            unet_lora_rank=4, disc="clip", eval_metrics="",
+        )  # fmt: skip
+        return UnpairedTrainer(config, loss_networks=(tiny_lpips(), tiny_clip()))
+
+    trainer = build()
+    d_a, d_b = trainer.discriminator["a"], trainer.discriminator["b"]
+    assert d_a.visual is d_b.visual and d_a.heads is not d_b.heads  # one frozen tower, two sets of heads
+    trainer.train_step()
+    folder = trainer.save_checkpoint()
+    resumed = build()
+    resumed.load_checkpoint(folder)
+    assert resumed.discriminator["a"].visual is resumed.discriminator["b"].visual
+    saved, loaded = trainer.discriminator.state_dict(), resumed.discriminator.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    fresh = build().discriminator.state_dict()
+    assert any(not torch.equal(saved[k], fresh[k]) for k in saved)  # D did learn, and the checkpoint carries it
