@@ -1,0 +1,181 @@
+"""The demo's logic without a browser: drawing -> model input, styles, the model picker, shared translators, and
+concurrent users who each get their own prompt's result."""
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+from conftest import make_generator
+from PIL import Image
+
+from turbo_i2i.checkpoints import save_pretrained
+from turbo_i2i.demo import core
+from turbo_i2i.demo.core import DemoBackend, drawing_to_condition, model_choices, styled_prompt, upload_to_condition
+from turbo_i2i.errors import BadInputError
+from turbo_i2i.pipeline import Translator
+
+
+def circle_drawing(side=512, radius=150, width=12, transparent=True):
+    """A black circle outline on a blank canvas, as the sketch widget returns it (RGBA, transparent page)."""
+    rgba = np.zeros((side, side, 4), np.uint8)
+    if not transparent:
+        rgba[:] = 255
+    cv2.circle(rgba, (side // 2, side // 2), radius, (0, 0, 0, 255), width)
+    return Image.fromarray(rgba, "RGBA")
+
+
+@pytest.fixture(scope="module")
+def stochastic_dir(tmp_path_factory):
+    generator, _ = make_generator(stochastic=True, trained_seed=2, prompts={"a2b": "a sketch"}, default_r=0.5)
+    return str(save_pretrained(generator, tmp_path_factory.mktemp("models") / "tiny-stochastic"))
+
+
+def test_styles_wrap_the_prompt_and_blank_means_default():
+    assert styled_prompt("a cat", "none") == "a cat"
+    assert styled_prompt("  a cat ", "photo") == core.STYLES["photo"].format(prompt="a cat")
+    assert styled_prompt("", "photo") is None and styled_prompt(None, None) is None
+    with pytest.raises(BadInputError, match="style"):
+        styled_prompt("a cat", "cubism")
+
+
+@pytest.mark.parametrize("transparent", [True, False])
+def test_drawing_becomes_white_outlines_on_black_at_the_model_size(transparent):
+    condition = drawing_to_condition(circle_drawing(transparent=transparent), side=64)
+    pixels = np.asarray(condition)
+    assert condition.size == (64, 64) and set(np.unique(pixels)) == {0, 255}
+    # the 512 px circle of radius 150 is a 64 px circle of radius ~18.75: white on it, black at the centre and corners
+    yy, xx = np.mgrid[:64, :64]
+    distance = np.hypot(yy - 31.5, xx - 31.5)
+    on_ring = np.abs(distance - 150 / 8) < 0.5
+    assert pixels[on_ring].mean() > 200
+    assert pixels[distance < 12].max() == 0 and pixels[distance > 24].max() == 0
+    # a 12 px brush becomes a 1-2 px line, the outline width of the built-in model's training data
+    assert 1 <= (pixels[32, 32:, 0] == 255).sum() <= 3
+
+
+def test_empty_canvas_is_a_bad_input():
+    with pytest.raises(BadInputError, match="empty"):
+        drawing_to_condition({"composite": None, "layers": []}, side=64)
+
+
+def test_upload_gives_its_canny_edge_map_at_the_model_size():
+    picture = np.zeros((100, 200, 3), np.uint8)
+    picture[:, 100:] = 255  # one vertical edge in the middle
+    edges = np.asarray(upload_to_condition(picture, "canny", 100, 200, side=64))
+    assert edges.shape == (32, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert edges[:, 30:34].max() == 255 and edges[:, :25].max() == 0 and edges[:, 40:].max() == 0
+    as_is = upload_to_condition(picture, "none", 100, 200, side=64)
+    assert as_is.size == (64, 32) and np.asarray(as_is)[:, :25].max() == 0 and np.asarray(as_is)[:, 40:].min() == 255
+    with pytest.raises(BadInputError, match="thresholds"):
+        upload_to_condition(picture, "canny", 200, 100, side=64)
+
+
+def test_model_picker_lists_every_named_model_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBO_I2I_CACHE", str(tmp_path))  # nothing downloaded
+    choices = {c.ref: c for c in model_choices()}
+    assert set(choices) == {"demo-circles", "edge_to_image", "sketch_to_image_stochastic", "day_to_night",
+                            "night_to_day", "clear_to_rainy", "rainy_to_clear"}  # fmt: skip
+    assert choices["demo-circles"].available and choices["demo-circles"].label == "demo-circles"
+    day = choices["day_to_night"]
+    assert not day.available and day.reason == "needs a download of day2night.pkl"
+    assert day.label == "day_to_night (unavailable: needs a download of day2night.pkl)"
+    assert next(iter(model_choices())).ref == "demo-circles"  # available models come first
+
+
+def test_a_typed_folder_wins_and_a_missing_one_is_reported(tmp_path):
+    assert DemoBackend.resolve("demo-circles", "") == "demo-circles"
+    assert DemoBackend.resolve("demo-circles", str(tmp_path)) == str(tmp_path)
+    with pytest.raises(BadInputError, match="does not exist"):
+        DemoBackend.resolve("demo-circles", str(tmp_path / "nope"))
+
+
+def test_translate_drawing_is_the_translator_on_the_condition(tmp_path):
+    backend = DemoBackend()
+    drawing = circle_drawing()
+    out = backend.translate_drawing(drawing, "a red circle on a blue background", "none", None, 0, "demo-circles")
+    assert out.size == drawing.size and out.mode == "RGB"
+    translator = backend.translator("demo-circles")
+    condition = drawing_to_condition(drawing, side=64)
+    direct = translator(condition, prompt="a red circle on a blue background", edges=None, seed=0)
+    expected = direct.resize(drawing.size, Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    # the built-in model fills the drawn shape: its centre differs from the area outside the circle
+    pixels = np.asarray(direct, dtype=float)
+    yy, xx = np.mgrid[:64, :64]
+    distance = np.hypot(yy - 31.5, xx - 31.5)
+    inside, outside = pixels[distance < 10].mean(0), pixels[distance > 26].mean(0)
+    assert np.abs(inside - outside).max() > 8, (inside, outside)
+
+
+def test_translators_load_once_and_are_shared(tiny_model_dir, monkeypatch):
+    loads = []
+    original = Translator.from_pretrained
+
+    def counting(ref, **kwargs):
+        loads.append(ref)
+        return original(ref, **kwargs)
+
+    monkeypatch.setattr(Translator, "from_pretrained", counting)
+    backend = DemoBackend()
+    got = [None] * 6
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, backend.translator(str(tiny_model_dir))))
+               for i in range(6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [str(tiny_model_dir)] and all(g is got[0] for g in got)
+
+
+def test_least_recently_used_model_is_dropped(tiny_model_dir, stochastic_dir):
+    backend = DemoBackend(max_models=1)
+    first = backend.translator(str(tiny_model_dir))
+    backend.translator(stochastic_dir)
+    assert backend.translator(str(tiny_model_dir)) is not first  # reloaded: only one model is kept
+
+
+def test_live_mode_follows_the_measured_speed(tiny_model_dir, monkeypatch):
+    backend = DemoBackend()
+    monkeypatch.setattr(core, "LIVE_MAX_SECONDS", 1e9)
+    assert backend.is_fast(str(tiny_model_dir)) is True
+    seconds = backend._seconds[str(tiny_model_dir)]
+    assert 0 < seconds < 1e9
+    monkeypatch.setattr(core, "LIVE_MAX_SECONDS", seconds / 2)
+    assert backend.is_fast(str(tiny_model_dir)) is False  # timed once, compared with the current limit
+
+
+def test_concurrent_users_each_get_their_own_prompt_r_and_seed(stochastic_dir):
+    """Eight users at once on one shared stochastic model, each with its own prompt, r and seed, get exactly what
+    each would get alone: the Translator takes them per call and runs one call at a time."""
+    backend = DemoBackend()
+    drawing = circle_drawing(side=128, radius=40, width=4)
+    jobs = [(f"a sketch of shape number {i}", 0.3 + 0.05 * i, 100 + i) for i in range(8)]
+    alone = [np.asarray(backend.translate_drawing(drawing, p, "none", r, s, "", stochastic_dir), dtype=int)
+             for p, r, s in jobs]  # fmt: skip
+    for i in range(8):
+        for j in range(i):
+            assert np.abs(alone[i] - alone[j]).mean() > 1, (i, j)  # every job's result is told apart from the others
+    results = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def user(i):
+        barrier.wait()  # all eight calls start together
+        prompt, r, seed = jobs[i]
+        results[i] = np.asarray(backend.translate_drawing(drawing, prompt, "none", r, seed, "", stochastic_dir))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert results[i] is not None and np.abs(results[i].astype(int) - alone[i]).max() <= 1, i
+
+
+def test_r_is_ignored_by_deterministic_models(tiny_model_dir):
+    backend = DemoBackend()
+    drawing = circle_drawing(side=64, radius=20, width=2)
+    a = backend.translate_drawing(drawing, "x", "none", None, 0, "", str(tiny_model_dir))
+    b = backend.translate_drawing(drawing, "x", "none", 0.3, 5, "", str(tiny_model_dir))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
