@@ -260,3 +260,24 @@ def test_vision_aided_discriminators_share_one_clip_tower_through_a_checkpoint(d
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     fresh = build().discriminator.state_dict()
     assert any(not torch.equal(saved[k], fresh[k]) for k in saved)  # D did learn, and the checkpoint carries it
+
+
+def test_captions_are_encoded_once_and_the_text_encoder_is_freed(dataset, tmp_path):
+    import gc
+    import weakref
+
+    from turbo_i2i.backbone import encode_prompt, load_backbone
+
+    backbone = load_backbone("tiny")
+    expected = encode_prompt(backbone.tokenizer, backbone.text_encoder, [CAPTION_B])[0]
+    text_encoder = weakref.ref(backbone.text_encoder)
+    config = UnpairedTrainConfig(
+        dataset=str(dataset), output_dir=str(tmp_path), base_model="tiny", unet_lora_rank=4, disc="none",
+        transform="no_resize", eval_metrics="",
+    )  # fmt: skip
+    trainer = UnpairedTrainer(config, loss_networks=(tiny_lpips(), None), backbone=backbone)
+    del backbone
+    gc.collect()
+    assert text_encoder() is None  # nothing of the trainer keeps it alive
+    assert torch.equal(trainer.prompt_embeds["a2b"], expected)  # a2b is conditioned on domain B's caption
+    assert trainer.generator.config.prompts == {"a2b": CAPTION_B, "b2a": CAPTION_A}
