@@ -54,7 +54,10 @@ CASES = {
     ),
 }
 DEFAULT_CASES = ("public", "ours-fp32", "ours-bf16-ckpt")
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd-turbo-architecture"
+# The SD-Turbo configs: shared/ beside the checkout here, inside it on machines that copy the working tree with it.
+_REPO = Path(__file__).resolve().parents[1]
+_CANDIDATES = [root / "shared" / "reference" / "sd-turbo-architecture" for root in (_REPO, _REPO.parent)]
+REFERENCE = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[-1])
 GIB = 2**30
 
 
