@@ -261,7 +261,7 @@ class UnpairedTrainer(TrainerBase):
         from accelerate import Accelerator
 
         self.config = config
-        self.accelerator = accelerator or Accelerator()  # precision: see autocast()
+        self.accelerator = accelerator or Accelerator()  # precision: TrainerBase.autocast()
         if self.accelerator.num_processes > 1:
             # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
             raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
@@ -355,14 +355,6 @@ class UnpairedTrainer(TrainerBase):
         return self.generator
 
     # --- one iteration -------------------------------------------------------------------------------------------
-
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast when ``mixed_precision="bf16"`` (a no-op otherwise).
-
-        The trainer's own setting rather than Accelerate's: Accelerate keeps its precision in process-wide state that
-        cannot change once set, and a benchmark compares fp32 and bf16 runs in one process.
-        """
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """One generator pass with the direction's cached caption embedding (under the run's autocast).
