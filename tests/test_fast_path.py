@@ -142,3 +142,15 @@ def test_benchmark_names_a_folder_without_configs(tmp_path):
     (tmp_path / "unet" / "config.json").write_text(json.dumps(BUILTIN_BACKBONES["tiny"]["unet"]))
     with pytest.raises(BadInputError, match="missing vae/config.json, text_encoder/config.json"):
         run_benchmark(tmp_path, device="cpu", sizes=(32,), batches=(1,), repeats=1, progress=lambda line: None)
+
+
+def test_bench_command_writes_the_json_and_the_table(tiny_reference, tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    out = tmp_path / "results" / "bench"
+    args = ["bench", "--reference", str(tiny_reference), "--device", "cpu", "--sizes", "32", "--batches", "1"]
+    assert main([*args, "--repeats", "1", "--precision", "bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["mode"] for r in report["results"]] == ["baseline", "fast"] and report["fast_precision"] == "bfloat16"
+    assert out.with_suffix(".md").read_text() in capsys.readouterr().out
+    assert main([*args, "--repeats", "0"]) == 2

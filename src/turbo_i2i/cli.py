@@ -137,7 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="turbo-i2i", description="One-step image-to-image translation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_translate, _add_models, _add_convert, _add_train, _add_data, _add_eval_demo, _add_eval):
+    for add in (
+        _add_translate,
+        _add_models,
+        _add_convert,
+        _add_train,
+        _add_data,
+        _add_eval_demo,
+        _add_eval,
+        _add_bench,
+    ):
         add(sub)
     return parser
 
