@@ -173,14 +173,14 @@ def launch_app(
         block: serve until interrupted; False returns once the server is up.
 
     Returns:
-        the local URL.
+        the served ``gradio.Blocks`` (its ``local_url`` is the address; ``close()`` stops it).
     """
     import gradio as gr
 
     app = build_app(DemoBackend(device=device, dtype=dtype), model=model)
     app.queue(default_concurrency_limit=1)
-    _, url, _ = app.launch(
+    app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
         theme=gr.themes.Default(**FONTS), footer_links=[],
     )  # fmt: skip
-    return url
+    return app

@@ -1,0 +1,155 @@
+"""Video translation: frame count, fps and size kept; an interrupted run resumed gives the same file; a corrupt frame
+stops with its number and leaves a playable video of the frames before it."""
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+
+from turbo_i2i.errors import BadInputError
+from turbo_i2i.pipeline import Translator
+from turbo_i2i.video import CorruptFrameError, frames_dir, probe, read_frames, translate_video
+
+SIZE = (64, 48)
+FPS = 12
+
+
+def moving_circle_frames(n=12, size=SIZE):
+    """White circle outlines on black (the built-in model's input), moving right one step per frame."""
+    import cv2
+
+    frames = []
+    for i in range(n):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        cv2.circle(frame, (14 + 3 * i, size[1] // 2), 10, (255, 255, 255), 2)
+        frames.append(frame)
+    return frames
+
+
+def write_clip(path, frames, fps=FPS, codec="libx264"):
+    height, width = frames[0].shape[:2]
+    pix_fmt = "yuvj444p" if codec == "mjpeg" else "yuv444p"  # 4:4:4 keeps the 1-pixel outlines crisp
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (width, height), fps=fps, codec=codec, pix_fmt_out=pix_fmt, quality=None, macro_block_size=1,
+        ffmpeg_log_level="error", output_params=["-q:v", "2"] if codec == "mjpeg" else ["-crf", "10"],
+    )  # fmt: skip
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return path
+
+
+def decoded(path):
+    info = probe(path)
+    return info, list(read_frames(path, info.size))
+
+
+@pytest.fixture(scope="module")
+def translator():
+    return Translator.from_pretrained("demo-circles")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", moving_circle_frames())
+
+
+@pytest.fixture(scope="module")
+def straight(translator, clip, tmp_path_factory):
+    """An uninterrupted run (batches of 4)."""
+    out = tmp_path_factory.mktemp("straight") / "out.mp4"
+    result = translate_video(translator, clip, out, batch_size=4, progress=False)
+    return out, result
+
+
+def test_frame_count_fps_and_size_are_kept(straight, clip, translator):
+    out, result = straight
+    assert result.frames == 12 and result.fps == FPS and result.size == SIZE and result.resumed_from == 0
+    info, frames = decoded(out)
+    assert len(frames) == 12 and info.fps == FPS and info.size == SIZE
+    assert imageio_ffmpeg.count_frames_and_secs(str(out)) == (12, 1.0)
+    assert not frames_dir(out).exists()  # the sidecar frames are removed once the video is written
+    # each frame is the model's output for that frame (up to H.264 at CRF 16)
+    _, source = decoded(clip)
+    for i in (0, 7, 11):
+        expected = np.asarray(translator(Image.fromarray(source[i]), seed=0), dtype=int)
+        assert np.abs(frames[i].astype(int) - expected).mean() < 3, i
+
+
+def test_interrupted_after_5_frames_and_resumed_gives_the_same_file(straight, translator, clip, tmp_path):
+    out = tmp_path / "out.mp4"
+
+    def interrupt(written):
+        if written == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        translate_video(translator, clip, out, batch_size=4, progress=False, on_frame=interrupt)
+    assert not out.exists() and len(list(frames_dir(out).glob("*.png"))) == 5
+    with pytest.raises(BadInputError, match="--resume"):  # a new run does not silently discard the frames
+        translate_video(translator, clip, out, batch_size=4, progress=False)
+    seen = []
+    result = translate_video(translator, clip, out, batch_size=4, progress=False, resume=True, on_frame=seen.append)
+    assert result.resumed_from == 4 and seen == list(range(5, 13))  # restarts at the batch frame 4 was in
+    assert out.read_bytes() == straight[0].read_bytes()
+
+
+def test_resume_with_other_settings_is_refused(translator, clip, tmp_path):
+    out = tmp_path / "out.mp4"
+
+    def interrupt(written):
+        if written == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        translate_video(translator, clip, out, batch_size=2, progress=False, on_frame=interrupt)
+    with pytest.raises(BadInputError, match="options"):
+        translate_video(translator, clip, out, batch_size=2, prompt="a green circle", progress=False, resume=True)
+    result = translate_video(translator, clip, out, batch_size=2, progress=False, overwrite=True)
+    assert result.frames == 12 and result.resumed_from == 0
+
+
+def test_corrupt_frame_stops_with_its_number_and_keeps_a_playable_video(translator, tmp_path):
+    clip = write_clip(tmp_path / "clip.avi", moving_circle_frames(), codec="mjpeg")
+    data = bytearray(clip.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]  # one JPEG per frame
+    assert len(starts) == 12
+    data[starts[7] + 2 : starts[7] + 300] = b"\x55" * 298  # frame 8 (counting from 1) is garbage
+    clip.write_bytes(bytes(data))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(CorruptFrameError, match="Frame 8 ") as error:
+        translate_video(translator, clip, out, batch_size=4, progress=False)
+    assert error.value.frame == 8 and "7 frame(s) before it" in str(error.value)
+    info, frames = decoded(out)
+    assert len(frames) == 7 and info.fps == FPS and info.size == SIZE
+
+
+def test_stochastic_model_gives_every_frame_the_same_noise(tmp_path):
+    from conftest import make_generator
+
+    from turbo_i2i.checkpoints import save_pretrained
+
+    generator, _ = make_generator(stochastic=True, trained_seed=3, prompts={"a2b": "a sketch"}, default_r=0.3)
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "model"))
+    frame = moving_circle_frames(1)[0]
+    clip = write_clip(tmp_path / "still.mkv", [frame] * 3)
+    out = tmp_path / "out.mkv"
+    translate_video(translator, clip, out, batch_size=3, seed=7, progress=False)
+    _, frames = decoded(out)
+    # three identical input frames come out identical (one noise map), and as the seeded single call gives them
+    assert len(frames) == 3 and all(np.array_equal(f, frames[0]) for f in frames)
+    _, source = decoded(clip)
+    seeded = [np.asarray(translator(Image.fromarray(source[0]), seed=s), dtype=int) for s in (7, 8)]
+    same, other = (np.abs(frames[0].astype(int) - x).mean() for x in seeded)
+    assert same < other / 2, (same, other)  # H.264 blurs this noisy tiny model's output, another seed far more
+
+
+def test_bad_paths_are_bad_input(translator, clip, tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        translate_video(translator, tmp_path / "none.mp4", tmp_path / "o.mp4", progress=False)
+    with pytest.raises(BadInputError, match="use one of"):
+        translate_video(translator, clip, tmp_path / "o.gif", progress=False)
+    (tmp_path / "text.mp4").write_text("not a video")
+    with pytest.raises(BadInputError, match="not a video"):
+        translate_video(translator, tmp_path / "text.mp4", tmp_path / "o.mp4", progress=False)
