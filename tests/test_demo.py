@@ -179,3 +179,42 @@ def test_r_is_ignored_by_deterministic_models(tiny_model_dir):
     a = backend.translate_drawing(drawing, "x", "none", None, 0, "", str(tiny_model_dir))
     b = backend.translate_drawing(drawing, "x", "none", 0.3, 5, "", str(tiny_model_dir))
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_command_serves_locally_unless_share_is_asked(monkeypatch):
+    from turbo_i2i import cli
+    from turbo_i2i.demo import app
+
+    calls = []
+    monkeypatch.setattr(app, "launch_app", lambda **kwargs: calls.append(kwargs))
+    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo", "--share", "--port", "8123", "--model", "edge_to_image"]) == 0
+    assert calls[0]["host"] == "127.0.0.1" and calls[0]["share"] is False and calls[0]["port"] is None
+    assert calls[0]["model"] == "demo-circles"
+    assert calls[1]["share"] is True and calls[1]["port"] == 8123 and calls[1]["model"] == "edge_to_image"
+
+
+def test_demo_command_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from turbo_i2i import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert cli.main(["demo"]) == 1
+    assert "pip install 'turbo-i2i[demo]'" in capsys.readouterr().err
+
+
+def test_the_app_builds_with_every_control():
+    import gradio as gr
+
+    from turbo_i2i.demo.app import build_app
+
+    blocks = build_app(DemoBackend())
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    assert {"canvas", "run", "prompt", "output", "model", "new-seed", "live"} <= ids
+    labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
+    assert {"seed", "style", "r (stochastic models: faithfulness)", "Canny low threshold", "Canny high threshold",
+            "model input (edge map)", "or a local model folder"} <= labels  # fmt: skip
+    canvas = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "canvas")
+    assert isinstance(canvas, gr.ImageEditor) and canvas.brush.colors == ["#000000"]

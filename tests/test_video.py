@@ -153,3 +153,91 @@ def test_bad_paths_are_bad_input(translator, clip, tmp_path):
     (tmp_path / "text.mp4").write_text("not a video")
     with pytest.raises(BadInputError, match="not a video"):
         translate_video(translator, tmp_path / "text.mp4", tmp_path / "o.mp4", progress=False)
+
+
+# --- the command line: videos and folders ------------------------------------------------------------------------
+
+
+def test_cli_translates_a_clip_and_resumes(clip, straight, tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    out = tmp_path / "out.mp4"
+    args = ["translate", "--model", "demo-circles", "--input", str(clip), "--output", str(out), "--batch-size", "4"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "wrote 12 frames (64x48, 12 fps)" in captured.out and "frame/s" in captured.err  # progress bar rate
+    assert out.read_bytes() == straight[0].read_bytes()  # the CLI's video is the library's (seed 0, batches of 4)
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    # a stopped run: frames 0-5 on disk; --resume finishes it into the same file
+    stopped = tmp_path / "resumed.mp4"
+
+    def stop(written):
+        if written == 6:
+            raise KeyboardInterrupt
+
+    translator = Translator.from_pretrained("demo-circles")
+    with pytest.raises(KeyboardInterrupt):
+        translate_video(translator, clip, stopped, batch_size=4, overwrite=True, model="demo-circles", on_frame=stop)
+    resume = ["translate", "--input", str(clip), "--output", str(stopped), "--batch-size", "4"]
+    assert main(resume) == 2 and "--resume" in capsys.readouterr().err
+    assert main([*resume, "--resume"]) == 0
+    assert stopped.read_bytes() == straight[0].read_bytes()
+
+
+def test_cli_corrupt_frame_exits_2_with_the_frame_number(tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    clip = write_clip(tmp_path / "clip.avi", moving_circle_frames(), codec="mjpeg")
+    data = bytearray(clip.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    data[starts[3] + 2 : starts[3] + 300] = b"\x55" * 298
+    clip.write_bytes(bytes(data))
+    code = main(["translate", "--input", str(clip), "--output", str(tmp_path / "out.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Frame 4 of" in err and "3 frame(s) before it" in err and "Traceback" not in err
+    assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "out.mp4"))[0] == 3
+
+
+def test_cli_folder_mirrors_sub_folders_skips_done_files_and_counts(tiny_model_dir, tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    rng = np.random.default_rng(0)
+    names = ["a.png", "sub/b.jpg", "sub/deeper/c.png", "sub/deeper/d.webp", "other/e.bmp"]
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / name)
+    (src / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (src / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(src / ".hidden" / "x.png")  # metadata folders are not inputs
+    (src / "sub" / "notes.txt").write_text("ignored")
+    run = ["translate", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(out), "--batch-size", "2"]
+    assert main(run) == 2
+    captured = capsys.readouterr()
+    assert "translated 5, skipped 0 (already translated), failed 1" in captured.out
+    assert "1 of 6 input(s)" in captured.err and "broken.png" in captured.err and "Traceback" not in captured.err
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a.png", "other/e.png", "sub/b.png", "sub/deeper/c.png", "sub/deeper/d.png"]
+    assert all(Image.open(out / name).size == (32, 24) for name in written)
+    before = (out / "sub" / "b.png").read_bytes()
+    (src / "sub" / "broken.png").unlink()
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src / "sub" / "new.png")
+    assert main(run) == 0  # a second run only translates what is new
+    captured = capsys.readouterr()
+    assert "translated 1, skipped 5 (already translated), failed 0" in captured.out
+    assert (out / "sub" / "new.png").is_file() and (out / "sub" / "b.png").read_bytes() == before
+    assert main([*run, "--overwrite"]) == 0
+    assert "translated 6, skipped 0" in capsys.readouterr().out
+
+
+def test_cli_folder_reports_two_inputs_with_one_output_name(tiny_model_dir, tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (16, 16), "red").save(src / "a.jpg")
+    Image.new("RGB", (16, 16), "blue").save(src / "a.png")
+    code = main(["translate", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert code == 2 and "translated 1, skipped 0 (already translated), failed 1" in captured.out
+    assert "same output file" in captured.err and "a.png" in captured.err

@@ -17,14 +17,17 @@ logger = logging.getLogger("turbo_i2i")
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("translate", help="translate an image or a folder of images")
+    p = sub.add_parser("translate", help="translate an image, a folder of images (sub-folders too) or a video")
     p.add_argument("--model", default="demo-circles", help="named model, model folder, official .pkl or hub id")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
-    p.add_argument("--output", required=True, help="output file (for one image) or folder")
+    p.add_argument("--input", required=True, help="an image, a folder of images (sub-folders too) or a video (.mp4)")
+    p.add_argument("--output", required=True, help="output file (image or video) or folder (mirrors the input's tree)")
     p.add_argument("--prompt", help="caption of the output (default: the model's)")
     p.add_argument("--direction", choices=("a2b", "b2a"), help="unpaired models: which way to translate")
     p.add_argument("--r", type=float, help="stochastic models: faithfulness to the input in [0, 1]")
-    p.add_argument("--seed", type=int, help="seed of the noise map; the same seed gives the same image")
+    p.add_argument(
+        "--seed", type=int,
+        help="seed of the noise map; the same seed gives the same image (videos: default 0, one map for all frames)",
+    )  # fmt: skip
     p.add_argument(
         "--edges", choices=("default", "canny", "sketch", "none"), default="default",
         help="turn the input into the model's input: canny edges, a binarised sketch, or as is (default: model's)",
@@ -34,8 +37,19 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (pays off on big folders)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass for folders (default 4)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and a stopped video's frames)")
+    p.add_argument("--resume", action="store_true", help="videos: continue a stopped run from the frames it wrote")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="web demo: draw or upload, get the translated picture (local only by default)")
+    p.add_argument("--model", default="demo-circles", help="the model picked when the page opens")
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off unless given)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -146,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval_demo,
         _add_eval,
         _add_bench,
+        _add_demo,
     ):
         add(sub)
     return parser
@@ -157,49 +172,85 @@ def _translate(args: argparse.Namespace) -> int:
 
     from . import preprocess as pre
     from .pipeline import Translator
+    from .video import is_video, translate_video
 
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
         raise BadInputError(f"{source} does not exist.")
-    folder = source.is_dir()
-    files = pre.list_images(source) if folder else [source]
-    if folder and target.exists() and not target.is_dir():
-        raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
-    if not folder and target.is_dir():
-        target = target / f"{source.stem}.png"
-    if not folder and target.exists() and not args.overwrite:
-        raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     if args.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    folder, video = source.is_dir(), source.is_file() and is_video(source)
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
+        # Sub-folders are mirrored; hidden files and folders (.DS_Store, ._x.jpg, .git) are metadata, not pictures;
+        # an output folder inside the input folder is not read back as input.
+        skip_dir = target.resolve()
+        files = sorted(
+            p for p in source.rglob("*")
+            if p.suffix.lower() in pre.IMAGE_EXTENSIONS and p.is_file() and skip_dir not in p.resolve().parents
+            and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        )  # fmt: skip
+        if not files:
+            accepted = ", ".join(pre.IMAGE_EXTENSIONS)
+            raise BadInputError(
+                f"Folder '{source}' holds no images (sub-folders too); expected files ending in {accepted}."
+            )
+    elif target.is_dir():
+        target = target / f"{source.stem}{'.mp4' if video else '.png'}"
+    if not folder and target.exists() and not args.overwrite:
+        raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     translator = Translator.from_pretrained(
         args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile
     )
     options = dict(
-        prompt=args.prompt, direction=args.direction, r=args.r, seed=args.seed,
+        prompt=args.prompt, direction=args.direction, r=args.r,
         edges=None if args.edges == "none" else args.edges, canny_thresholds=(args.canny_low, args.canny_high),
-        batch_size=args.batch_size,
     )  # fmt: skip
-    failed, skipped, pending = [], [], []
+    if video:
+        result = translate_video(
+            translator, source, target, seed=0 if args.seed is None else args.seed, batch_size=args.batch_size,
+            resume=args.resume, overwrite=args.overwrite, model=args.model, **options,
+        )  # fmt: skip
+        width, height = result.size
+        print(f"wrote {result.frames} frames ({width}x{height}, {result.fps:g} fps) to {result.output}")
+        return 0
+    options.update(seed=args.seed, batch_size=args.batch_size)
+    if not folder:
+        pre.save_image(translator(pre.load_image(source, max_pixels=translator.max_pixels), **options), target,
+                       overwrite=args.overwrite)  # fmt: skip
+        return 0
+    translated, skipped, failed, pending, claimed = 0, [], [], [], {}
 
-    def flush():  # one batched call for the images gathered so far
-        if pending:
-            for out, image in zip([o for o, _ in pending], translator([i for _, i in pending], **options)):
-                pre.save_image(image, out, overwrite=args.overwrite)
-            pending.clear()
+    def flush():  # one batched call for the images gathered so far; on a bad one, each alone to find it
+        nonlocal translated
+        try:
+            outputs = translator([image for _, _, image in pending], **options)
+        except BadInputError:
+            outputs = [None] * len(pending)
+        for (path, out, image), output in zip(pending, outputs):
+            try:
+                pre.save_image(output or translator(image, **options), out, overwrite=args.overwrite)
+                translated += 1
+            except BadInputError as error:
+                failed.append(str(error) if str(path) in str(error) else f"{path}: {error}")
+        pending.clear()
 
-    for path in tqdm(files, desc="translating", unit="img", disable=not folder):
-        out = target / f"{path.stem}.png" if folder else target
+    for path in tqdm(files, desc="translating", unit="img"):
+        out = target / path.relative_to(source).with_suffix(".png")
+        if out in claimed:  # a.jpg and a.png both become a.png: the second would overwrite the first
+            failed.append(f"{path}: same output file {out} as {claimed[out]}; rename one of them.")
+            continue
+        claimed[out] = path
         if out.exists() and not args.overwrite:
             skipped.append(out)
             continue
         try:
             image = pre.load_image(path, max_pixels=translator.max_pixels)
         except BadInputError as error:
-            if not folder:
-                raise
             failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
             continue
-        pending.append((out, image))
+        pending.append((path, out, image))
         if len(pending) == args.batch_size:
             flush()
     flush()
@@ -207,11 +258,28 @@ def _translate(args: argparse.Namespace) -> int:
         logger.warning(
             "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s", len(skipped), skipped[0]
         )
+    print(f"translated {translated}, skipped {len(skipped)} (already translated), failed {len(failed)}: {target}")
     if failed:
         print(f"error: {len(failed)} of {len(files)} input(s) could not be translated:", file=sys.stderr)
         for line in failed:
             print(f"  {line}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("gradio") is None:
+        raise TurboI2IError("The demo needs Gradio, which is not installed: pip install 'turbo-i2i[demo]'.")
+    from .demo.app import launch_app
+
+    where = f"http://{args.host}:{args.port or 7860}" + ("" if args.port else " (or the next free port)")
+    print(f"serving the demo on {where}; Ctrl+C stops it", file=sys.stderr)
+    launch_app(host=args.host, port=args.port, share=args.share, model=args.model, device=args.device,
+               dtype=getattr(torch, args.dtype))  # fmt: skip
     return 0
 
 
@@ -366,6 +434,7 @@ COMMANDS = {
     "data": _data,
     "eval-demo": _eval_demo,
     "eval": _eval,
+    "demo": _demo,
 }
 
 
