@@ -14,6 +14,7 @@ torch.manual_seed(0)
 config = PairedTrainConfig(
     dataset=dataset, output_dir=out, base_model="tiny", transform="no_resize", batch_size=batch_size, max_steps=3,
     learning_rate=1e-3, lr_warmup_steps=0, disc="none", lambda_clipsim=1.0, checkpoint_every=1000, eval_every=1000,
+    eval_metrics="", report_to="none",
 )  # fmt: skip
 trainer = PairedTrainer(config, loss_networks=(tiny_lpips(), tiny_clip()))
 for _ in range(3):

@@ -5,10 +5,14 @@ import torch
 from PIL import Image
 
 from turbo_i2i.cli import main
+from turbo_i2i.evaluation import tiny_inception
 from turbo_i2i.pipeline import Translator
 from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.loop import LOG_FILE, translation_metrics
 from turbo_i2i.training.paired import PRESETS, PairedTrainConfig, PairedTrainer
 from turbo_i2i.training.pretrained import tiny_clip, tiny_lpips
+
+FID_NET = tiny_inception()
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,9 @@ def make_trainer(dataset, out, **overrides):
     )  # fmt: skip
     options.update(overrides)
     torch.manual_seed(0)
-    return PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), tiny_clip()))
+    return PairedTrainer(
+        PairedTrainConfig(**options), loss_networks=(tiny_lpips(), tiny_clip()), metrics=translation_metrics(FID_NET)
+    )
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(dataset, tmp_path):
@@ -95,6 +101,30 @@ def test_stop_and_resume_equals_straight_run(dataset, tmp_path, one_thread):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     for (n, p), q in zip(straight.discriminator.state_dict().items(), resumed.discriminator.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), atol=1e-6), n
+
+
+def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoints(dataset, tmp_path):
+    write_dataset(tmp_path / "data", n=20, seed=3, size=32)  # two test pairs: FID needs two images per side
+    trainer = make_trainer(
+        tmp_path / "data", tmp_path, max_steps=6, checkpoint_every=2, eval_every=3, keep_checkpoints=2, num_eval=2
+    )
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert all("loss_g" in line and "loss_d" in line and "lr" in line for line in lines)
+    evaluated = [line for line in lines if "eval_l2" in line]
+    assert [line["step"] for line in evaluated] == [3, 6]
+    assert all({"eval_lpips", "eval_clipsim", "eval_fid"} <= set(line) for line in evaluated)
+    grid = Image.open(tmp_path / "eval" / "step_0000006.png")
+    assert grid.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # two test pairs, each a row: input | output | target
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    # a crash mid-write leaves a partial folder, never a checkpoint that resume would pick
+    (tmp_path / "checkpoints" / ".step_0000008.partial").mkdir()
+    (tmp_path / "checkpoints" / "step_0000010").mkdir()  # no trainer_state.json: incomplete
+    assert trainer.latest_checkpoint().name == "step_0000006"
+    older = make_trainer(dataset, tmp_path / "other", max_steps=6)
+    older.train(resume=tmp_path / "checkpoints" / "step_0000004", stop_at=5)  # --resume PATH
+    assert older.step == 5
 
 
 def test_exported_model_gives_the_trainers_outputs(tmp_path):

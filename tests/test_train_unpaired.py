@@ -14,8 +14,9 @@ from turbo_i2i.cli import main
 from turbo_i2i.evaluation import tiny_dino, tiny_inception
 from turbo_i2i.pipeline import Translator
 from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.loop import translation_metrics
 from turbo_i2i.training.pretrained import tiny_lpips
-from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer, translation_metrics
+from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
 CAPTION_A, CAPTION_B = "white outlines of shapes", "filled shapes"
 

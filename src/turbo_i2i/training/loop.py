@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +29,49 @@ from ..generator import OneStepGenerator
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOG_FILE = "logs.jsonl"
+CHECKPOINT_NAME = re.compile(r"step_\d{7}")
+EVAL_METRICS = ("fid", "dino_structure")
+# metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
+# of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
+Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], dict[str, float]]
+
+
+def metric_names(eval_metrics: str) -> tuple[str, ...]:
+    """The names in a comma-separated ``eval_metrics`` option ("" for none)."""
+    return tuple(name.strip() for name in eval_metrics.split(",") if name.strip())
+
+
+def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn.Module | None = None) -> Metrics:
+    """The evaluation metrics of one direction: FID against the target domain and the DINO structure distance.
+
+    Args:
+        inception: the FID feature network (``load_inception()``; ``tiny_inception()`` in tests), or None for no FID.
+        dino: the structure distance's ViT (``load_dino()``; ``tiny_dino()`` in tests), or None for none.
+
+    Returns:
+        ``metrics(direction, inputs, outputs, references) -> {"fid": ..., "dino_structure": ...}``; the reference
+        statistics of each direction are computed once and reused at every evaluation.
+    """
+    from ..evaluation import DINOStructureDistance, compute_fid, fid_statistics
+
+    structure = DINOStructureDistance(dino) if dino is not None else None
+    reference_stats: dict = {}
+
+    def metrics(direction, inputs, outputs, references) -> dict[str, float]:
+        scores = {}
+        if inception is not None and len(outputs) >= 2 and len(references) >= 2:  # FID needs two images per set
+            if direction not in reference_stats:
+                reference_stats[direction] = fid_statistics(references, inception)
+            scores["fid"] = compute_fid(outputs, reference_stats[direction], inception)
+        if structure is not None:  # one image at a time: test images may differ in size
+            distances = [float(structure(x[None], y[None])[0]) for x, y in zip(inputs, outputs)]
+            scores["dino_structure"] = sum(distances) / len(distances)
+        return scores
+
+    return metrics
+
+
 OPTIMIZER_STATE = "optimizer.pt"
 DISCRIMINATOR = "discriminator.safetensors"
 
@@ -129,16 +176,29 @@ class TrainerBase:
         return states
 
     def save_checkpoint(self) -> Path:
-        """Everything a resume needs: trained weights, D, optimiser and scheduler states, the step and config."""
-        folder = self.output_dir / "checkpoints" / f"step_{self.step:07d}"
+        """Everything a resume needs: trained weights, D, optimiser and scheduler states, the step and config.
+
+        Written into a temporary folder that is renamed into place when complete, so a crash mid-write never leaves a
+        half checkpoint that ``--resume`` would pick; then only the newest ``keep_checkpoints`` are kept.
+        """
+        root = self.output_dir / "checkpoints"
+        folder = root / f"step_{self.step:07d}"
         if self.accelerator.is_main_process:
-            save_pretrained(self.unwrapped, folder / "model", self._text_encoder_to_save)
+            partial = root / f".{folder.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
+            save_pretrained(self.unwrapped, partial / "model", self._text_encoder_to_save)
             if self.discriminator is not None:
                 # save_model: the two unpaired discriminators share one frozen CLIP tower, which a plain state dict
                 # would list twice (safetensors refuses shared tensors); it is stored once and restored to both.
-                save_model(self.accelerator.unwrap_model(self.discriminator), str(folder / DISCRIMINATOR))
-            torch.save({k: v.state_dict() for k, v in self._states().items()}, folder / OPTIMIZER_STATE)
-            (folder / TRAINER_STATE).write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
+                save_model(self.accelerator.unwrap_model(self.discriminator), str(partial / DISCRIMINATOR))
+            torch.save({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
+            state = {"step": self.step, "config": asdict(self.config)}
+            (partial / TRAINER_STATE).write_text(json.dumps(state))  # written last: its presence marks completeness
+            if folder.exists():  # the same step saved again (e.g. after a resume): replace it
+                shutil.rmtree(folder)
+            os.replace(partial, folder)
+            for old in self.checkpoints()[: -max(1, self.config.keep_checkpoints)]:
+                shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -158,9 +218,15 @@ class TrainerBase:
         if self.discriminator is not None:
             load_model(self.accelerator.unwrap_model(self.discriminator), str(folder / DISCRIMINATOR))
 
+    def checkpoints(self) -> list[Path]:
+        """This run's complete checkpoints, oldest first."""
+        root = self.output_dir / "checkpoints"
+        found = root.glob("step_*") if root.is_dir() else []
+        return sorted(p for p in found if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file())
+
     def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint of this run, if any."""
-        found = sorted((self.output_dir / "checkpoints").glob("step_*"))
+        """The newest complete checkpoint of this run, if any."""
+        found = self.checkpoints()
         return found[-1] if found else None
 
     # --- export and the run loop ---------------------------------------------------------------------------------
@@ -173,33 +239,101 @@ class TrainerBase:
         self.accelerator.wait_for_everyone()
         return folder
 
-    def train(self, resume: bool = False, stop_at: int | None = None) -> dict[str, float]:
+    def train(self, resume: bool | str | Path = False, stop_at: int | None = None) -> dict[str, float]:
         """Run to ``max_steps`` (or ``stop_at``), checkpointing and evaluating on schedule, then export.
 
+        Every logged value goes to ``output_dir/logs.jsonl`` (one JSON object per line) and to the accelerator's
+        trackers (TensorBoard by default); a progress bar shows the running losses.
+
         Args:
-            resume: continue from the newest checkpoint of this run folder.
+            resume: False; True or "latest" (the newest checkpoint of this run, if there is one); or a checkpoint
+                folder.
             stop_at: stop early at this step (the run can be resumed later).
 
         Returns:
             the last step's losses and the last evaluation.
         """
-        if resume and (latest := self.latest_checkpoint()) is not None:
-            self.load_checkpoint(latest)
-            logger.warning("resumed from %s (step %d)", latest, self.step)
+        from tqdm import tqdm
+
+        if resume:
+            folder = self.latest_checkpoint() if resume is True or resume == "latest" else Path(resume)
+            if folder is None:
+                logger.warning("no checkpoint in %s yet: starting from step 0", self.output_dir / "checkpoints")
+            else:
+                self.load_checkpoint(folder)
+                logger.warning("resumed from %s (step %d)", folder, self.step)
         end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
+        main = self.accelerator.is_main_process
+        self.accelerator.init_trackers(self.output_dir.name, config=_flat(asdict(self.config)))
         logs: dict[str, float] = {}
-        started = time.perf_counter()
+        bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < end:
+            started = time.perf_counter()
             logs = self.train_step()
+            logs["seconds_per_step"] = time.perf_counter() - started
+            logs["lr"] = self.scheduler_g.get_last_lr()[0]
             if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:
                 logs.update(self.evaluate())
-                seconds = (time.perf_counter() - started) / max(1, self.step)
-                logger.warning("step %d %s (%.2f s/step)", self.step, _fmt(logs), seconds)
+                bar.write(f"step {self.step} {_fmt(logs)}")
+            self.log(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
             if self.step % max(1, self.config.checkpoint_every) == 0 or self.step == end:
                 self.save_checkpoint()
+        bar.close()
         if self.step >= self.config.max_steps:
             self.export()
+        self.accelerator.end_training()
         return logs
+
+    def log(self, values: dict[str, float]) -> None:
+        """Record ``values`` at the current step: JSONL file (main process) and trackers."""
+        self.accelerator.log(values, step=self.step)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, **values}) + "\n")
+
+    def load_metrics(self) -> Metrics:
+        """``translation_metrics`` with the pretrained networks named by ``config.eval_metrics``."""
+        from ..evaluation import load_networks
+
+        paths = (("inception", self.config.inception_path), ("dino", self.config.dino_path))
+        nets = load_networks(metric_names(self.config.eval_metrics), weights={k: v for k, v in paths if v},
+                             device=self.accelerator.device)  # fmt: skip
+        return translation_metrics(nets.inception, nets.dino)
+
+
+def save_grid(rows: list[list[torch.Tensor]], path: str | Path) -> Path:
+    """Save images in [-1, 1] as a grid, one row per list (e.g. input / output / target of each test pair).
+
+    Args:
+        rows: lists of (3, H, W) tensors of one size.
+        path: the PNG to write (folders are created).
+
+    Returns:
+        the path.
+    """
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = torch.stack([image.float().cpu() for row in rows for image in row])
+    save_image((images + 1) / 2, path, nrow=len(rows[0]), padding=2)
+    return path
+
+
+def make_accelerator(config):
+    """An ``Accelerator`` logging to ``config.report_to`` ("tensorboard", "wandb" or "none") under the run folder."""
+    from accelerate import Accelerator
+
+    report_to = None if config.report_to == "none" else config.report_to
+    return Accelerator(log_with=report_to, project_dir=config.output_dir)
+
+
+def _flat(config: dict) -> dict:
+    # trackers take flat scalars and strings only
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
 
 
 def _fmt(logs: dict[str, float]) -> str:

@@ -27,7 +27,17 @@ from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .data import PairedDataset, collate
-from .loop import HALF_PRECISION, TrainerBase, cast_frozen, step_seed
+from .loop import (
+    EVAL_METRICS,
+    HALF_PRECISION,
+    Metrics,
+    TrainerBase,
+    cast_frozen,
+    make_accelerator,
+    metric_names,
+    save_grid,
+    step_seed,
+)
 from .losses import loss_l2
 
 logger = logging.getLogger("turbo_i2i")
@@ -53,10 +63,15 @@ class PairedTrainConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         seed: seeds the generator init and every step's randomness.
         checkpoint_every, eval_every: in steps.
-        num_eval: test pairs evaluated (all when 0).
+        num_eval: test pairs evaluated (all when 0); the first four are also saved as an input/output/target grid.
+        eval_metrics: comma-separated metrics besides L2, LPIPS and CLIP-sim: "fid" (clean-fid of the outputs vs. the
+            test targets; needs 2+ test pairs) and "dino_structure" (DINO ViT-B/8 distance of input and output).
+        keep_checkpoints: how many of the newest checkpoints are kept.
+        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
         skip_bad: skip bad pairs with a warning instead of refusing the data set.
         default_prompt: recorded as the exported model's default prompt.
         lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
+        inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
     """
 
     dataset: str
@@ -84,11 +99,21 @@ class PairedTrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 500
     num_eval: int = 16
+    eval_metrics: str = "fid"
+    keep_checkpoints: int = 3
+    report_to: str = "tensorboard"
     skip_bad: bool = False
     default_prompt: str | None = None
     lpips_path: str | None = None
     clip_path: str | None = None
+    inception_path: str | None = None
+    dino_path: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(metric_names(self.eval_metrics)) - set(EVAL_METRICS)
+        if unknown:
+            raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> PairedTrainConfig:
@@ -119,6 +144,7 @@ PRESETS: dict[str, dict] = {
         checkpoint_every=500,
         eval_every=250,
         num_eval=64,
+        eval_metrics="",  # FID needs downloaded Inception weights; the demo's own metric is turbo-i2i eval-demo
         default_prompt="a red circle on a blue background",
         extra={"circles": {"n": 6000, "seed": 1, "size": 64}},
     ),
@@ -180,25 +206,33 @@ class PairedTrainer(TrainerBase):
             (tests pass tiny stand-ins).
         backbone: a prebuilt backbone to train on instead of loading ``config.base_model`` (benchmarks pass the
             full-size architecture with random weights).
+        metrics: evaluation metrics beyond L2/LPIPS/CLIP-sim (see ``loop.Metrics``); None builds them from
+            ``config.eval_metrics`` with the pretrained networks (tests pass tiny stand-ins).
     """
 
     collate_fn = staticmethod(collate)
 
     def __init__(
-        self, config: PairedTrainConfig, accelerator=None, loss_networks=None, backbone: Backbone | None = None
+        self,
+        config: PairedTrainConfig,
+        accelerator=None,
+        loss_networks=None,
+        backbone: Backbone | None = None,
+        metrics: Metrics | None = None,
     ):
-        from accelerate import Accelerator
-
         self.config = config
         if config.mixed_precision not in ("no", *HALF_PRECISION):
             raise BadInputError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}.")
-        self.accelerator = accelerator or Accelerator()  # precision: TrainerBase.autocast()
+        self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
         self.train_data = PairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
         )
         self.test_data = self._test_split()
+        if metrics is None and self.test_data is not None and metric_names(config.eval_metrics):
+            metrics = self.load_metrics()  # at start-up, so a missing network fails now, not after hours
+        self.metrics = metrics
         torch.manual_seed(config.seed)  # LoRA init and heads: reproducible for a seed
         gen_config = GeneratorConfig(
             base_model=config.base_model,
@@ -369,20 +403,40 @@ class PairedTrainer(TrainerBase):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean L2 (and LPIPS when available) of the test split, on the eval-mode generator."""
+        """L2, LPIPS and CLIP-sim (those the run has) and ``metrics`` on the test split, plus a grid image.
+
+        The grid (rows: input, output, target of the first four test pairs) goes to ``output_dir/eval/step_*.png``.
+
+        Returns:
+            {name: value}; empty when the data set has no test split.
+        """
         if self.test_data is None:
             return {}
         generator = self.unwrapped.eval()
         n = len(self.test_data) if self.config.num_eval == 0 else min(self.config.num_eval, len(self.test_data))
         totals: dict[str, float] = {}
+        inputs, outputs, targets = [], [], []
         for start in range(0, n, self.config.batch_size):
             batch = collate([self.test_data[i] for i in range(start, min(n, start + self.config.batch_size))])
             x, y = batch["input"].to(self.device), batch["target"].to(self.device)
-            out = generator(x, self.encode(batch["prompt"])).float()
+            with self.autocast():
+                out = generator(x, self.encode(batch["prompt"])).float()
             scores = {"eval_l2": torch.nn.functional.mse_loss(out, y)}
             if self.lpips is not None:
                 scores["eval_lpips"] = self.lpips(out, y)
+            if self.clipsim is not None:
+                scores["eval_clipsim"] = self.clipsim(out, batch["prompt"])
             for k, v in scores.items():  # batch means, weighted by batch size
                 totals[k] = totals.get(k, 0.0) + float(v) * len(x)
+            inputs += list(x.cpu() * 2 - 1 if self.unwrapped.config.input_range == "0,1" else x.cpu())
+            outputs += list(out.cpu())
+            targets += list(y.cpu())
         generator.train()
-        return {k: v / n for k, v in totals.items()}
+        scores = {k: v / n for k, v in totals.items()}
+        if self.metrics is not None:
+            extra = self.metrics("a2b", inputs, outputs, targets)
+            scores.update({f"eval_{k}": float(v) for k, v in extra.items()})
+        if self.accelerator.is_main_process:
+            rows = [list(images) for images in zip(inputs[:4], outputs[:4], targets[:4])]
+            save_grid(rows, self.output_dir / "eval" / f"step_{self.step:07d}.png")
+        return scores

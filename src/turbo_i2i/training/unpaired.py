@@ -34,7 +34,6 @@ text encoder is freed once the two captions are encoded; ``use_8bit_adam`` keeps
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -46,18 +45,13 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
-from .loop import TrainerBase, cast_frozen, step_seed
+from .loop import EVAL_METRICS, Metrics, TrainerBase, cast_frozen, make_accelerator, metric_names, step_seed
 from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
 
 logger = logging.getLogger("turbo_i2i")
 STEP_MODES = ("joint", "separate")
 MIXED_PRECISION = ("no", "bf16")
 DISC_KINDS = ("clip", "patchgan", "none")
-EVAL_METRICS = ("fid", "dino_structure")
-
-# metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
-# of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
-Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], dict[str, float]]
 
 
 @dataclass
@@ -91,6 +85,8 @@ class UnpairedTrainConfig:
         skip_bad: skip unreadable images with a warning instead of refusing the data set.
         lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
         inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
+        keep_checkpoints: how many of the newest checkpoints are kept.
+        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
     """
 
     dataset: str
@@ -123,6 +119,8 @@ class UnpairedTrainConfig:
     eval_every: int = 500
     num_eval: int = 16
     eval_metrics: str = "fid,dino_structure"
+    keep_checkpoints: int = 3
+    report_to: str = "tensorboard"
     skip_bad: bool = False
     lpips_path: str | None = None
     clip_path: str | None = None
@@ -145,7 +143,7 @@ class UnpairedTrainConfig:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """The names in ``eval_metrics``."""
-        return tuple(name.strip() for name in self.eval_metrics.split(",") if name.strip())
+        return metric_names(self.eval_metrics)
 
     @classmethod
     def from_dict(cls, data: dict) -> UnpairedTrainConfig:
@@ -177,36 +175,6 @@ def reconstruction_loss(
     if lpips is not None and lambda_lpips > 0:
         loss = loss + lambda_lpips * lpips(output, target)
     return loss
-
-
-def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn.Module | None = None) -> Metrics:
-    """The evaluation metrics of one direction: FID against the target domain and the DINO structure distance.
-
-    Args:
-        inception: the FID feature network (``load_inception()``; ``tiny_inception()`` in tests), or None for no FID.
-        dino: the structure distance's ViT (``load_dino()``; ``tiny_dino()`` in tests), or None for none.
-
-    Returns:
-        ``metrics(direction, inputs, outputs, references) -> {"fid": ..., "dino_structure": ...}``; the reference
-        statistics of each direction are computed once and reused at every evaluation.
-    """
-    from ..evaluation import DINOStructureDistance, compute_fid, fid_statistics
-
-    structure = DINOStructureDistance(dino) if dino is not None else None
-    reference_stats: dict = {}
-
-    def metrics(direction, inputs, outputs, references) -> dict[str, float]:
-        scores = {}
-        if inception is not None and len(outputs) >= 2 and len(references) >= 2:  # FID needs two images per set
-            if direction not in reference_stats:
-                reference_stats[direction] = fid_statistics(references, inception)
-            scores["fid"] = compute_fid(outputs, reference_stats[direction], inception)
-        if structure is not None:  # one image at a time: test images may differ in size
-            distances = [float(structure(x[None], y[None])[0]) for x, y in zip(inputs, outputs)]
-            scores["dino_structure"] = sum(distances) / len(distances)
-        return scores
-
-    return metrics
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: UnpairedTrainConfig, eight_bit: bool = False):
@@ -258,10 +226,8 @@ class UnpairedTrainer(TrainerBase):
         metrics: Metrics | None = None,
         backbone: Backbone | None = None,
     ):
-        from accelerate import Accelerator
-
         self.config = config
-        self.accelerator = accelerator or Accelerator()  # precision: TrainerBase.autocast()
+        self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
         if self.accelerator.num_processes > 1:
             # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
             raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
@@ -274,7 +240,7 @@ class UnpairedTrainer(TrainerBase):
         if has_split(config.dataset, "test"):
             self.test_data = UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)
         if metrics is None and self.test_data is not None and config.metric_names:
-            metrics = self._load_metrics()  # at start-up, so a missing network fails now, not after hours
+            metrics = self.load_metrics()  # at start-up, so a missing network fails now, not after hours
         self.metrics = metrics
         torch.manual_seed(config.seed)  # LoRA init and discriminator heads: reproducible for a seed
         captions = self.train_data.captions
@@ -332,13 +298,6 @@ class UnpairedTrainer(TrainerBase):
         if self.config.disc == "clip" and self.config.lambda_gan > 0 and clip is None:
             clip = load_clip(path=self.config.clip_path)
         return lpips, clip
-
-    def _load_metrics(self) -> Metrics:
-        from ..evaluation import load_networks
-
-        weights = {k: v for k, v in (("inception", self.config.inception_path), ("dino", self.config.dino_path)) if v}
-        nets = load_networks(self.config.metric_names, weights=weights, device=self.device)
-        return translation_metrics(nets.inception, nets.dino)
 
     def _discriminators(self, clip) -> torch.nn.ModuleDict | None:
         """D_A (judges domain B) and D_B (judges domain A); vision-aided ones share one frozen CLIP tower."""
