@@ -241,3 +241,15 @@ def test_cli_folder_reports_two_inputs_with_one_output_name(tiny_model_dir, tmp_
     captured = capsys.readouterr()
     assert code == 2 and "translated 1, skipped 0 (already translated), failed 1" in captured.out
     assert "same output file" in captured.err and "a.png" in captured.err
+
+
+def test_cli_interrupted_video_says_how_to_resume(clip, tmp_path, monkeypatch, capsys):
+    from turbo_i2i import cli, video
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video, "translate_video", interrupted)
+    assert cli.main(["translate", "--input", str(clip), "--output", str(tmp_path / "o.mp4")]) == 130
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'o.mp4.frames'}; add --resume to continue" in err and "interrupted" in err

@@ -91,10 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "unpaired", help="CycleGAN-Turbo on two unpaired folders (train_A/, train_B/, fixed_prompt_a/b.txt)"
     )
     for parser in (p, u):
-        parser.add_argument(
-            "--resume", nargs="?", const="latest", metavar="latest|PATH",
-            help="continue from the newest checkpoint in --output-dir (or from the checkpoint folder PATH)",
-        )  # fmt: skip
+        parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output-dir")
         parser.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
     _add_config_flags(p, PairedTrainConfig, optional=("dataset",))  # a preset can generate its data set
     _add_config_flags(u, UnpairedTrainConfig)
@@ -175,7 +172,7 @@ def _translate(args: argparse.Namespace) -> int:
 
     from . import preprocess as pre
     from .pipeline import Translator
-    from .video import is_video, translate_video
+    from .video import frames_dir, is_video, translate_video
 
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
@@ -211,10 +208,14 @@ def _translate(args: argparse.Namespace) -> int:
         edges=None if args.edges == "none" else args.edges, canny_thresholds=(args.canny_low, args.canny_high),
     )  # fmt: skip
     if video:
-        result = translate_video(
-            translator, source, target, seed=0 if args.seed is None else args.seed, batch_size=args.batch_size,
-            resume=args.resume, overwrite=args.overwrite, model=args.model, **options,
-        )  # fmt: skip
+        try:
+            result = translate_video(
+                translator, source, target, seed=0 if args.seed is None else args.seed, batch_size=args.batch_size,
+                resume=args.resume, overwrite=args.overwrite, model=args.model, **options,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"the frames written so far are in {frames_dir(target)}; add --resume to continue", file=sys.stderr)
+            raise
         width, height = result.size
         print(f"wrote {result.frames} frames ({width}x{height}, {result.fps:g} fps) to {result.output}")
         return 0
