@@ -91,7 +91,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "unpaired", help="CycleGAN-Turbo on two unpaired folders (train_A/, train_B/, fixed_prompt_a/b.txt)"
     )
     for parser in (p, u):
-        parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output-dir")
+        parser.add_argument(
+            "--resume", nargs="?", const="latest", metavar="latest|PATH",
+            help="continue from the newest checkpoint in --output-dir (or from the checkpoint folder PATH)",
+        )  # fmt: skip
         parser.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
     _add_config_flags(p, PairedTrainConfig, optional=("dataset",))  # a preset can generate its data set
     _add_config_flags(u, UnpairedTrainConfig)
