@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -119,20 +118,14 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
 
 
 def _in_subprocess(args: argparse.Namespace, case: str, size: int) -> dict:
+    from turbo_i2i.benchmark import run_worker
+
     command = [
         sys.executable, __file__, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
         "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
         "--warmup", str(args.warmup),
     ]  # fmt: skip
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(case=case, size=size, error=f"timed out after {args.timeout} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        error = "out of memory" if "OutOfMemoryError" in done.stderr else " | ".join(done.stderr.splitlines()[-3:])
-        return dict(case=case, size=size, error=error)
-    return json.loads(lines[-1])
+    return {"case": case, "size": size, **run_worker(command, args.timeout)}
 
 
 def markdown(report: dict) -> str:
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.cases[0], args.sizes[0], args.device, args.config, args.reference,
                                   args.steps, args.warmup)))  # fmt: skip
         return 0
-    from turbo_i2i.benchmark import machine_description
+    from turbo_i2i.benchmark import machine_description, write_report
 
     results = []
     for size in args.sizes:
@@ -188,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, results=results,
         memory="torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (sampled)",
     )  # fmt: skip
-    table = markdown(report)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

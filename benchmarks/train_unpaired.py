@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -77,34 +74,6 @@ def _write_images(root: Path, size: int) -> None:
     (root / "fixed_prompt_b.txt").write_text("picture of a night street\n")
 
 
-class RSSSampler:
-    """The peak resident set size of this process while running, sampled every few milliseconds in a thread."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RSSSampler:
-        self.peak = self._rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
 def _backbone(config: str, reference: Path, device: torch.device):
     if config == "tiny":
         from turbo_i2i.backbone import load_backbone
@@ -137,6 +106,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
     Returns:
         the measurement.
     """
+    from turbo_i2i.benchmark import PeakMemory
     from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
     dev = torch.device(device)
@@ -168,9 +138,8 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
 
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
         times = []
-        with RSSSampler() as rss:
+        with PeakMemory(dev) as memory:
             for i in range(warmup + iters):
                 sync()
                 started = time.perf_counter()
@@ -181,16 +150,9 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
-            seconds_per_iteration=statistics.median(times), seconds=times,
+            seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=memory.peak / GIB,
+            memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
-        if dev.type == "cuda":
-            result.update(
-                peak_memory_gib=torch.cuda.max_memory_allocated(dev) / GIB,
-                peak_reserved_gib=torch.cuda.max_memory_reserved(dev) / GIB,
-                memory_kind="torch.cuda.max_memory_allocated",
-            )
-        else:
-            result.update(peak_memory_gib=rss.peak / GIB, memory_kind="peak RSS during the iterations")
         return result
 
 
@@ -198,29 +160,14 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
 
 
 def _run_in_subprocess(args: argparse.Namespace, case: str, size: int) -> dict:
+    from turbo_i2i.benchmark import run_worker
+
     command = [
         sys.executable, __file__, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
         "--config", args.config, "--reference", str(args.reference), "--iters", str(args.iters),
         "--warmup", str(args.warmup),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(case=case, size=size, error=f"timed out after {args.timeout} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        error = "out of memory" if "OutOfMemoryError" in done.stderr else " | ".join(tail)
-        return dict(case=case, size=size, error=error)
-    return json.loads(lines[-1])
-
-
-def machine(device: str) -> str:
-    """The machine the numbers come from, in words."""
-    from turbo_i2i.benchmark import machine_description
-
-    return machine_description(torch.device(device))
+    return {"case": case, "size": size, **run_worker(command, args.timeout)}
 
 
 def markdown(report: dict) -> str:
@@ -271,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(result))
         return 0
+    from turbo_i2i.benchmark import machine_description, write_report
+
     results = []
     for size in args.sizes:
         for case in args.cases:
@@ -280,15 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(shown), flush=True)
     kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
     report = dict(
-        machine=machine(args.device), device=args.device, config=args.config, iters=args.iters, warmup=args.warmup,
-        memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__, results=results,
+        machine=machine_description(torch.device(args.device)), device=args.device, config=args.config,
+        iters=args.iters, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__, results=results,
     )  # fmt: skip
-    table = markdown(report)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -377,6 +377,40 @@ def _equivalence(
     return {"size": size, "fast_float32": diff(fast_fp32), f"fast_{dtype_name(translator.dtype)}": diff(fast)}
 
 
+def run_worker(command: list[str], timeout: float) -> dict:
+    """Run one benchmark case in a fresh process (so its memory is its own) and read the JSON line it prints last.
+
+    Args:
+        command: the worker's command line; it prints its measurement as one JSON object on a line of its own.
+        timeout: seconds before the case is abandoned.
+
+    Returns:
+        the measurement, or ``{"error": ...}`` saying why there is none (timed out, out of memory, the last lines of
+        the worker's error output).
+    """
+    import subprocess
+
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        if "OutOfMemoryError" in done.stderr:
+            return {"error": "out of memory"}
+        return {"error": " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])}
+    return json.loads(lines[-1])
+
+
+def write_report(out: Path | None, report: dict, table: str) -> None:
+    """Print the markdown table and, with ``out``, write ``OUT.json`` (every number) and ``OUT.md`` (the table)."""
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(table)
+
+
 def machine_description(device: torch.device) -> str:
     """A one-line description of the machine the numbers come from."""
     if device.type == "cuda":

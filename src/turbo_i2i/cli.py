@@ -291,11 +291,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
-    from .benchmark import markdown_table, run_benchmark
+    from .benchmark import markdown_table, run_benchmark, write_report
 
     candidates = [Path(p) / "reference" / "sd-turbo-architecture" for p in ("shared", "../shared")]
     reference = args.reference or next((c for c in candidates if c.is_dir()), candidates[0])
@@ -306,12 +304,7 @@ def _bench(args: argparse.Namespace) -> int:
         precision=getattr(torch, args.precision) if args.precision else None, compile=args.compile,
         repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
-    table = markdown_table(report)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+    write_report(args.out, report, markdown_table(report))
     return 0
 
 
