@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
     report = dict(
         machine=machine_description(torch.device(args.device)), device=args.device, config=args.config,
-        iters=args.iters, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__, results=results,
+        iters=args.iters, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__,
+        results=results,
     )  # fmt: skip
     write_report(args.out, report, markdown(report))
     return 0
