@@ -100,12 +100,6 @@ def test_translate_drawing_is_the_translator_on_the_condition(tmp_path):
     direct = translator(condition, prompt="a red circle on a blue background", edges=None, seed=0)
     expected = direct.resize(drawing.size, Image.Resampling.BICUBIC)
     assert np.array_equal(np.asarray(out), np.asarray(expected))
-    # the built-in model fills the drawn shape: its centre differs from the area outside the circle
-    pixels = np.asarray(direct, dtype=float)
-    yy, xx = np.mgrid[:64, :64]
-    distance = np.hypot(yy - 31.5, xx - 31.5)
-    inside, outside = pixels[distance < 10].mean(0), pixels[distance > 26].mean(0)
-    assert np.abs(inside - outside).max() > 8, (inside, outside)
 
 
 def test_translators_load_once_and_are_shared(tiny_model_dir, monkeypatch):

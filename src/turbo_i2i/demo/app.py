@@ -160,6 +160,7 @@ def launch_app(
     device=None,
     dtype=None,
     block: bool = True,
+    backend: DemoBackend | None = None,
 ):
     """Serve the demo.
 
@@ -171,13 +172,14 @@ def launch_app(
         device: torch device for the models.
         dtype: weight dtype.
         block: serve until interrupted; False returns once the server is up.
+        backend: the translators to serve (a new ``DemoBackend`` on ``device`` / ``dtype`` when None).
 
     Returns:
         the served ``gradio.Blocks`` (its ``local_url`` is the address; ``close()`` stops it).
     """
     import gradio as gr
 
-    app = build_app(DemoBackend(device=device, dtype=dtype), model=model)
+    app = build_app(backend or DemoBackend(device=device, dtype=dtype), model=model)
     app.queue(default_concurrency_limit=1)
     app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
