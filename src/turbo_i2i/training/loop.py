@@ -15,21 +15,26 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, save_pretrained
-from ..errors import BadInputError
+from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError
 from ..generator import OneStepGenerator
 
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FILE = "logs.jsonl"
+# What a full disk or failing storage raises while writing: Python's OSError, safetensors' own error type, and
+# torch.save's zip writer, which reports a short write as a RuntimeError ("unexpected pos ...").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
 EVAL_METRICS = ("fid", "dino_structure")
 # metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
@@ -81,6 +86,17 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
 
 
+def step_without_update(scheduler) -> None:
+    """Step an LR scheduler for an iteration whose optimiser update was skipped (a NaN/Inf step).
+
+    PyTorch warns when a scheduler steps before its optimiser ever has; here that order is intended: the learning
+    rate follows the step number, whatever updates were skipped.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
 def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Store the frozen (``requires_grad=False``) parameters of ``module`` in ``dtype``; trainable ones stay fp32.
 
@@ -101,15 +117,24 @@ class TrainerBase:
     """The run machinery shared by the trainers.
 
     A subclass sets, in its ``__init__``: ``config`` (with ``output_dir``, ``seed``, ``batch_size``, ``max_steps``,
-    ``lr_scheduler``, ``lr_warmup_steps``, ``checkpoint_every``, ``eval_every``), ``accelerator``, ``output_dir``,
-    ``train_data`` (a data set with ``set_epoch``), ``optimizer_g`` / ``scheduler_g``, ``discriminator`` (a module or
-    None) with ``optimizer_d`` / ``scheduler_d``, and ``step = 0``; and it defines ``unwrapped`` (the generator),
-    ``train_step()`` and ``evaluate()``.
+    ``lr_scheduler``, ``lr_warmup_steps``, ``checkpoint_every``, ``eval_every``, ``max_bad_steps``), ``accelerator``,
+    ``output_dir``, ``train_data`` (a data set with ``set_epoch``), ``optimizer_g`` / ``scheduler_g``,
+    ``discriminator`` (a module or None) with ``optimizer_d`` / ``scheduler_d``, and ``step = 0``; and it defines
+    ``unwrapped`` (the generator), ``train_step()`` and ``evaluate()``.
+
+    Numerical faults: a subclass's ``train_step`` checks each loss (and the clipped gradient norm) with
+    :meth:`is_finite` before it is used; a NaN/Inf drops the update through :meth:`skip_update` and every step ends in
+    :meth:`end_step`. A skipped step still advances the step counter and the LR schedules, so the data order and the
+    learning rate stay functions of (seed, step) whatever was skipped; only the weights and optimiser moments keep
+    their values. Skipped steps are counted (``skipped_steps`` in the logs and checkpoints), and more than
+    ``config.max_bad_steps`` of them in a row stop the run with :class:`~turbo_i2i.errors.TrainingDivergedError`.
     """
 
     collate_fn = staticmethod(lambda items: items)  # replaced by the data set's collate function
     config: object
     step: int
+    skipped_steps: int = 0  # steps whose update was dropped for a NaN/Inf, over the whole run
+    bad_steps_in_row: int = 0
 
     # --- set-up pieces -------------------------------------------------------------------------------------------
 
@@ -167,6 +192,78 @@ class TrainerBase:
         """Metrics on the test split (empty when there is none)."""
         raise NotImplementedError
 
+    # --- numerical faults ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_finite(value: torch.Tensor) -> bool:
+        """Whether every element of a loss or gradient norm is finite (no NaN, no Inf)."""
+        return bool(torch.isfinite(value.detach()).all())
+
+    def skip_update(self, logs: dict[str, float], what: str) -> dict[str, float]:
+        """Drop this iteration's update after a non-finite ``what``: no optimiser step, gradients cleared.
+
+        The LR schedulers still step, so the learning rate stays a function of the step number.
+
+        Args:
+            logs: the step's logged values (the non-finite ones included, so the log shows what happened).
+            what: the value that was not finite, e.g. "generator loss".
+
+        Returns:
+            ``end_step``'s logs.
+        """
+        for name, stateful in self._states().items():
+            if name.startswith("optimizer"):
+                stateful.zero_grad(set_to_none=True)
+            elif name.startswith("scheduler"):
+                step_without_update(stateful)
+        return self.end_step(logs, bad=what)
+
+    def end_step(self, logs: dict[str, float], bad: str | None = None) -> dict[str, float]:
+        """Advance the step counter; count a bad step and stop after more than ``max_bad_steps`` in a row.
+
+        Args:
+            logs: the step's logged values; ``skipped_steps`` (the run's count so far) is added.
+            bad: what was not finite in this step (its update, or part of it, was skipped), or None.
+
+        Returns:
+            the logs.
+
+        Raises:
+            TrainingDivergedError: more than ``config.max_bad_steps`` bad steps in a row; names the step and the last
+                checkpoint.
+        """
+        self.step += 1
+        if bad is None:
+            self.bad_steps_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            logger.warning(
+                "step %d: the %s is NaN or Inf; its update was skipped (%d in a row)",
+                self.step, bad, self.bad_steps_in_row,
+            )  # fmt: skip
+            limit = getattr(self.config, "max_bad_steps", 5)
+            if self.bad_steps_in_row > limit:
+                raise TrainingDivergedError(self._diverged_message(bad, limit))
+        logs["skipped_steps"] = float(self.skipped_steps)
+        return logs
+
+    def _diverged_message(self, bad: str, limit: int) -> str:
+        first = self.step - self.bad_steps_in_row + 1
+        last = self.latest_checkpoint()
+        where = (
+            f"The last good checkpoint is {last} (step {int(last.name.removeprefix('step_'))}); resume from it with"
+            f" --resume latest"
+            if last is not None
+            else "No checkpoint was saved yet; start again"
+        )
+        return (
+            f"Training stopped at step {self.step}: the {bad} was NaN or Inf at {self.bad_steps_in_row} steps in a"
+            f" row (steps {first}-{self.step}), more than max_bad_steps={limit}. Skipped updates left the weights"
+            f" untouched, but the run is not recovering. {where}, e.g. with a lower --learning-rate, or check the data"
+            f" around these steps."
+        )
+
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
     def _states(self) -> dict:
@@ -179,21 +276,27 @@ class TrainerBase:
         """Everything a resume needs: trained weights, D, optimiser and scheduler states, the step and config.
 
         Written into a temporary folder that is renamed into place when complete, so a crash mid-write never leaves a
-        half checkpoint that ``--resume`` would pick; then only the newest ``keep_checkpoints`` are kept.
+        half checkpoint that ``--resume`` would pick; then only the newest ``keep_checkpoints`` are kept. A write that
+        fails (disk full, quota, I/O error) removes the partial folder and stops the run; earlier checkpoints are
+        never touched before the new one is complete.
+
+        Returns:
+            the checkpoint folder.
+
+        Raises:
+            CheckpointWriteError: the checkpoint could not be written (exit code 1); names the folder, the OS error,
+                the free space and the newest intact checkpoint.
         """
         root = self.output_dir / "checkpoints"
         folder = root / f"step_{self.step:07d}"
         if self.accelerator.is_main_process:
             partial = root / f".{folder.name}.partial"
             shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
-            save_pretrained(self.unwrapped, partial / "model", self._text_encoder_to_save)
-            if self.discriminator is not None:
-                # save_model: the two unpaired discriminators share one frozen CLIP tower, which a plain state dict
-                # would list twice (safetensors refuses shared tensors); it is stored once and restored to both.
-                save_model(self.accelerator.unwrap_model(self.discriminator), str(partial / DISCRIMINATOR))
-            torch.save({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
-            state = {"step": self.step, "config": asdict(self.config)}
-            (partial / TRAINER_STATE).write_text(json.dumps(state))  # written last: its presence marks completeness
+            try:
+                self._write_checkpoint(partial)
+            except WRITE_ERRORS as error:
+                shutil.rmtree(partial, ignore_errors=True)  # a half checkpoint would only take the space back
+                raise CheckpointWriteError(self._write_failed_message(folder, error)) from error
             if folder.exists():  # the same step saved again (e.g. after a resume): replace it
                 shutil.rmtree(folder)
             os.replace(partial, folder)
@@ -202,21 +305,62 @@ class TrainerBase:
         self.accelerator.wait_for_everyone()
         return folder
 
+    def _write_checkpoint(self, partial: Path) -> None:
+        save_pretrained(self.unwrapped, partial / "model", self._text_encoder_to_save)
+        if self.discriminator is not None:
+            # save_model: the two unpaired discriminators share one frozen CLIP tower, which a plain state dict
+            # would list twice (safetensors refuses shared tensors); it is stored once and restored to both.
+            save_model(self.accelerator.unwrap_model(self.discriminator), str(partial / DISCRIMINATOR))
+        torch.save({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
+        state = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_row": self.bad_steps_in_row,
+            "config": asdict(self.config),
+        }
+        (partial / TRAINER_STATE).write_text(json.dumps(state))  # written last: its presence marks completeness
+
+    def _write_failed_message(self, folder: Path, error: Exception) -> str:
+        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+        try:
+            free = f"{shutil.disk_usage(folder.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        last = self.latest_checkpoint()
+        kept = f"the last complete checkpoint {last} is intact" if last is not None else "no earlier checkpoint exists"
+        return (
+            f"Could not write {folder} ({reason}; {free}). Training stopped at step"
+            f" {self.step}; {kept}. Free some space (or lower --keep-checkpoints) and continue with --resume latest."
+        )
+
     def load_checkpoint(self, folder: str | Path) -> None:
         """Resume from ``save_checkpoint``'s folder (loaded with safetensors / ``weights_only``: no code runs)."""
         folder = Path(folder)
         state_file = folder / TRAINER_STATE
         if not state_file.is_file():
             raise BadInputError(f"{folder} is not a training checkpoint ({TRAINER_STATE} missing).")
-        self.step = int(json.loads(state_file.read_text())["step"])
-        self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
-        if self._text_encoder_to_save is not None:
-            self._text_encoder_to_save.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
-        state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
-        for name, stateful in self._states().items():
-            stateful.load_state_dict(state[name])
-        if self.discriminator is not None:
-            load_model(self.accelerator.unwrap_model(self.discriminator), str(folder / DISCRIMINATOR))
+        try:
+            trainer_state = json.loads(state_file.read_text())
+            self.step = int(trainer_state["step"])
+            # absent in checkpoints written before skipped steps were counted
+            self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+            self.bad_steps_in_row = int(trainer_state.get("bad_steps_in_row", 0))
+            self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
+            if self._text_encoder_to_save is not None:
+                self._text_encoder_to_save.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
+            state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+            for name, stateful in self._states().items():
+                stateful.load_state_dict(state[name])
+            if self.discriminator is not None:
+                load_model(self.accelerator.unwrap_model(self.discriminator), str(folder / DISCRIMINATOR))
+        except BadInputError:
+            raise
+        except Exception as error:  # safetensors, torch.load and json each raise their own types for damage
+            raise BadInputError(
+                f"Cannot resume from {folder}: it is damaged or from another run"
+                f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else '-'})."
+                f" Pass an older checkpoint with --resume PATH."
+            ) from error
 
     def checkpoints(self) -> list[Path]:
         """This run's complete checkpoints, oldest first."""
@@ -232,10 +376,26 @@ class TrainerBase:
     # --- export and the run loop ---------------------------------------------------------------------------------
 
     def export(self) -> Path:
-        """Write the final model (our format) to ``output_dir/model``."""
+        """Write the final model (our format) to ``output_dir/model``, atomically like a checkpoint.
+
+        Returns:
+            the model folder.
+
+        Raises:
+            CheckpointWriteError: it could not be written (the checkpoints are intact).
+        """
         folder = self.output_dir / "model"
         if self.accelerator.is_main_process:
-            save_pretrained(self.unwrapped, folder, self._text_encoder_to_save)
+            partial = self.output_dir / ".model.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                save_pretrained(self.unwrapped, partial, self._text_encoder_to_save)
+            except WRITE_ERRORS as error:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise CheckpointWriteError(self._write_failed_message(folder, error)) from error
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(partial, folder)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -269,7 +429,7 @@ class TrainerBase:
         bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < end:
             started = time.perf_counter()
-            logs = self.train_step()
+            logs = self.train_step()  # raises TrainingDivergedError after too many NaN/Inf steps in a row
             logs["seconds_per_step"] = time.perf_counter() - started
             logs["lr"] = self.scheduler_g.get_last_lr()[0]
             if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:

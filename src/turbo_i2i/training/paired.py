@@ -6,7 +6,8 @@ Objective (paper, Sec. 3.3), code names -> paper terms:
     loss_clipsim = 1 - cos(CLIP_img(G(x, c)), CLIP_txt(c)) text alignment, weight 5
     loss_gan     = -log D(G(x, c))  (vision-aided D)    adversarial, weight 0.5
 
-One generator step and one discriminator step per iteration, one LR-scheduler step each. The discriminator's
+One generator step and one discriminator step per iteration, one LR-scheduler step each (a NaN/Inf loss or gradient
+drops the update and is counted: see ``TrainerBase``). The discriminator's
 gradients are cleared after the generator's backward, so D is updated only by its own loss. Trainable weights stay
 fp32 under bf16/fp16 autocast; frozen weights are stored in that half precision (fp16 adds a gradient scaler).
 All randomness of a step (batch order, crops, DiffAugment) is derived
@@ -37,6 +38,7 @@ from .loop import (
     metric_names,
     save_grid,
     step_seed,
+    step_without_update,
 )
 from .losses import loss_l2
 
@@ -67,6 +69,8 @@ class PairedTrainConfig:
         eval_metrics: comma-separated metrics besides L2, LPIPS and CLIP-sim: "fid" (clean-fid of the outputs vs. the
             test targets; needs 2+ test pairs) and "dino_structure" (DINO ViT-B/8 distance of input and output).
         keep_checkpoints: how many of the newest checkpoints are kept.
+        max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
+            many in a row stop the run, naming the step and the last checkpoint.
         report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
         skip_bad: skip bad pairs with a warning instead of refusing the data set.
         default_prompt: recorded as the exported model's default prompt.
@@ -101,6 +105,7 @@ class PairedTrainConfig:
     num_eval: int = 16
     eval_metrics: str = "fid"
     keep_checkpoints: int = 3
+    max_bad_steps: int = 5
     report_to: str = "tensorboard"
     skip_bad: bool = False
     default_prompt: str | None = None
@@ -114,6 +119,8 @@ class PairedTrainConfig:
         unknown = set(metric_names(self.eval_metrics)) - set(EVAL_METRICS)
         if unknown:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
+        if self.max_bad_steps < 0:
+            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> PairedTrainConfig:
@@ -358,14 +365,23 @@ class PairedTrainer(TrainerBase):
         torch.manual_seed(step_seed(self.config.seed, self.step))
         batch = self.batch(self.step)
         terms = self.losses(batch)
+        logs = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
+        # A NaN/Inf loss is caught before its backward pass: the whole iteration's update is dropped (see TrainerBase).
+        if not self.is_finite(terms["loss_g"]):
+            return self.skip_update(logs, "generator loss")
         self.accelerator.backward(self.scaler.scale(terms["loss_g"]))
         if self.config.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
-            self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(
+                self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
+            )
+            # fp16's scaler skips overflowing steps itself (and lowers the scale): that is routine, not a fault.
+            if not self.scaler.is_enabled() and not self.is_finite(norm):
+                return self.skip_update(logs, "generator gradient")
         self.scaler.step(self.optimizer_g)
         self.scheduler_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
-        logs = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
+        bad = None
         if self.discriminator is not None:
             from .discriminators import discriminator_loss
 
@@ -375,14 +391,17 @@ class PairedTrainer(TrainerBase):
                 loss_d = discriminator_loss(
                     self.discriminator, batch["target"].to(self.device), terms["output"].detach().float()
                 )
-            self.accelerator.backward(self.scaler.scale(loss_d))
-            self.scaler.step(self.optimizer_d)
-            self.scheduler_d.step()
-            self.optimizer_d.zero_grad(set_to_none=True)
             logs["loss_d"] = float(loss_d.detach())
+            if self.is_finite(loss_d):
+                self.accelerator.backward(self.scaler.scale(loss_d))
+                self.scaler.step(self.optimizer_d)
+                self.scheduler_d.step()
+            else:  # only D's update is dropped: G's was already applied with a finite loss
+                bad = "discriminator loss"
+                step_without_update(self.scheduler_d)
+            self.optimizer_d.zero_grad(set_to_none=True)
         self.scaler.update()
-        self.step += 1
-        return logs
+        return self.end_step(logs, bad)
 
     def _states(self) -> dict:
         states = super()._states()

@@ -45,7 +45,16 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
-from .loop import EVAL_METRICS, Metrics, TrainerBase, cast_frozen, make_accelerator, metric_names, step_seed
+from .loop import (
+    EVAL_METRICS,
+    Metrics,
+    TrainerBase,
+    cast_frozen,
+    make_accelerator,
+    metric_names,
+    step_seed,
+    step_without_update,
+)
 from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
 
 logger = logging.getLogger("turbo_i2i")
@@ -86,6 +95,8 @@ class UnpairedTrainConfig:
         lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
         inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
         keep_checkpoints: how many of the newest checkpoints are kept.
+        max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
+            many in a row stop the run, naming the step and the last checkpoint.
         report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
     """
 
@@ -120,6 +131,7 @@ class UnpairedTrainConfig:
     num_eval: int = 16
     eval_metrics: str = "fid,dino_structure"
     keep_checkpoints: int = 3
+    max_bad_steps: int = 5
     report_to: str = "tensorboard"
     skip_bad: bool = False
     lpips_path: str | None = None
@@ -139,6 +151,8 @@ class UnpairedTrainConfig:
         unknown = set(self.metric_names) - set(EVAL_METRICS)
         if unknown:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
+        if self.max_bad_steps < 0:
+            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -382,14 +396,24 @@ class UnpairedTrainer(TrainerBase):
         terms["loss_g"] = self._weighted(terms, tuple(terms))
         return terms, images
 
-    def _generator_step(self, loss: torch.Tensor) -> None:
+    def _generator_step(self, loss: torch.Tensor) -> str | None:
+        """Backward and one optimiser step; returns what was NaN/Inf (the step then not taken), else None."""
+        if not self.is_finite(loss):  # caught before its backward pass
+            return "generator loss"
         self.accelerator.backward(loss)
         if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(
+                self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
+            )
+            if not self.is_finite(norm):
+                self.optimizer_g.zero_grad(set_to_none=True)
+                return "generator gradient"
         self.optimizer_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
+        return None
 
-    def _discriminator_step(self, real_a: torch.Tensor, real_b: torch.Tensor, images: dict, logs: dict) -> None:
+    def _discriminator_step(self, real_a: torch.Tensor, real_b: torch.Tensor, images: dict, logs: dict) -> str | None:
+        """One discriminator step; returns "discriminator loss" when it was NaN/Inf (the update then dropped)."""
         from .discriminators import discriminator_loss
 
         # The generator's GAN terms also left gradients on D's heads: D must learn from its own loss only.
@@ -398,11 +422,17 @@ class UnpairedTrainer(TrainerBase):
         with self.autocast():
             loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].detach().float(), target)
             loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].detach().float(), target)
-        self.accelerator.backward(0.5 * (loss_d_a + loss_d_b))
-        self.optimizer_d.step()
-        self.scheduler_d.step()
-        self.optimizer_d.zero_grad(set_to_none=True)
         logs.update(loss_d_a=float(loss_d_a.detach()), loss_d_b=float(loss_d_b.detach()))
+        loss_d = 0.5 * (loss_d_a + loss_d_b)
+        bad = None if self.is_finite(loss_d) else "discriminator loss"
+        if bad is None:
+            self.accelerator.backward(loss_d)
+            self.optimizer_d.step()
+            self.scheduler_d.step()
+        else:
+            step_without_update(self.scheduler_d)  # the LR is a function of the step number
+        self.optimizer_d.zero_grad(set_to_none=True)
+        return bad
 
     def train_step(self) -> dict[str, float]:
         """One iteration: the generator step(s) of ``step_mode``, then one discriminator step."""
@@ -412,25 +442,29 @@ class UnpairedTrainer(TrainerBase):
         real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
         if self.config.step_mode == "joint":
             terms, images = self.losses(real_a, real_b)
-            self._generator_step(terms["loss_g"])
+            bad = self._generator_step(terms["loss_g"])
         else:
+            # A NaN/Inf in one of the three generator steps drops it and the rest of the iteration; the steps before
+            # it were taken with finite losses and stay.
             terms, images = {}, {}
             self._cycle(real_a, real_b, terms, images)
-            self._generator_step(self._weighted(terms, ("loss_cycle_a", "loss_cycle_b")))
-            if self.discriminator is not None:
+            bad = self._generator_step(self._weighted(terms, ("loss_cycle_a", "loss_cycle_b")))
+            if bad is None and self.discriminator is not None:
                 # the public schedule recomputes both translations with the weights the cycle step just updated
                 images = {"fake_b": self.translate(real_a, "a2b"), "fake_a": self.translate(real_b, "b2a")}
                 self._gan(images, terms)
-                self._generator_step(self._weighted(terms, ("loss_gan_a", "loss_gan_b")))
-            self._identity(real_a, real_b, terms)
-            self._generator_step(self._weighted(terms, ("loss_idt_a", "loss_idt_b")))
+                bad = self._generator_step(self._weighted(terms, ("loss_gan_a", "loss_gan_b")))
+            if bad is None:
+                self._identity(real_a, real_b, terms)
+                bad = self._generator_step(self._weighted(terms, ("loss_idt_a", "loss_idt_b")))
             terms["loss_g"] = self._weighted(terms, tuple(terms)).detach()
-        self.scheduler_g.step()  # once per iteration, whatever the number of generator steps
         logs = {k: float(v.detach()) for k, v in terms.items()}
+        if bad is not None:
+            return self.skip_update(logs, bad)
+        self.scheduler_g.step()  # once per iteration, whatever the number of generator steps
         if self.discriminator is not None:
-            self._discriminator_step(real_a, real_b, images, logs)
-        self.step += 1
-        return logs
+            bad = self._discriminator_step(real_a, real_b, images, logs)
+        return self.end_step(logs, bad)
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,306 @@
+"""Faults during training lose at most the work since the last complete checkpoint.
+
+A SIGKILL in the middle of a checkpoint write leaves the previous checkpoint intact, ``--resume latest`` picks it and
+the finished run equals an uninterrupted one; a full disk while saving stops with a clear message and leaves the
+previous checkpoint intact; a NaN/Inf loss is skipped and counted, and too many in a row stop the run naming the step
+and the last checkpoint.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from turbo_i2i.cli import main
+from turbo_i2i.errors import CheckpointWriteError, TrainingDivergedError
+from turbo_i2i.training import loop
+from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.loop import OPTIMIZER_STATE, TRAINER_STATE, TrainerBase
+from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
+
+WORKER = Path(__file__).with_name("train_worker.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "circles"
+    write_dataset(folder, n=10, seed=3, size=32)
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One-thread CPU kernels sum in a fixed order, so runs can be compared exactly (see test_train_paired)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_args(dataset, out, *extra):
+    """A tiny paired run through the CLI: no pretrained networks (L2 + PatchGAN only), no trackers."""
+    return [
+        "train", "paired", "--dataset", str(dataset), "--output-dir", str(out), "--base-model", "tiny",
+        "--transform", "no_resize", "--batch-size", "3", "--max-steps", "6", "--learning-rate", "1e-3",
+        "--lr-warmup-steps", "0", "--lambda-lpips", "0", "--lambda-clipsim", "0", "--disc", "patchgan",
+        "--checkpoint-every", "3", "--eval-every", "100", "--eval-metrics", "", "--report-to", "none", *extra,
+    ]  # fmt: skip
+
+
+def make_trainer(dataset, out, **overrides):
+    options = dict(
+        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=3,
+        max_steps=8, learning_rate=1e-3, lr_warmup_steps=0, lambda_lpips=0.0, lambda_clipsim=0.0, disc="patchgan",
+        checkpoint_every=2, eval_every=100, eval_metrics="", report_to="none",
+    )  # fmt: skip
+    options.update(overrides)
+    torch.manual_seed(0)
+    return PairedTrainer(PairedTrainConfig(**options))
+
+
+def worker(args, **env):
+    """Start train_worker.py (the CLI, optionally pausing inside a checkpoint write) in a new process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return err
+
+
+def checkpoints_of(run: Path) -> list[Path]:
+    return TrainerBase.checkpoints(SimpleNamespace(output_dir=run))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if
+            p.is_file()}  # fmt: skip
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+# --- a crash in the middle of a checkpoint write ---------------------------------------------------------------------
+
+
+def test_sigkill_during_a_checkpoint_write_loses_nothing_saved(dataset, tmp_path):
+    straight_run, crashed_run = tmp_path / "straight", tmp_path / "crashed"
+    paused = tmp_path / "paused"
+    # the uninterrupted run and the run to be killed, side by side
+    straight = worker(train_args(dataset, straight_run))
+    crashed = worker(train_args(dataset, crashed_run), TURBO_I2I_TEST_PAUSE_AT="6", TURBO_I2I_TEST_PAUSED=str(paused))
+    deadline = time.monotonic() + 240
+    while not paused.exists():
+        assert crashed.poll() is None, crashed.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the step-6 checkpoint write"
+        time.sleep(0.1)
+    partial = crashed_run / "checkpoints" / ".step_0000006.partial"
+    assert (partial / "model" / "model.safetensors").is_file()  # the write is under way ...
+    assert not (partial / TRAINER_STATE).exists()  # ... and not complete
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait(timeout=60)
+    assert crashed.returncode == -signal.SIGKILL
+    finish(straight)
+
+    # the last complete checkpoint is intact: the same tensors an uninterrupted run wrote at that step
+    assert [p.name for p in checkpoints_of(crashed_run)] == ["step_0000003"]
+    assert not (crashed_run / "model").exists()
+    kept, reference = crashed_run / "checkpoints" / "step_0000003", straight_run / "checkpoints" / "step_0000003"
+    a, b = load_file(kept / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b) and set(a) == set(b)
+    # (not byte-compared: safetensors orders its JSON header differently from process to process)
+    assert (kept / "model" / "config.json").read_bytes() == (reference / "model" / "config.json").read_bytes()
+    opt_a = torch.load(kept / OPTIMIZER_STATE, weights_only=True)
+    opt_b = torch.load(reference / OPTIMIZER_STATE, weights_only=True)
+    assert opt_a["scheduler_g"] == opt_b["scheduler_g"]
+    for state_a, state_b in zip(opt_a["optimizer_g"]["state"].values(), opt_b["optimizer_g"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_b)
+
+    # --resume latest picks it, and the finished run matches the uninterrupted one
+    err = finish(worker(train_args(dataset, crashed_run, "--resume", "latest")))
+    assert "resumed from" in err and "step_0000003 (step 3)" in err
+    assert not partial.exists()  # the half-written folder was replaced by the complete step-6 checkpoint
+    assert [p.name for p in checkpoints_of(crashed_run)] == ["step_0000003", "step_0000006"]
+    final, expected = (
+        load_file(crashed_run / "model" / "model.safetensors"),
+        load_file(straight_run / "model" / "model.safetensors"),
+    )
+    assert max_difference(final, expected) <= 1e-6
+    d_final = load_file(crashed_run / "checkpoints" / "step_0000006" / loop.DISCRIMINATOR)
+    d_expected = load_file(straight_run / "checkpoints" / "step_0000006" / loop.DISCRIMINATOR)
+    assert max_difference(d_final, d_expected) <= 1e-6
+
+
+# --- a full disk while saving ----------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_exits_1(dataset, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_save_model, calls = loop.save_model, []
+
+    def fill_the_disk_on_the_second_save(*args, **kwargs):
+        # the second checkpoint fails after its model files are written: "partway", as a real full disk would
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save_model(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_model", fill_the_disk_on_the_second_save)
+    code = main(train_args(dataset, run))
+    err = capsys.readouterr().err
+    assert code == 1 and CheckpointWriteError.exit_code == 1
+    assert "Traceback" not in err
+    assert "step_0000006" in err and "No space left on device" in err and "MiB free" in err
+    assert "step_0000003 is intact" in err and "--resume latest" in err
+    assert [p.name for p in checkpoints_of(run)] == ["step_0000003"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]  # partial folder removed
+    before = digest(run / "checkpoints" / "step_0000003")
+    # with space again, --resume latest continues from the intact checkpoint and finishes
+    monkeypatch.setattr(loop, "save_model", real_save_model)
+    assert main(train_args(dataset, run, "--resume", "latest")) == 0
+    assert (run / "model" / "model.safetensors").is_file()
+    assert digest(run / "checkpoints" / "step_0000003") == before
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    if shutil.which("mount") is None or (hasattr(os, "geteuid") and os.geteuid() != 0):
+        return False
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    return result.returncode == 0
+
+
+def test_a_really_full_tmpfs_stops_with_a_clear_message(dataset, tmp_path):
+    """The same on a real full file system (a small tmpfs; needs root, skipped elsewhere): safetensors and torch.save
+    report a full disk with their own error types, which must give the same message."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "64m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        trainer = make_trainer(dataset, disk / "run", max_steps=4, checkpoint_every=2, keep_checkpoints=5)
+        trainer.train(stop_at=2)
+        before = digest(disk / "run" / "checkpoints" / "step_0000002")
+        # fill the disk, then give back 64 KiB: room for the small files, not for a checkpoint's weights
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - 64 * 1024))
+        with pytest.raises(CheckpointWriteError, match=r"step_0000004.*MiB free.*step_0000002 is intact"):
+            trainer.train()
+        assert [p.name for p in checkpoints_of(disk / "run")] == ["step_0000002"]
+        assert not any(p.name.endswith(".partial") for p in (disk / "run" / "checkpoints").iterdir())
+        assert digest(disk / "run" / "checkpoints" / "step_0000002") == before
+    finally:
+        # lazy: a traceback held by pytest may still keep a file on it open
+        subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
+
+
+# --- NaN / Inf ------------------------------------------------------------------------------------------------------
+
+
+def poison(trainer, bad_steps):
+    """Make the generator loss NaN at the given (0-based) steps, wrapping the trainer's own loss computation."""
+    real_losses = trainer.losses
+
+    def losses(batch):
+        terms = real_losses(batch)
+        if trainer.step in bad_steps:
+            terms["loss_g"] = terms["loss_g"] * float("nan")
+        return terms
+
+    trainer.losses = losses
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(dataset, tmp_path, caplog):
+    trainer = make_trainer(dataset, tmp_path)
+    poison(trainer, {1})
+    trainer.train_step()
+    weights = {k: v.clone() for k, v in trainer.unwrapped.trained_state_dict().items()}
+    d_weights = {k: v.detach().clone() for k, v in trainer.discriminator.named_parameters()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer_g.state.values()]
+    lr_steps = trainer.scheduler_g.last_epoch
+    with caplog.at_level("WARNING", logger="turbo_i2i"):
+        logs = trainer.train_step()
+    assert "step 2: the generator loss is NaN or Inf; its update was skipped (1 in a row)" in caplog.text
+    assert logs["skipped_steps"] == 1 and logs["loss_g"] != logs["loss_g"]  # NaN is logged as it was
+    assert trainer.step == 2 and trainer.skipped_steps == 1 and trainer.bad_steps_in_row == 1
+    # no update anywhere, no gradient left behind, but the LR schedule moved on with the step number
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items())
+    assert all(torch.equal(v, d_weights[k]) for k, v in trainer.discriminator.named_parameters())
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(trainer.optimizer_g.state.values(), moments))
+    assert all(p.grad is None for p in trainer.unwrapped.parameters())
+    assert all(p.grad is None for p in trainer.discriminator.parameters())
+    assert trainer.scheduler_g.last_epoch == trainer.scheduler_d.last_epoch == lr_steps + 1
+    logs = trainer.train_step()  # a good step: learns again and resets the run of bad steps
+    assert logs["skipped_steps"] == 1 and trainer.bad_steps_in_row == 0
+    assert any(not torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items())
+
+
+def test_an_inf_discriminator_loss_skips_only_its_update(dataset, tmp_path, monkeypatch):
+    from turbo_i2i.training import discriminators
+
+    trainer = make_trainer(dataset, tmp_path)
+    monkeypatch.setattr(discriminators, "discriminator_loss", lambda *args, **kwargs: torch.tensor(float("inf")))
+    d_weights = {k: v.detach().clone() for k, v in trainer.discriminator.named_parameters()}
+    weights = {k: v.clone() for k, v in trainer.unwrapped.trained_state_dict().items()}
+    logs = trainer.train_step()
+    assert logs["skipped_steps"] == 1 and logs["loss_d"] == float("inf")
+    assert all(torch.equal(v, d_weights[k]) for k, v in trainer.discriminator.named_parameters())
+    assert any(not torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items())
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_the_step_and_the_last_checkpoint(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, max_bad_steps=2, checkpoint_every=2)
+    poison(trainer, {1, 3, 4, 5, 6, 7})  # one isolated bad step, then a run of them from step 4 (0-based 3)
+    with pytest.raises(TrainingDivergedError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert trainer.step == 6 and trainer.skipped_steps == 4
+    assert "Training stopped at step 6" in message and "3 steps in a row (steps 4-6)" in message
+    assert "max_bad_steps=2" in message
+    assert f"{tmp_path / 'checkpoints' / 'step_0000004'} (step 4)" in message and "--resume latest" in message
+    assert TrainingDivergedError.exit_code == 1
+    lines = (tmp_path / loop.LOG_FILE).read_text().splitlines()
+    assert [int(json.loads(line)["skipped_steps"]) for line in lines] == [0, 1, 1, 2, 3]
+
+
+def test_the_count_of_skipped_steps_survives_a_resume(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, max_steps=4)
+    poison(trainer, {0, 1})
+    trainer.train(stop_at=2)
+    resumed = make_trainer(dataset, tmp_path, max_steps=4)
+    resumed.train(resume="latest")
+    assert resumed.skipped_steps == 2 and resumed.step == 4
+
+
+def test_exploding_training_stops_through_the_cli_with_exit_1(dataset, tmp_path, capsys):
+    """No injection: a learning rate of 1e30 blows the weights up after one step, so every later loss is NaN/Inf."""
+    args = train_args(dataset, tmp_path, "--learning-rate", "1e30", "--max-bad-steps", "1", "--checkpoint-every", "1")
+    code = main(args)  # argparse keeps the last --learning-rate
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "Training stopped at step 3" in err and "steps 2-3" in err and "step_0000002 (step 2)" in err
