@@ -47,6 +47,13 @@ class RecordingBackend(DemoBackend):
         self.calls.append(dict(page=page, prompt=prompt, style=style, seed=seed, model=model, output=output))
         return output
 
+    def translate_upload(self, image, edges, low, high, prompt, style="none", r=None, seed=0, model="demo-circles",
+                         folder=None):  # fmt: skip
+        condition, output = super().translate_upload(image, edges, low, high, prompt, style, r, seed, model, folder)
+        self.calls.append(dict(upload=np.asarray(image), edges=edges, low=low, high=high, prompt=prompt,
+                               condition=condition, output=output))  # fmt: skip
+        return condition, output
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -211,3 +218,28 @@ def test_live_mode_translates_each_stroke_without_run(server, browser):
         last["page"], (SIDE / 2, SIDE / 2), 150
     )
     assert np.array_equal(shown, np.asarray(last["output"]))  # the page shows the latest drawing's translation
+
+
+def test_upload_tab_shows_the_edge_map_and_translates_it(server, browser, tmp_path):
+    from turbo_i2i.demo.core import upload_to_condition
+
+    url, backend = server
+    picture = np.zeros((96, 128, 3), np.uint8)
+    picture[24:72, 40:88] = (250, 200, 40)  # a yellow square on black: its Canny edges are its outline
+    Image.fromarray(picture).save(tmp_path / "square.png")
+    expected = np.asarray(upload_to_condition(picture, "canny", 100, 200, side=64))
+    page = open_demo(browser, url, live=False)
+    page.get_by_role("tab", name="Upload").click()
+    page.locator("#upload input[type=file]").set_input_files(tmp_path / "square.png")
+    page.wait_for_selector("#edge-map img", timeout=TIMEOUT_MS)
+    shown = np.asarray(Image.open(io.BytesIO(page.request.get(page.get_attribute("#edge-map img", "src")).body())))
+    assert np.array_equal(shown[..., :3], expected)  # the edge map shown is the model input, at the model's 64 px
+    page.fill("#prompt textarea", "a yellow square on a black background")
+    page.click("#run-upload")
+    page.wait_for_selector("#output img", timeout=TIMEOUT_MS)
+    output = np.asarray(Image.open(io.BytesIO(page.request.get(page.get_attribute("#output img", "src")).body())))
+    page.close()
+    call = backend.calls[-1]
+    assert call["prompt"] == "a yellow square on a black background" and (call["low"], call["high"]) == (100, 200)
+    assert np.array_equal(call["upload"], picture) and np.array_equal(np.asarray(call["condition"]), expected)
+    assert np.array_equal(output[..., :3], np.asarray(call["output"]))

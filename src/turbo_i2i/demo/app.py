@@ -10,7 +10,8 @@ from ..errors import TurboI2IError
 from .core import STYLES, DemoBackend, model_choices
 
 CANVAS_SIDE = 512
-# 12 px strokes on the 512 px canvas become the 2 px outlines the 64 px built-in model was trained on.
+# The editor sizes its brush in screen pixels: at its default zoom (56 %) 12 px draws ~21 canvas pixels, ~2.7 px
+# at 64 px, close to the 2 px outlines the built-in model was trained on.
 BRUSH_SIZE = 12
 MAX_SEED = 2**31 - 1
 # Offline-friendly theme: system fonts, so the page never asks a font CDN for anything.
@@ -99,11 +100,16 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
                         )  # fmt: skip
                         run = gr.Button("Run", variant="primary", elem_id="run")
                     with gr.Tab("Upload", id="upload"):
-                        upload = gr.Image(label="picture", type="pil", sources=["upload", "clipboard"])
+                        upload = gr.Image(
+                            label="picture", type="pil", sources=["upload", "clipboard"], elem_id="upload"
+                        )
                         edges = gr.Radio(["canny", "none"], value="canny", label="edge extraction")
                         low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
                         high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
-                        edge_map = gr.Image(label="model input (edge map)", type="pil", interactive=False)
+                        edge_map = gr.Image(
+                            label="model input (edge map)", type="pil", interactive=False, format="png",
+                            elem_id="edge-map",
+                        )  # fmt: skip
                         run_up = gr.Button("Translate upload", variant="primary", elem_id="run-upload")
                 prompt = gr.Textbox(label="prompt", elem_id="prompt", placeholder="blank: the model's default")
                 style = gr.Dropdown(list(STYLES), value="none", label="style")
