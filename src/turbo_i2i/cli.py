@@ -38,6 +38,10 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (pays off on big folders)")
     p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
+    p.add_argument(
+        "--tile", type=int, metavar="PIXELS",
+        help="images larger than this go through in overlapping tiles of this size: flat memory for any size",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and a stopped video's frames)")
     p.add_argument("--resume", action="store_true", help="videos: continue a stopped run from the frames it wrote")
 
@@ -222,7 +226,7 @@ def _translate(args: argparse.Namespace) -> int:
         width, height = result.size
         print(f"wrote {result.frames} frames ({width}x{height}, {result.fps:g} fps) to {result.output}")
         return 0
-    options.update(seed=args.seed, batch_size=args.batch_size)
+    options.update(seed=args.seed, batch_size=args.batch_size, tile_size=args.tile)
     if not folder:
         pre.save_image(translator(pre.load_image(source, max_pixels=translator.max_pixels), **options), target,
                        overwrite=args.overwrite)  # fmt: skip

@@ -7,6 +7,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from PIL import Image
@@ -17,11 +18,13 @@ from .config import INPUT_RANGES, GeneratorConfig
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .registry import load_model
+from .tiling import translate_tiled
 
 logger = logging.getLogger("turbo_i2i")
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PROMPT_CACHE_SIZE = 64
+TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
 
 
 class Translator:
@@ -159,6 +162,7 @@ class Translator:
         canny_thresholds: tuple[int, int] = (100, 200),
         sample_posterior: bool = False,
         batch_size: int = 8,
+        tile_size: int | None = None,
     ) -> Image.Image | list[Image.Image]:
         """Translate one image or a batch, each in one UNet evaluation.
 
@@ -172,6 +176,9 @@ class Translator:
             canny_thresholds: (low, high) hysteresis thresholds of the Canny detector, 0-255 (default 100, 200).
             sample_posterior: sample the VAE posterior instead of its mode (deterministic unless seeded).
             batch_size: images per forward pass.
+            tile_size: translate images larger than this (pixels, a multiple of 8) in overlapping tiles of this size,
+                so memory stays flat for any image size; the result then differs from the untiled one at tile
+                seams and in global context (see ``tiling``). None: whole images.
 
         Returns:
             a PIL image per input, at the input's size (a single image for a single input).
@@ -194,6 +201,8 @@ class Translator:
         prompts = [self._resolve_prompt(p, direction) for p in prompts]
         if r is None and self.config.stochastic:
             r = self.config.default_r
+        if tile_size is not None and (tile_size % 8 or tile_size < 2 * TILE_OVERLAP):
+            raise BadInputError(f"tile_size must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
         edges = self.config.preprocess if edges == "default" else edges
         # 2. preprocess: RGB, edges, model size (multiples of 8)
         inputs = [self.prepare(image, edges, canny_thresholds) for image in items]
@@ -215,8 +224,12 @@ class Translator:
                         x = x.contiguous(memory_format=torch.channels_last)
                     e = torch.cat([embeds[i] for i in chunk])
                     # 4. one UNet evaluation, decoded with the skips
+                    translate = partial(
+                        self.generator, prompt_embeds=e, direction=direction, r=r,
+                        sample_posterior=sample_posterior, generator=rng,
+                    )  # fmt: skip
                     with torch.no_grad():
-                        y = self.generator(x, e, direction, r=r, sample_posterior=sample_posterior, generator=rng)
+                        y = translate_tiled(translate, x, tile_size, TILE_OVERLAP) if tile_size else translate(x)
                     # 5. back to PIL at the input's size
                     for i, out in zip(chunk, pre.tensor_to_pil(y.float())):
                         outputs[i] = (

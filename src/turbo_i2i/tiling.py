@@ -1,0 +1,79 @@
+"""Tiled translation: large images in overlapping tiles, so peak memory depends on the tile size, not the image size.
+
+Every tile goes through the whole one-step generator (encoder, UNet, decoder with its skips) and the tiles are
+blended with linear ramps over their overlap. The UNet's attention and the VAE's group norms then see one tile at a
+time, so the result differs from the untiled one (as with diffusers' VAE tiling); it is therefore opt-in
+(``Translator(..., tile_size=...)``, ``turbo-i2i translate --tile``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` pixels with at least ``overlap`` shared.
+
+    Args:
+        length: the image side.
+        tile: the tile side (at most ``length``).
+        overlap: pixels shared by neighbouring tiles (less than ``tile``).
+
+    Returns:
+        offsets, first 0 and last ``length - tile``, evenly spread.
+    """
+    if length <= tile:
+        return [0]
+    count = -(-(length - overlap) // (tile - overlap))  # ceil: enough tiles that neighbours share >= overlap
+    step = (length - tile) / (count - 1)
+    return [round(i * step) for i in range(count)]
+
+
+def _ramp(tile: int, overlap: int, first: bool, last: bool, device, dtype) -> torch.Tensor:
+    """1-D blending weights of one tile: rising over the overlap at its start, falling at its end (not at borders)."""
+    weights = torch.ones(tile, device=device, dtype=dtype)
+    if overlap > 0:
+        ramp = torch.arange(1, overlap + 1, device=device, dtype=dtype) / (overlap + 1)
+        if not first:
+            weights[:overlap] = ramp
+        if not last:
+            weights[-overlap:] = ramp.flip(0)
+    return weights
+
+
+def translate_tiled(
+    translate: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int = 64
+) -> torch.Tensor:
+    """Apply ``translate`` to overlapping tiles of ``x`` and blend the results into one image.
+
+    Args:
+        translate: images (N, 3, h, w) -> images (N, C, h, w), e.g. one generator call.
+        x: the images (N, 3, H, W); H and W multiples of 8.
+        tile: tile side in pixels (a multiple of 8).
+        overlap: pixels shared by neighbouring tiles (a multiple of 8, less than ``tile``).
+
+    Returns:
+        (N, C, H, W): ``translate(x)`` itself when the image fits one tile, else the blend of the tiles.
+    """
+    if tile % 8 or overlap % 8 or not 0 <= overlap < tile:
+        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of 8 with overlap < tile.")
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return translate(x)
+    th, tw = min(tile, height), min(tile, width)
+    out = weight_sum = None
+    rows, cols = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+    for i, top in enumerate(rows):
+        for j, left in enumerate(cols):
+            y = translate(x[..., top : top + th, left : left + tw]).float()
+            wy = _ramp(th, overlap, i == 0, i == len(rows) - 1, y.device, y.dtype)
+            wx = _ramp(tw, overlap, j == 0, j == len(cols) - 1, y.device, y.dtype)
+            w = wy[:, None] * wx[None, :]
+            if out is None:
+                out = torch.zeros(*y.shape[:2], height, width, device=y.device)
+                weight_sum = torch.zeros(height, width, device=y.device)
+            out[..., top : top + th, left : left + tw] += y * w
+            weight_sum[top : top + th, left : left + tw] += w
+    return out / weight_sum

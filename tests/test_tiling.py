@@ -1,0 +1,63 @@
+"""Tiled translation: exact blending, tiles never larger than asked, and the Translator's option."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from turbo_i2i.errors import BadInputError
+from turbo_i2i.pipeline import Translator
+from turbo_i2i.tiling import tile_starts, translate_tiled
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 100, 16), (200, 64, 16), (1000, 256, 64), (136, 128, 64)])
+def test_tiles_cover_the_image_with_the_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == length
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
+
+
+def test_a_pointwise_translation_is_reproduced_exactly_and_tiles_stay_small():
+    x = torch.rand(2, 3, 200, 328, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def translate(t):
+        seen.append(tuple(t.shape[-2:]))
+        return torch.cat([t * 2 - 1, t.mean(1, keepdim=True)], 1)  # per pixel: blending must give it back
+
+    out = translate_tiled(translate, x, tile=128, overlap=32)
+    torch.testing.assert_close(out, translate(x), rtol=0, atol=1e-6)
+    assert max(h for h, _ in seen[:-1]) <= 128 and max(w for _, w in seen[:-1]) <= 128 and len(seen) > 4
+
+
+def test_an_image_within_one_tile_is_translated_whole():
+    x = torch.rand(1, 3, 64, 96)
+    assert torch.equal(translate_tiled(lambda t: t * 3, x, tile=128, overlap=64), x * 3)
+
+
+def test_translator_tiles_large_images_and_checks_the_tile_size(tiny_model_dir):
+    translator = Translator.from_pretrained(tiny_model_dir)
+    calls = []
+    translator.generator.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[-2:])))
+    image = Image.fromarray(np.uint8(np.random.default_rng(0).integers(0, 256, (200, 264, 3))))
+    tiled = translator(image, tile_size=128)
+    assert tiled.size == (264, 200) and max(max(c) for c in calls) == 128
+    assert len(calls) == len(tile_starts(200, 128, 64)) * len(tile_starts(264, 128, 64)) == 12
+    calls.clear()
+    whole = translator(image)
+    assert calls == [(200, 264)]
+    diff = np.abs(np.asarray(tiled, dtype=int) - np.asarray(whole, dtype=int))
+    assert diff.mean() < 40  # the same model on the same picture: tiles change details, not the whole image
+    with pytest.raises(BadInputError, match="tile_size"):
+        translator(image, tile_size=100)
+
+
+def test_cli_tile_option(tiny_model_dir, tmp_path, capsys):
+    from turbo_i2i.cli import main
+
+    Image.fromarray(np.uint8(np.random.default_rng(1).integers(0, 256, (150, 200, 3)))).save(tmp_path / "in.png")
+    args = ["translate", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in.png")]
+    assert main([*args, "--output", str(tmp_path / "out.png"), "--tile", "128"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (200, 150)
+    assert main([*args, "--output", str(tmp_path / "bad.png"), "--tile", "60"]) == 2
+    assert "tile_size" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
