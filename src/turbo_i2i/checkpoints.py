@@ -3,11 +3,16 @@
 Our format holds every trained tensor (LoRA adapters, skip convs, the UNet's conv_in; everything with
 ``train_all``) under the generator's own parameter names, so a save / load round trip is bit-exact. The official
 pickles are read with ``torch.load(weights_only=True)`` only: no pickled code is ever run.
+
+Model files may come from anyone, so loading checks before it trusts: ``config.json`` field names and types
+(``GeneratorConfig.from_dict``), where its ``base_model`` points (``resolve_base_model``), and every tensor's type,
+dtype, values (finite), name and shape; the first problem is raised as ``BadInputError``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -15,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import UNPAIRED_UNET_ADAPTERS
-from .backbone import Backbone, load_backbone
-from .config import GeneratorConfig
+from .backbone import BUILTIN_BACKBONES, Backbone, load_backbone
+from .config import GeneratorConfig, check_hub_id
 from .errors import BadInputError, TurboI2IError
 from .generator import OneStepGenerator
 
@@ -26,10 +31,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_ENCODER_NAME = "text_encoder.safetensors"
 OFFICIAL_LORA_ALPHA = 8.0  # the release never set lora_alpha, so peft's default of the time applied (except below)
+# Weights are stored in these (what we write: float32; half precision is harmless). Integers, bools or float64 in a
+# model file mean it is not one of ours, or is damaged.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def build_generator(
-    config: GeneratorConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    config: GeneratorConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    backbone_path: str | None = None,
 ) -> tuple[OneStepGenerator, Backbone]:
     """Load the backbone named by ``config.base_model`` and wrap it into a fresh generator.
 
@@ -37,11 +48,13 @@ def build_generator(
         config: the generator config.
         device: where to put it (CPU when None).
         dtype: weight dtype.
+        backbone_path: load the backbone from here instead (``resolve_base_model``'s answer); the config keeps its own
+            ``base_model``, so a model saved again points where it pointed before.
 
     Returns:
         (generator, backbone); the backbone's UNet and VAE are the generator's (not copies).
     """
-    backbone = load_backbone(config.base_model, device=device, dtype=dtype)
+    backbone = load_backbone(backbone_path or config.base_model, device=device, dtype=dtype)
     generator = OneStepGenerator(config, backbone.unet, backbone.vae, backbone.schedule)
     return generator.to(device=device, dtype=dtype).eval(), backbone
 
@@ -71,35 +84,126 @@ def save_pretrained(
     return folder
 
 
+def resolve_base_model(base_model: str, folder: str | Path, given: str | os.PathLike | None = None) -> str:
+    """Where the backbone named by a model folder's ``config.json`` may be loaded from.
+
+    A model folder may come from anyone, so its ``base_model`` may name only:
+
+    - a built-in backbone (``tiny``, ``tiny-circles``, ...);
+    - a relative path to a folder *inside the model folder* (resolved against it, symlinks included; ``..`` that
+      leaves it is refused);
+    - a hub id ``owner/name``, validated before any cache lookup or download.
+
+    An absolute path (or anything else) is refused: it would make a downloaded model load files from anywhere on the
+    machine. A backbone the user passes themselves (``given``) is trusted as it is, absolute path or not.
+
+    Args:
+        base_model: the config's ``base_model``.
+        folder: the model folder the config came from.
+        given: a backbone the user named explicitly; it wins over the config's.
+
+    Returns:
+        what to pass to ``load_backbone``.
+
+    Raises:
+        BadInputError: ``base_model`` breaks these rules; the message says how to pass a backbone explicitly.
+    """
+    if given is not None:
+        return str(given)
+    if base_model in BUILTIN_BACKBONES:
+        return base_model
+    root = Path(folder).resolve()
+    how = "If you trust it, pass the backbone yourself: load_pretrained(folder, base_model=...)."
+    if not base_model or Path(base_model).is_absolute() or base_model.startswith("~"):
+        raise BadInputError(
+            f"{Path(folder) / CONFIG_NAME} names its base model by the path {base_model!r}: a model folder may only"
+            f" name a built-in backbone, a folder inside itself or a hub id. {how}"
+        )
+    inside = (root / base_model).resolve()
+    if (root / base_model).exists() or ".." in Path(base_model).parts:
+        if not inside.is_relative_to(root):
+            raise BadInputError(
+                f"{Path(folder) / CONFIG_NAME} names its base model {base_model!r}, which leads outside the model"
+                f" folder ({inside}). {how}"
+            )
+        return str(inside)
+    return check_hub_id(base_model, f"The base model of {Path(folder) / CONFIG_NAME},")
+
+
+def check_tensors(tensors: dict, source: str | Path) -> None:
+    """Refuse values that are not weights: non-tensors, integer/bool/float64 dtypes, NaN or Inf.
+
+    Runs before any backbone is loaded, so a damaged file fails at once; names and shapes are checked later against
+    the model (``OneStepGenerator.check_trained_state_dict``).
+
+    Args:
+        tensors: name -> value, as read from a file.
+        source: the file, for the message.
+
+    Raises:
+        BadInputError: the first offending entry (in name order).
+    """
+    for name in sorted(tensors, key=str):
+        value = tensors[name]
+        if not isinstance(value, torch.Tensor):
+            raise BadInputError(f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor.")
+        if value.dtype not in WEIGHT_DTYPES:
+            raise BadInputError(
+                f"{source}: tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}; model weights are"
+                f" float32, float16 or bfloat16. The file is not a turbo-i2i model or is damaged."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise BadInputError(f"{source}: tensor {name!r} holds NaN or Inf values; the file is damaged.")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error type for a damaged header or a truncated file
+        raise BadInputError(f"Cannot read {path}: it is truncated or not a safetensors file ({error}).") from error
+
+
 def load_pretrained(
-    folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    folder: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    base_model: str | os.PathLike | None = None,
 ) -> tuple[OneStepGenerator, Backbone]:
-    """Load a model saved by ``save_pretrained``.
+    """Load a model saved by ``save_pretrained``, checking everything it reads (see the module docstring).
 
     Args:
         folder: a folder holding ``config.json`` and ``model.safetensors``.
         device: where to put it.
         dtype: weight dtype.
+        base_model: load this backbone instead of the one ``config.json`` names (the user's own choice, trusted:
+            the way to use a backbone at an absolute path, see ``resolve_base_model``).
 
     Returns:
         (generator, backbone).
+
+    Raises:
+        BadInputError: a missing, unreadable or invalid file, naming the first problem found.
     """
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise BadInputError(f"{folder} is not a turbo-i2i model folder: {name} is missing.")
     config = GeneratorConfig.load(folder / CONFIG_NAME)
-    try:
-        state = load_file(folder / WEIGHTS_NAME)
-    except Exception as error:  # safetensors raises its own error type for a damaged header
-        raise BadInputError(f"Cannot read {folder / WEIGHTS_NAME}: {error}") from error
-    generator, backbone = build_generator(config, device, dtype)
-    generator.load_trained_state_dict(state)
+    backbone_path = resolve_base_model(config.base_model, folder, base_model)
+    state = _read_safetensors(folder / WEIGHTS_NAME)
+    check_tensors(state, folder / WEIGHTS_NAME)
+    text_state = None
     if (folder / TEXT_ENCODER_NAME).is_file():
+        text_state = _read_safetensors(folder / TEXT_ENCODER_NAME)
+        check_tensors(text_state, folder / TEXT_ENCODER_NAME)
+    generator, backbone = build_generator(config, device, dtype, backbone_path)
+    generator.load_trained_state_dict(state)
+    if text_state is not None:
         try:
-            backbone.text_encoder.load_state_dict(load_file(folder / TEXT_ENCODER_NAME))
+            backbone.text_encoder.load_state_dict(text_state)
         except RuntimeError as error:  # names or shapes that do not fit
-            raise BadInputError(f"{folder / TEXT_ENCODER_NAME} does not fit {config.base_model!r}: {error}") from error
+            first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise BadInputError(f"{folder / TEXT_ENCODER_NAME} does not fit {config.base_model!r}: {first}") from error
     return generator, backbone
 
 
@@ -239,7 +343,16 @@ def load_official(
     Returns:
         (generator, backbone).
     """
-    config, tensors, from_backbone = official_to_ours(read_official(path), base_model)
+    state = read_official(path)
+    try:
+        config, tensors, from_backbone = official_to_ours(state, base_model)
+    except BadInputError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # e.g. a list where a rank belongs
+        raise BadInputError(
+            f"{path} is not an official img2img-turbo checkpoint: {type(error).__name__}: {error}."
+        ) from error
+    check_tensors(tensors, path)
     for key, value in config_overrides.items():
         setattr(config, key, value)
     config.__post_init__()  # re-validate after the overrides

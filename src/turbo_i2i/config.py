@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,61 @@ FORMAT_VERSION = 1
 TASKS = ("paired", "unpaired")
 INPUT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
 PREPROCESSORS = ("canny", "sketch")
+MAX_CONFIG_BYTES = 1 << 20  # a real config.json is about 1 KB; a huge one is not a model config
+
+
+def check_hub_id(repo_id: object, what: str = "hub id") -> str:
+    """Validate a Hugging Face hub id ("owner/name") before it is used for any cache lookup or download.
+
+    Uses ``huggingface_hub``'s own rules (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``; at most 96
+    characters per part), and requires the owner, so a name can never be read as a path outside the cache.
+
+    Args:
+        repo_id: the id to check.
+        what: how to name it in the message.
+
+    Returns:
+        the id, unchanged.
+
+    Raises:
+        BadInputError: it is not a valid "owner/name" hub id.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise BadInputError(f"{what} {repo_id!r} is not a hub id of the form owner/name.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise BadInputError(f"{what} {repo_id!r} is not a valid hub id: {str(error).splitlines()[0]}") from error
+    return repo_id
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether a JSON value fits a (simple) type annotation: bool/int/float/str, list[X], dict[K, V], X | None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # JSON true/false are not ranks
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 8.0 as 8 when it was produced elsewhere
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return False
+
+
+def _type_name(hint: object) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 @dataclass
@@ -71,6 +129,16 @@ class GeneratorConfig:
             raise BadInputError(f"default_direction {self.default_direction!r} is not one of {self.directions}.")
         if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
             raise BadInputError(f"Unknown preprocess {self.preprocess!r}; expected one of {PREPROCESSORS} or null.")
+        for name in ("unet_lora_rank", "vae_lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not 1 <= value <= 4096:
+                raise BadInputError(f"{name} must be between 1 and 4096, got {value}.")
+        for name in ("unet_lora_alpha", "vae_lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+                raise BadInputError(f"{name} must be a positive number, got {value}.")
+        if isinstance(self.default_r, (int, float)) and not 0 <= self.default_r <= 1:
+            raise BadInputError(f"default_r must be in [0, 1], got {self.default_r}.")
 
     @property
     def directions(self) -> tuple[str, ...]:
@@ -83,15 +151,39 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GeneratorConfig:
-        """Build from ``to_dict``'s output; unknown keys or a newer format are errors, not silently dropped."""
+        """Build from ``to_dict``'s output, as read from a file that may come from anyone.
+
+        Unknown keys, a newer format and a value of the wrong JSON type (a string rank, a number as a prompt) are
+        errors naming the first offending key, never silently dropped or passed on.
+
+        Args:
+            data: the parsed ``config.json``.
+
+        Returns:
+            the config.
+
+        Raises:
+            BadInputError: the first problem found.
+        """
+        if not isinstance(data, dict):
+            raise BadInputError(f"The model config must be a JSON object, got a {type(data).__name__}.")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadInputError(f"The model config's format_version must be an integer, got {version!r}.")
         if version > FORMAT_VERSION:
             raise BadInputError(f"Checkpoint format {version} is newer than this turbo-i2i reads ({FORMAT_VERSION}).")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise BadInputError(f"Unknown keys in the model config: {', '.join(unknown)}.")
+        hints = typing.get_type_hints(cls)
+        for name in sorted(data):
+            if not _matches(data[name], hints[name]):
+                raise BadInputError(
+                    f"The model config's {name} must be {_type_name(hints[name])}, got {data[name]!r}"
+                    f" ({type(data[name]).__name__})."
+                )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -100,8 +192,20 @@ class GeneratorConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GeneratorConfig:
-        """Read ``config.json``."""
+        """Read ``config.json`` (see ``from_dict`` for what is refused).
+
+        Args:
+            path: the file.
+
+        Returns:
+            the config.
+
+        Raises:
+            BadInputError: the file cannot be read, is not JSON, is over 1 MiB or fails ``from_dict``.
+        """
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+            if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+                raise BadInputError(f"The model config {path} is over {MAX_CONFIG_BYTES} bytes; it is not a config.")
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError) as error:
             raise BadInputError(f"Cannot read the model config {path}: {error}") from error

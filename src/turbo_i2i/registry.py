@@ -13,6 +13,7 @@ import torch
 
 from .backbone import DEFAULT_BACKBONE
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, download, load_official, load_pretrained
+from .config import check_hub_id
 from .errors import BadInputError, TurboI2IError
 
 OFFICIAL_URL = "https://www.cs.cmu.edu/~img2img-turbo/models/"
@@ -102,33 +103,42 @@ def availability(model: NamedModel) -> tuple[bool, str]:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    base_model: str | os.PathLike | None = None,
 ):
     """Resolve a model reference and load it.
 
     Args:
         name_or_path: a name from ``MODELS``, a folder saved by ``save_pretrained``, an official ``.pkl`` file, or a
-            hub id of a repository in our format.
+            hub id of a repository in our format (validated before any cache lookup or download).
         device: where to put it.
         dtype: weight dtype.
+        base_model: the backbone to load it on instead of the one the model names (trusted: the user's own choice;
+            see ``checkpoints.resolve_base_model`` for what a model folder may name by itself).
 
     Returns:
         (generator, backbone).
+
+    Raises:
+        BadInputError: an unknown name, an invalid hub id, or a model file that fails its checks.
+        TurboI2IError: a model that must be downloaded and cannot be.
     """
     ref = str(name_or_path)
     if ref in MODELS:
         model = MODELS[ref]
         if model.file is None:
-            return load_pretrained(model.builtin_path, device, dtype)
+            return load_pretrained(model.builtin_path, device, dtype, base_model=base_model)
         path = download(OFFICIAL_URL + model.file, cache_dir() / model.file)
-        return load_official(path, DEFAULT_BACKBONE, device, dtype, **model.overrides)
+        return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype, **model.overrides)
     path = Path(ref)
     if path.is_dir():
-        return load_pretrained(path, device, dtype)
+        return load_pretrained(path, device, dtype, base_model=base_model)
     if path.is_file() and path.suffix == ".pkl":
-        return load_official(path, DEFAULT_BACKBONE, device, dtype)
+        return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype)
     if not path.exists() and ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return load_pretrained(_hub_snapshot(ref), device, dtype)
+        return load_pretrained(_hub_snapshot(check_hub_id(ref, "Model")), device, dtype, base_model=base_model)
     raise BadInputError(
         f"Unknown model {ref!r}: not a named model, a model folder, an official .pkl file or a hub id."
         f" Named models: {', '.join(MODELS)}."
@@ -137,6 +147,8 @@ def load_model(
 
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
+
+    check_hub_id(repo_id, "Model")  # again here: nothing reaches the cache or the network unvalidated
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))

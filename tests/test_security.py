@@ -1,0 +1,334 @@
+"""Untrusted model files: loading one never runs code, never reads outside what the user named, and a damaged or
+hostile file is refused with our error (exit 2 through the CLI) naming the first problem."""
+
+import builtins
+import json
+import pickle
+import shutil
+import struct
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import turbo_i2i.backbone
+import turbo_i2i.checkpoints
+from turbo_i2i.checkpoints import (
+    CONFIG_NAME,
+    TEXT_ENCODER_NAME,
+    WEIGHTS_NAME,
+    load_official,
+    load_pretrained,
+    resolve_base_model,
+)
+from turbo_i2i.cli import main
+from turbo_i2i.config import GeneratorConfig, check_hub_id
+from turbo_i2i.errors import BadInputError
+from turbo_i2i.registry import load_model
+
+# --- pickles that would run code -------------------------------------------------------------------------------------
+
+
+class WritesMarker:
+    """Unpickling this runs ``exec``, which writes a marker file: the proof that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def evil_state(marker):
+    return {"rank_unet": 8, "rank_vae": 4, "state_dict_unet": {"x": WritesMarker(marker)}, "state_dict_vae": {}}
+
+
+def test_the_exploit_really_runs_code_when_unpickled_plainly(tmp_path):
+    """Guard for the tests below: without weights_only, this payload does run (so its refusal means something)."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(evil_state(marker)))
+    assert marker.read_text() == "code ran"
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, writer, capsys):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pkl"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(evil_state(marker)))
+    else:
+        torch.save(evil_state(marker), path)  # the zip container torch.load reads by default
+    with pytest.raises(BadInputError, match="not a safe-to-load img2img-turbo checkpoint.*weights_only"):
+        load_official(path, "tiny")
+    with pytest.raises(BadInputError, match="weights_only"):
+        load_model(path)
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    for args in (
+        ["translate", "--model", str(path), "--input", str(tmp_path / "in.png"), "--output", str(tmp_path / "o.png")],
+        ["convert", "--input", str(path), "--output", str(tmp_path / "converted"), "--base-model", "tiny"],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "weights_only" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "converted").exists()
+
+
+OFFICIAL_BASE = {"rank_unet": 8, "rank_vae": 4, "unet_lora_target_modules": ["conv"], "vae_lora_target_modules": ["x"]}
+OFFICIAL_CASES = {
+    "rank is a list": ({"rank_unet": [8], "state_dict_unet": {}, "state_dict_vae": {}}, "rank_unet|list"),
+    "state dict is a list": ({"state_dict_unet": [1, 2], "state_dict_vae": {}}, "not an official"),
+    "weight is a number": ({"state_dict_unet": {"conv_in.weight": 3}, "state_dict_vae": {}}, "is a int, not a tensor"),
+    "integer weight": (
+        {"state_dict_unet": {"conv_in.weight": torch.ones(2, dtype=torch.int64)}, "state_dict_vae": {}},
+        "dtype int64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OFFICIAL_CASES)
+def test_an_official_file_with_values_of_the_wrong_kind_is_refused(tmp_path, case):
+    changes, message = OFFICIAL_CASES[case]
+    torch.save({**OFFICIAL_BASE, **changes}, tmp_path / "bad.pkl")
+    with pytest.raises(BadInputError, match=message):
+        load_official(tmp_path / "bad.pkl", "tiny")
+
+
+# --- damaged or hostile safetensors ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir, tmp_path):
+    """A private copy of the saved tiny model, free to damage."""
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def rewrite(model_dir, change):
+    state = load_file(model_dir / WEIGHTS_NAME)
+    change(state)
+    save_file(state, model_dir / WEIGHTS_NAME)
+
+
+FIRST = "unet.conv_in.bias"  # the first trained tensor in name order
+
+
+def _set(name, value):
+    return lambda state: state.__setitem__(name, value(state[name]))
+
+
+TENSOR_CASES = {
+    "int32 weights": (_set(FIRST, lambda t: t.to(torch.int32)), rf"tensor '{FIRST}' has dtype int32"),
+    "bool weights": (_set(FIRST, lambda t: t > 0), rf"tensor '{FIRST}' has dtype bool"),
+    "float64 weights": (_set(FIRST, lambda t: t.double()), rf"tensor '{FIRST}' has dtype float64"),
+    "NaN weights": (_set(FIRST, lambda t: t * float("nan")), rf"tensor '{FIRST}' holds NaN or Inf"),
+    "Inf weights": (_set(FIRST, lambda t: t + float("inf")), rf"tensor '{FIRST}' holds NaN or Inf"),
+    "wrong shape": (_set(FIRST, lambda t: torch.zeros(3)), rf"'{FIRST}' has shape \(3,\).*but \(32,\)"),
+    "missing tensor": (lambda s: s.pop(FIRST), rf"lacks 1 trained tensors, e.g. '{FIRST}'"),
+    "extra tensor": (lambda s: s.__setitem__("unet.backdoor.weight", torch.zeros(1)), "'unet.backdoor.weight'"),
+    "empty file": (lambda s: s.clear(), "lacks"),
+}
+
+
+@pytest.mark.parametrize("case", TENSOR_CASES)
+def test_bad_tensors_are_refused_naming_the_first_problem(model_dir, case, capsys):
+    change, message = TENSOR_CASES[case]
+    rewrite(model_dir, change)
+    with pytest.raises(BadInputError, match=message):
+        load_pretrained(model_dir)
+    Image.new("RGB", (16, 16)).save(model_dir / "in.png")
+    out = model_dir / "out.png"
+    assert (
+        main(["translate", "--model", str(model_dir), "--input", str(model_dir / "in.png"), "--output", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_problem_is_found_before_any_backbone_is_loaded(model_dir, monkeypatch):
+    """Damaged weights fail at once: no multi-GB backbone is read (or downloaded) first."""
+    rewrite(model_dir, _set(FIRST, lambda t: t.to(torch.int8)))
+    monkeypatch.setattr(turbo_i2i.checkpoints, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    with pytest.raises(BadInputError, match="dtype int8"):
+        load_pretrained(model_dir)
+
+
+def truncations(data: bytes):
+    header = struct.unpack("<Q", data[:8])[0]
+    return {
+        "no bytes": b"",
+        "half the length field": data[:4],
+        "length field only": data[:8],
+        "half the header": data[: 8 + header // 2],
+        "header, no data": data[: 8 + header],
+        "one byte short": data[:-1],
+    }
+
+
+TRUNCATIONS = ["no bytes", "half the length field", "length field only", "half the header", "header, no data",
+               "one byte short"]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", TRUNCATIONS)
+def test_a_truncated_weights_file_is_refused(model_dir, where):
+    data = (model_dir / WEIGHTS_NAME).read_bytes()
+    (model_dir / WEIGHTS_NAME).write_bytes(truncations(data)[where])
+    with pytest.raises(BadInputError, match=rf"Cannot read .*{WEIGHTS_NAME}: it is truncated or not a safetensors"):
+        load_pretrained(model_dir)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff" * 8 + b"{}",  # a header length of 2**64 - 1: must not be allocated
+        struct.pack("<Q", 2**40) + b"{}",
+        struct.pack("<Q", 30) + b'{"a": {"dtype": "F32"}}      ',
+        struct.pack("<Q", 60) + b'{"a":{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,4]}}',
+        np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    ],
+    ids=["length-2^64", "length-2^40", "incomplete-entry", "shape-beyond-data", "random-bytes"],
+)
+def test_a_hostile_safetensors_header_is_refused(model_dir, content):
+    (model_dir / WEIGHTS_NAME).write_bytes(content)
+    with pytest.raises(BadInputError, match=r"truncated or not a safetensors"):
+        load_pretrained(model_dir)
+
+
+def test_a_damaged_text_encoder_file_is_refused(model_dir):
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 3)}, model_dir / TEXT_ENCODER_NAME)
+    with pytest.raises(BadInputError, match=rf"{TEXT_ENCODER_NAME} does not fit 'tiny'"):
+        load_pretrained(model_dir)
+    (model_dir / TEXT_ENCODER_NAME).write_bytes(b"\x05\0\0\0\0\0\0\0{")
+    with pytest.raises(BadInputError, match=rf"Cannot read .*{TEXT_ENCODER_NAME}"):
+        load_pretrained(model_dir)
+    save_file({"x": torch.ones(2, dtype=torch.int16)}, model_dir / TEXT_ENCODER_NAME)
+    with pytest.raises(BadInputError, match="tensor 'x' has dtype int16"):
+        load_pretrained(model_dir)
+
+
+# --- config.json -----------------------------------------------------------------------------------------------------
+
+
+def write_config(model_dir, **changes):
+    config = json.loads((model_dir / CONFIG_NAME).read_text())
+    config.update(changes)
+    (model_dir / CONFIG_NAME).write_text(json.dumps(config))
+
+
+CONFIG_CASES = {
+    "unknown field": ({"run_this": "rm -rf /"}, "Unknown keys in the model config: run_this"),
+    "string rank": ({"unet_lora_rank": "8"}, "unet_lora_rank must be int, got '8'"),
+    "bool rank": ({"vae_lora_rank": True}, "vae_lora_rank must be int, got True"),
+    "zero rank": ({"unet_lora_rank": 0}, "unet_lora_rank must be between 1 and 4096"),
+    "huge rank": ({"unet_lora_rank": 10**9}, "unet_lora_rank must be between 1 and 4096"),
+    "negative alpha": ({"vae_lora_alpha": -1}, "vae_lora_alpha must be a positive number"),
+    "string flag": ({"stochastic": "false"}, "stochastic must be bool"),
+    "targets not a list": ({"vae_lora_targets": "conv"}, "vae_lora_targets must be list"),
+    "prompt not a string": ({"prompts": {"a2b": ["x"]}}, "prompts must be dict"),
+    "r out of range": ({"default_r": 7}, r"default_r must be in \[0, 1\]"),
+    "unknown task": ({"task": "exploit"}, "Unknown task 'exploit'"),
+    "format as string": ({"format_version": "1"}, "format_version must be an integer"),
+    "newer format": ({"format_version": 99}, "newer than this turbo-i2i reads"),
+    "base model as number": ({"base_model": 5}, "base_model must be str"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_a_bad_config_is_refused_naming_the_field(model_dir, case):
+    changes, message = CONFIG_CASES[case]
+    write_config(model_dir, **changes)
+    with pytest.raises(BadInputError, match=message):
+        load_pretrained(model_dir)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"[1, 2]", "must be a JSON object, got a list"),
+        (b"{not json", "Cannot read the model config"),
+        (b"\xff\xfe\x00", "Cannot read the model config"),
+        (b"[" * 100000 + b"]" * 100000, "Cannot read the model config"),  # nesting deep enough to overflow a parser
+        (b" " * (2 << 20), "is over 1048576 bytes"),
+    ],
+    ids=["list", "not-json", "not-utf8", "deep-nesting", "2-MiB"],
+)
+def test_a_config_that_is_not_a_config_is_refused(model_dir, content, message):
+    (model_dir / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(BadInputError, match=message):
+        load_pretrained(model_dir)
+
+
+@pytest.fixture
+def no_backbone_lookups(monkeypatch):
+    """Fail the test if anything reaches the backbone loader, the hub cache or the network."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"looked up {args}")
+
+    monkeypatch.setattr(turbo_i2i.checkpoints, "load_backbone", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(turbo_i2i.backbone.CLIPTokenizer, "from_pretrained", refuse)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "base_model,message",
+    [
+        ("/etc", "names its base model by the path '/etc'"),
+        ("~/models/sd-turbo", "names its base model by the path"),
+        ("../../outside", "leads outside the model folder"),
+        ("sub/../../outside", "leads outside the model folder"),
+        ("owner/name with spaces", "is not a valid hub id"),
+        ("owner/a--b", "is not a valid hub id"),
+        ("no-owner", "not a hub id of the form owner/name"),
+        ("", "names its base model by the path ''"),
+    ],
+)
+def test_a_base_model_outside_what_the_user_gave_is_refused(model_dir, no_backbone_lookups, base_model, message):
+    write_config(model_dir, base_model=base_model)
+    with pytest.raises(BadInputError, match=message):
+        load_pretrained(model_dir)
+    assert no_backbone_lookups == []
+
+
+def test_a_symlink_inside_the_model_folder_cannot_lead_out(model_dir, tmp_path, no_backbone_lookups):
+    (tmp_path / "elsewhere").mkdir()
+    (model_dir / "backbone").symlink_to(tmp_path / "elsewhere")
+    write_config(model_dir, base_model="backbone")
+    with pytest.raises(BadInputError, match="leads outside the model folder"):
+        load_pretrained(model_dir)
+    assert no_backbone_lookups == []
+
+
+def test_what_a_model_folder_may_name_and_what_the_user_may_override(model_dir):
+    (model_dir / "backbone").mkdir()
+    assert resolve_base_model("backbone", model_dir) == str((model_dir / "backbone").resolve())
+    assert resolve_base_model("./backbone/../backbone", model_dir) == str((model_dir / "backbone").resolve())
+    assert resolve_base_model("tiny", model_dir) == "tiny"
+    assert resolve_base_model("stabilityai/sd-turbo", model_dir) == "stabilityai/sd-turbo"
+    assert resolve_base_model("/anything/the/user/names", model_dir, given="/my/backbone") == "/my/backbone"
+    # a model naming an absolute path loads when the user names the backbone themselves
+    write_config(model_dir, base_model="/opt/sd-turbo")
+    with pytest.raises(BadInputError, match="pass the backbone yourself"):
+        load_pretrained(model_dir)
+    generator, _ = load_pretrained(model_dir, base_model="tiny")
+    assert generator.config.base_model == "/opt/sd-turbo"  # kept as written: the override is not saved into it
+
+
+@pytest.mark.parametrize("ref", ["owner/a--b", "owner/.hidden", "own er/name", "x" * 97 + "/y"])
+def test_hub_ids_are_validated_before_any_cache_or_network_use(ref, no_backbone_lookups):
+    with pytest.raises(BadInputError, match="hub id"):
+        load_model(ref)
+    with pytest.raises(BadInputError):
+        check_hub_id(ref)
+    assert no_backbone_lookups == []
+
+
+def test_a_valid_config_still_round_trips(model_dir):
+    config = GeneratorConfig.load(model_dir / CONFIG_NAME)
+    assert GeneratorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    load_pretrained(model_dir)
