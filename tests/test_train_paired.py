@@ -63,6 +63,24 @@ def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset,
     assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
 
 
+def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path, one_thread):
+    options = dict(disc="none", lambda_clipsim=0.0, max_steps=3, max_grad_norm=0.0)
+    big = make_trainer(dataset, tmp_path / "big", batch_size=6, **options)
+    accumulated = make_trainer(dataset, tmp_path / "acc", batch_size=3, gradient_accumulation_steps=2, **options)
+    grads = {}
+    for name, trainer in (("big", big), ("acc", accumulated)):
+        params = trainer.optimizer_g.param_groups[0]["params"]
+        # the update itself is Adam's (blind to a gradient's scale): compare the gradients it is given instead
+        trainer.optimizer_g.step = lambda params=params, name=name: grads.setdefault(
+            name, [p.grad.clone() for p in params]
+        )
+        logs = trainer.train_step()
+        grads[name + "_loss"] = logs["loss_g"]
+    assert abs(grads["big_loss"] - grads["acc_loss"]) < 1e-6
+    scale = max(float(g.abs().max()) for g in grads["big"])
+    assert max(float((a - b).abs().max()) for a, b in zip(grads["big"], grads["acc"])) <= 1e-5 * scale
+
+
 def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, tmp_path):
     trainer = make_trainer(
         dataset, tmp_path, mixed_precision="bf16", batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0

@@ -16,6 +16,7 @@ from (seed, step), so stopping and resuming gives the same run as going straight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,6 +58,8 @@ class PairedTrainConfig:
         unet_lora_rank, vae_lora_rank: LoRA ranks (8 / 4 in the paper's edge model).
         transform: name of the pair transform (see ``training.data``).
         batch_size: images per step (per process).
+        gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
+            is ``batch_size * gradient_accumulation_steps * processes``).
         max_steps: optimizer steps to run.
         learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimiser.
         lambda_l2, lambda_lpips, lambda_clipsim, lambda_gan: loss weights (0 turns a term and its network off).
@@ -86,6 +89,7 @@ class PairedTrainConfig:
     vae_lora_rank: int = 4
     transform: str = "resize_512"
     batch_size: int = 4
+    gradient_accumulation_steps: int = 1
     max_steps: int = 10000
     learning_rate: float = 5e-6
     lr_scheduler: str = "constant"
@@ -116,6 +120,9 @@ class PairedTrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.gradient_accumulation_steps < 1:
+            steps = self.gradient_accumulation_steps
+            raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
         unknown = set(metric_names(self.eval_metrics)) - set(EVAL_METRICS)
         if unknown:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
@@ -360,16 +367,29 @@ class PairedTrainer(TrainerBase):
         return terms
 
     def train_step(self) -> dict[str, float]:
-        """One generator step and (with a discriminator) one discriminator step."""
+        """One generator step and (with a discriminator) one discriminator step.
+
+        With ``gradient_accumulation_steps`` k > 1 each step sums the gradients of k batches (each loss divided by
+        k), so it equals one step on a k times larger batch; under DDP the gradients are all-reduced once, after the
+        last of them.
+        """
         # Every random draw of the step (DiffAugment, noise) comes from (seed, step): resuming replays it exactly.
         torch.manual_seed(step_seed(self.config.seed, self.step))
-        batch = self.batch(self.step)
-        terms = self.losses(batch)
-        logs = {k: float(v.detach()) for k, v in terms.items() if k.startswith("loss")}
-        # A NaN/Inf loss is caught before its backward pass: the whole iteration's update is dropped (see TrainerBase).
-        if not self.is_finite(terms["loss_g"]):
-            return self.skip_update(logs, "generator loss")
-        self.accelerator.backward(self.scaler.scale(terms["loss_g"]))
+        k = self.config.gradient_accumulation_steps
+        logs: dict[str, float] = {}
+        fakes = []  # (real target, detached output) of each batch, for D's step
+        for micro in range(k):
+            batch = self.batch(self.step * k + micro)
+            terms = self.losses(batch)
+            for name, value in terms.items():
+                if name.startswith("loss"):
+                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
+            # A NaN/Inf loss is caught before its backward pass: the whole iteration's update is dropped.
+            if not self.is_finite(terms["loss_g"]):
+                return self.skip_update(logs, "generator loss")
+            with self._sync_on(self.model, micro == k - 1):
+                self.accelerator.backward(self.scaler.scale(terms["loss_g"] / k))
+            fakes.append((batch["target"].to(self.device), terms["output"].detach().float()))
         if self.config.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
             norm = self.accelerator.clip_grad_norm_(
@@ -383,25 +403,38 @@ class PairedTrainer(TrainerBase):
         self.optimizer_g.zero_grad(set_to_none=True)
         bad = None
         if self.discriminator is not None:
-            from .discriminators import discriminator_loss
-
-            # The generator's GAN term also left gradients on D's heads: D must learn from its own loss only.
-            self.optimizer_d.zero_grad(set_to_none=True)
-            with self.autocast():
-                loss_d = discriminator_loss(
-                    self.discriminator, batch["target"].to(self.device), terms["output"].detach().float()
-                )
-            logs["loss_d"] = float(loss_d.detach())
-            if self.is_finite(loss_d):
-                self.accelerator.backward(self.scaler.scale(loss_d))
-                self.scaler.step(self.optimizer_d)
-                self.scheduler_d.step()
-            else:  # only D's update is dropped: G's was already applied with a finite loss
-                bad = "discriminator loss"
-                step_without_update(self.scheduler_d)
-            self.optimizer_d.zero_grad(set_to_none=True)
+            bad = self._discriminator_step(fakes, logs)
         self.scaler.update()
         return self.end_step(logs, bad)
+
+    def _sync_on(self, module: torch.nn.Module, last: bool):
+        """DDP all-reduces gradients in every backward pass; between accumulated batches that is wasted work."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(module)
+
+    def _discriminator_step(self, fakes: list[tuple], logs: dict[str, float]) -> str | None:
+        """D's own step on the iteration's real targets and generated images; returns what was not finite, if any."""
+        from .discriminators import discriminator_loss
+
+        # The generator's GAN term also left gradients on D's heads: D must learn from its own loss only.
+        self.optimizer_d.zero_grad(set_to_none=True)
+        bad, total = None, 0.0
+        for i, (real, fake) in enumerate(fakes):
+            with self.autocast():
+                loss_d = discriminator_loss(self.discriminator, real, fake) / len(fakes)
+            total += float(loss_d.detach())
+            if not self.is_finite(loss_d):  # only D's update is dropped: G's was applied with a finite loss
+                bad = "discriminator loss"
+                break
+            with self._sync_on(self.discriminator, i == len(fakes) - 1):
+                self.accelerator.backward(self.scaler.scale(loss_d))
+        logs["loss_d"] = total
+        if bad is None:
+            self.scaler.step(self.optimizer_d)
+            self.scheduler_d.step()
+        else:
+            step_without_update(self.scheduler_d)
+        self.optimizer_d.zero_grad(set_to_none=True)
+        return bad
 
     def _states(self) -> dict:
         states = super()._states()
