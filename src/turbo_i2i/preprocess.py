@@ -7,6 +7,7 @@ never as a PIL or OS traceback.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -21,8 +22,13 @@ from PIL import Image, ImageOps
 
 from .errors import BadInputError
 
+logger = logging.getLogger("turbo_i2i")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_PIXELS = 4096 * 4096
+# The decoders a file may reach, whatever its name. Pillow would otherwise try every plugin it has, some of which hand
+# the data to external programs (EPS runs Ghostscript) or parse rarely used formats; pictures come in these.
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 
 # Pillow format names for the extensions save_image writes; reading accepts whatever Pillow can identify.
 _SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
@@ -40,8 +46,12 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     """Read an image file into memory as an RGB picture, upright as its EXIF orientation says.
 
     The size is checked from the header before any pixel is decoded, so a small file that claims a huge size (a
-    decompression bomb) is refused without allocating memory. Truncated files fail instead of returning a partly
+    decompression bomb) is refused without allocating memory; so is a strip whose model size (see
+    :func:`model_size`) would exceed ``max_pixels``. Truncated files fail instead of returning a partly
     grey picture.
+
+    Only the formats in ``READ_FORMATS`` are decoded (PNG, JPEG, WebP, BMP, GIF, TIFF), whatever the file is
+    called. Of an animated GIF or WebP the first frame is used, with a warning on the ``turbo_i2i`` logger.
 
     Args:
         path: the image file.
@@ -58,10 +68,12 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     try:
         # PIL warns (DecompressionBombWarning) above its own global limit; max_pixels is checked explicitly below,
         # so the caller's limit, not PIL's global one, decides.
+        Image.init()  # registers every plugin: open(formats=...) looks each named one up (TIFF, WebP load lazily)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=READ_FORMATS) as image:
                 _check_size(image.size, max_pixels, f"Image '{path}'")
+                _note_animation(image, f"Image '{path}'")
                 image.load()
                 return _to_rgb(_upright(image, path), path)
     except (BadInputError, MemoryError):
@@ -75,7 +87,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         ) from exc
     except Image.UnidentifiedImageError as exc:
         raise BadInputError(
-            f"'{path}' is not an image Pillow can read; use one of {', '.join(IMAGE_EXTENSIONS)}."
+            f"'{path}' is not an image turbo-i2i reads (PNG, JPEG, WebP, BMP, GIF or TIFF); use one of"
+            f" {', '.join(IMAGE_EXTENSIONS)}."
         ) from exc
     except PermissionError as exc:
         raise BadInputError(f"Image '{path}' cannot be read (permission denied); check its permissions.") from exc
@@ -107,6 +120,7 @@ def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = 
         raise BadInputError(f"Expected an image path or a PIL image, got a {type(image).__name__}; pass one of those.")
     name = _describe(image)
     _check_size(image.size, max_pixels, name)
+    _note_animation(image, name)
     try:
         # An image straight from Image.open is still lazy; a truncated file only fails here.
         image.load()
@@ -369,7 +383,11 @@ def _check_is_file(path: Path) -> None:
 
 
 def _check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
-    """Refuse empty images and images with more than ``max_pixels`` pixels, using the size alone."""
+    """Refuse empty images and images with more than ``max_pixels`` pixels, using the size alone.
+
+    The size the model would run at counts too: a tiny file holding a 1 x 4000 strip is scaled up to 64 x 256000,
+    so without this check a few bytes could demand gigabytes of model memory (a decompression bomb one step later).
+    """
     width, height = size
     if width < 1 or height < 1:
         raise BadInputError(f"{name} is {width}x{height} and has no pixels; use a non-empty image.")
@@ -378,6 +396,21 @@ def _check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
             f"{name} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} pixels; "
             "downscale it or raise the limit (max_pixels)."
         )
+    if math.isfinite(max_pixels):
+        try:  # every image runs at 64 x 64 or more, so a limit below that cannot refuse small pictures
+            model_size(width, height, max_pixels=max(int(max_pixels), 64 * 64))
+        except BadInputError as exc:
+            raise BadInputError(f"{name}: {exc}") from None
+
+
+def _note_animation(image: Image.Image, name: str) -> None:
+    """Warn that only the current (first) frame of an animated image is used."""
+    try:
+        animated = bool(getattr(image, "is_animated", False))
+    except Exception:  # counting frames reads the file; a damaged one fails later, in load(), with its own message
+        animated = False
+    if animated:
+        logger.warning("%s is animated; only its first frame is used.", name)
 
 
 def _is_number(value: object) -> bool:
