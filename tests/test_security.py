@@ -332,3 +332,56 @@ def test_a_valid_config_still_round_trips(model_dir):
     config = GeneratorConfig.load(model_dir / CONFIG_NAME)
     assert GeneratorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     load_pretrained(model_dir)
+
+
+# --- one caller's request never mixes with another's ----------------------------------------------------------------
+
+PROMPTS = [f"a {colour} circle on a {ground} background" for colour, ground in zip(
+    ("red", "green", "blue", "cyan", "pink", "white", "black", "orange"),
+    ("blue", "red", "yellow", "grey", "green", "black", "white", "purple"),
+)]  # fmt: skip
+
+
+def _images(n, size=32):
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _concurrently(translator, requests, rounds=2):
+    """Run every request from its own thread, all released at once by a barrier, ``rounds`` times each."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    barrier = Barrier(len(requests))
+
+    def call(kwargs):
+        results = []
+        for _ in range(rounds):
+            barrier.wait()
+            results.append(np.asarray(translator(**kwargs)))
+        return results
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(call, requests))
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["deterministic", "stochastic-r-seed"])
+def test_eight_threads_each_get_the_result_of_their_own_request(tmp_path, stochastic):
+    from conftest import make_generator
+
+    from turbo_i2i.checkpoints import save_pretrained
+    from turbo_i2i.pipeline import Translator
+
+    generator, _ = make_generator(stochastic=stochastic, trained_seed=5)
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "m"))
+    images = _images(8)
+    requests = [{"images": image, "prompt": prompt} for image, prompt in zip(images, PROMPTS)]
+    if stochastic:  # a different faithfulness and noise map per caller, too
+        for i, request in enumerate(requests):
+            request.update(r=[0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0][i], seed=100 + i)
+    alone = [np.asarray(translator(**request)) for request in requests]
+    assert len({a.tobytes() for a in alone}) == 8  # the requests really differ
+    together = _concurrently(translator, requests)
+    for i, results in enumerate(together):
+        for result in results:
+            assert np.array_equal(result, alone[i]), f"caller {i} got another caller's result"
