@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from turbo_i2i.cli import main
-from turbo_i2i.errors import CheckpointWriteError, TrainingDivergedError
+from turbo_i2i.errors import BadInputError, CheckpointWriteError, TrainingDivergedError
 from turbo_i2i.training import loop
 from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import OPTIMIZER_STATE, TRAINER_STATE, TrainerBase
@@ -304,3 +304,59 @@ def test_exploding_training_stops_through_the_cli_with_exit_1(dataset, tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "Training stopped at step 3" in err and "steps 2-3" in err and "step_0000002 (step 2)" in err
+
+
+def test_unpaired_training_skips_nan_steps_through_the_same_loop(tmp_path):
+    """Both trainers share TrainerBase's handling: joint and separate generator steps."""
+    from test_train_unpaired import make_trainer as make_unpaired_trainer
+    from test_train_unpaired import make_unpaired
+
+    data = make_unpaired(tmp_path / "data", n=6)
+    for mode in ("joint", "separate"):
+        trainer = make_unpaired_trainer(data, tmp_path / mode, step_mode=mode, max_bad_steps=2)
+        if mode == "joint":
+
+            def losses(real_a, real_b, compute=trainer.losses):
+                terms, images = compute(real_a, real_b)
+                return {**terms, "loss_g": terms["loss_g"] / 0}, images  # Inf
+
+            trainer.losses = losses
+        else:  # the first of the three generator steps (cycle) fails: the other two and D are skipped too
+
+            def cycle(real_a, real_b, terms, images, compute=trainer._cycle):
+                compute(real_a, real_b, terms, images)
+                terms["loss_cycle_a"] = terms["loss_cycle_a"] * float("nan")
+
+            trainer._cycle = cycle
+        weights = {k: v.clone() for k, v in trainer.unwrapped.trained_state_dict().items()}
+        d_weights = {k: v.detach().clone() for k, v in trainer.discriminator.named_parameters()}
+        logs = trainer.train_step()
+        assert logs["skipped_steps"] == 1 and trainer.step == 1, mode
+        assert all(torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items()), mode
+        assert all(torch.equal(v, d_weights[k]) for k, v in trainer.discriminator.named_parameters()), mode
+        trainer.train_step()
+        with pytest.raises(TrainingDivergedError, match="Training stopped at step 3.*steps 1-3"):
+            trainer.train_step()
+
+
+def test_resuming_from_a_damaged_or_hostile_checkpoint_is_bad_input(dataset, tmp_path):
+    import builtins
+    import pickle
+
+    trainer = make_trainer(dataset, tmp_path, max_steps=2, checkpoint_every=2)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoints" / "step_0000002"
+    marker = tmp_path / "ran"
+
+    class WritesMarker:
+        def __reduce__(self):
+            return builtins.exec, (f"open({str(marker)!r}, 'w').write('code ran')",)
+
+    (checkpoint / OPTIMIZER_STATE).write_bytes(pickle.dumps({"optimizer_g": WritesMarker()}))
+    with pytest.raises(BadInputError, match=r"Cannot resume from .*step_0000002.*UnpicklingError"):
+        make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
+    assert not marker.exists()
+    weights = checkpoint / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BadInputError, match=r"Cannot resume from .*step_0000002.*SafetensorError"):
+        make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
