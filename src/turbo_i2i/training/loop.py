@@ -194,10 +194,22 @@ class TrainerBase:
 
     # --- numerical faults ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def is_finite(value: torch.Tensor) -> bool:
-        """Whether every element of a loss or gradient norm is finite (no NaN, no Inf)."""
-        return bool(torch.isfinite(value.detach()).all())
+    def is_finite(self, value: torch.Tensor) -> bool:
+        """Whether every element of a loss or gradient norm is finite (no NaN, no Inf) on every process.
+
+        Under data parallelism the processes must agree: one skipping its backward pass while the others run theirs
+        would leave DDP's gradient all-reduce waiting forever, so a NaN on any process skips the step on all.
+
+        Args:
+            value: the loss or gradient norm of this process.
+
+        Returns:
+            True when it is finite everywhere.
+        """
+        bad = (~torch.isfinite(value.detach())).any().float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.reshape(1), reduction="sum")
+        return not bool(bad.sum())
 
     def skip_update(self, logs: dict[str, float], what: str) -> dict[str, float]:
         """Drop this iteration's update after a non-finite ``what``: no optimiser step, gradients cleared.
