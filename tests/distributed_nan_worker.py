@@ -1,15 +1,20 @@
-"""Run by torch.distributed.run from test_training_faults.py: rank 1 alone sees a NaN loss at step 1.
+"""Run by torch.distributed.run from test_training_faults.py: rank 1 alone sees a NaN loss at step 1, then the main
+process alone fails to write a checkpoint (a full disk).
 
-Each rank writes its trained weights and its count of skipped steps, so the test can check that both ranks skipped
-the same step (no rank left waiting in DDP's all-reduce) and stayed identical.
+Each rank writes its trained weights, its count of skipped steps and the error its checkpoint call raised, so the
+test can check that both ranks skipped the same step and both stopped at the failed write (no rank left waiting in a
+collective call) and stayed identical.
 """
 
+import errno
 import json
 import sys
 
 import torch
 from safetensors.torch import save_file
 
+from turbo_i2i.errors import CheckpointWriteError
+from turbo_i2i.training import loop
 from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
 
 dataset, out = sys.argv[1], sys.argv[2]
@@ -36,5 +41,17 @@ trainer.losses = losses
 for _ in range(3):
     logs = trainer.train_step()
 save_file(trainer.unwrapped.trained_state_dict(), f"{out}/rank{rank}.safetensors")
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+loop.save_model = disk_full  # only the main process writes, so only it meets the full disk
+try:
+    trainer.save_checkpoint()
+    raised = None
+except CheckpointWriteError as error:
+    raised = str(error)
 with open(f"{out}/rank{rank}.json", "w") as f:
-    json.dump({"skipped_steps": trainer.skipped_steps, "step": trainer.step}, f)
+    json.dump({"skipped_steps": trainer.skipped_steps, "step": trainer.step, "raised": raised}, f)

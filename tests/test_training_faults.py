@@ -362,9 +362,10 @@ def test_resuming_from_a_damaged_or_hostile_checkpoint_is_bad_input(dataset, tmp
         make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
 
 
-def test_a_nan_on_one_process_skips_the_step_on_all(dataset, tmp_path):
+def test_faults_on_one_process_stop_or_skip_on_all(dataset, tmp_path):
     """Under data parallelism (2 CPU processes, gloo) a NaN seen by rank 1 alone skips the step on both ranks, so
-    neither waits forever in DDP's all-reduce, and the two stay identical."""
+    neither waits forever in DDP's all-reduce, and the two stay identical; a checkpoint write that fails on the main
+    process stops both."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
     script = Path(__file__).with_name("distributed_nan_worker.py")
@@ -373,7 +374,11 @@ def test_a_nan_on_one_process_skips_the_step_on_all(dataset, tmp_path):
         [*launch, str(script), str(dataset), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"skipped_steps": 1, "step": 3}
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(report["skipped_steps"] == 1 and report["step"] == 3 for report in reports)
+    # the main process's failed checkpoint write stops both processes, each with a message
+    assert "No space left on device" in reports[0]["raised"]
+    folder = tmp_path / "checkpoints" / "step_0000003"
+    assert reports[1]["raised"] == f"The main process could not write {folder}; see its message."
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

@@ -301,6 +301,7 @@ class TrainerBase:
         """
         root = self.output_dir / "checkpoints"
         folder = root / f"step_{self.step:07d}"
+        failure = None
         if self.accelerator.is_main_process:
             partial = root / f".{folder.name}.partial"
             shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
@@ -308,14 +309,29 @@ class TrainerBase:
                 self._write_checkpoint(partial)
             except WRITE_ERRORS as error:
                 shutil.rmtree(partial, ignore_errors=True)  # a half checkpoint would only take the space back
-                raise CheckpointWriteError(self._write_failed_message(folder, error)) from error
-            if folder.exists():  # the same step saved again (e.g. after a resume): replace it
-                shutil.rmtree(folder)
-            os.replace(partial, folder)
-            for old in self.checkpoints()[: -max(1, self.config.keep_checkpoints)]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
+                failure = CheckpointWriteError(self._write_failed_message(folder, error))
+                failure.__cause__ = error
+            else:
+                if folder.exists():  # the same step saved again (e.g. after a resume): replace it
+                    shutil.rmtree(folder)
+                os.replace(partial, folder)
+                for old in self.checkpoints()[: -max(1, self.config.keep_checkpoints)]:
+                    shutil.rmtree(old)
+        self._stop_all_if(failure, folder)
         return folder
+
+    def _stop_all_if(self, failure: CheckpointWriteError | None, folder: Path) -> None:
+        """Raise ``failure`` on the main process and a matching error on every other one.
+
+        Only the main process writes; the others would otherwise wait for it forever in ``wait_for_everyone``.
+        """
+        if self.accelerator.num_processes > 1:
+            failed = torch.tensor([float(failure is not None)], device=self.accelerator.device)
+            if float(self.accelerator.reduce(failed, reduction="sum").sum()) and failure is None:
+                failure = CheckpointWriteError(f"The main process could not write {folder}; see its message.")
+        if failure is not None:
+            raise failure
+        self.accelerator.wait_for_everyone()
 
     def _write_checkpoint(self, partial: Path) -> None:
         save_pretrained(self.unwrapped, partial / "model", self._text_encoder_to_save)
@@ -397,6 +413,7 @@ class TrainerBase:
             CheckpointWriteError: it could not be written (the checkpoints are intact).
         """
         folder = self.output_dir / "model"
+        failure = None
         if self.accelerator.is_main_process:
             partial = self.output_dir / ".model.partial"
             shutil.rmtree(partial, ignore_errors=True)
@@ -404,11 +421,13 @@ class TrainerBase:
                 save_pretrained(self.unwrapped, partial, self._text_encoder_to_save)
             except WRITE_ERRORS as error:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise CheckpointWriteError(self._write_failed_message(folder, error)) from error
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(partial, folder)
-        self.accelerator.wait_for_everyone()
+                failure = CheckpointWriteError(self._write_failed_message(folder, error))
+                failure.__cause__ = error
+            else:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(partial, folder)
+        self._stop_all_if(failure, folder)
         return folder
 
     def train(self, resume: bool | str | Path = False, stop_at: int | None = None) -> dict[str, float]:
