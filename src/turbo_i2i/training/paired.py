@@ -44,6 +44,7 @@ from .loop import (
 from .losses import loss_l2
 
 logger = logging.getLogger("turbo_i2i")
+STOCHASTIC_DEFAULT_R = 0.4  # the released sketch model's default
 
 
 @dataclass
@@ -55,6 +56,10 @@ class PairedTrainConfig:
         output_dir: run folder: checkpoints/, the exported model/ and eval images.
         base_model: backbone hub id, folder or built-in name.
         train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
+        from_model: start from this model's trained weights (a named model, model folder or official .pkl on the
+            same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model for a sketch model.
+        stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
+            noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
         unet_lora_rank, vae_lora_rank: LoRA ranks (8 / 4 in the paper's edge model).
         transform: name of the pair transform (see ``training.data``).
         batch_size: images per step (per process).
@@ -85,6 +90,8 @@ class PairedTrainConfig:
     output_dir: str
     base_model: str = "stabilityai/sd-turbo"
     train_all: bool = False
+    from_model: str | None = None
+    stochastic: bool = False
     unet_lora_rank: int = 8
     vae_lora_rank: int = 4
     transform: str = "resize_512"
@@ -120,6 +127,9 @@ class PairedTrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.stochastic and self.gradient_checkpointing:
+            # the recomputation in the backward pass would run at the trained strength, not at the step's r
+            raise BadInputError("--stochastic cannot be combined with --gradient-checkpointing yet.")
         if self.gradient_accumulation_steps < 1:
             steps = self.gradient_accumulation_steps
             raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
@@ -198,16 +208,17 @@ class TextConditionedGenerator(torch.nn.Module):
         self.generator = generator
         self.text_encoder = text_encoder
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor, r: float | None = None) -> torch.Tensor:
         """Args:
             x: input images.
             condition: token ids (N, 77) when the text encoder is trained, else its cached outputs (N, 77, D).
+            r: the stochastic model's r for this batch (None: deterministic models).
 
         Returns:
             translated images in [-1, 1].
         """
         embeds = self.text_encoder(condition)[0] if condition.dtype == torch.long else condition
-        return self.generator(x, embeds)
+        return self.generator(x, embeds, r=r)
 
 
 class PairedTrainer(TrainerBase):
@@ -253,6 +264,8 @@ class PairedTrainer(TrainerBase):
             unet_lora_rank=config.unet_lora_rank,
             vae_lora_rank=config.vae_lora_rank,
             train_all=config.train_all,
+            stochastic=config.stochastic,
+            default_r=STOCHASTIC_DEFAULT_R if config.stochastic else None,
             prompts={"a2b": config.default_prompt} if config.default_prompt else {},
         )
         if backbone is None:
@@ -264,6 +277,10 @@ class PairedTrainer(TrainerBase):
         self.tokenizer, self.text_encoder = backbone.tokenizer, backbone.text_encoder
         if config.train_all:
             init_from_scratch(self.generator)
+        if config.from_model:
+            from .warm_start import warm_start
+
+            warm_start(self.generator, config.from_model)
         self.generator.set_trainable(True)
         if config.mixed_precision in HALF_PRECISION:
             # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
@@ -350,7 +367,9 @@ class PairedTrainer(TrainerBase):
         x = batch["input"].to(self.device)
         y = batch["target"].to(self.device)
         with self.autocast():
-            out = self.model(x, self.condition(batch["prompt"]))
+            # the stochastic model learns every strength: r uniform in [0, 1], from the step's seeded RNG
+            r = float(torch.rand(())) if cfg.stochastic else None
+            out = self.model(x, self.condition(batch["prompt"]), r=r)
             terms = {"loss_l2": loss_l2(out.float(), y.float())}
             if self.lpips is not None:
                 terms["loss_lpips"] = self.lpips(out.float(), y.float())
