@@ -317,6 +317,15 @@ def test_what_a_model_folder_may_name_and_what_the_user_may_override(model_dir):
         load_pretrained(model_dir)
     generator, _ = load_pretrained(model_dir, base_model="tiny")
     assert generator.config.base_model == "/opt/sd-turbo"  # kept as written: the override is not saved into it
+    # the same from the command line: refused with the flag to use, then loaded with it
+    from turbo_i2i.cli import main
+
+    source = model_dir.parent / "in.png"
+    Image.new("RGB", (32, 32), "white").save(source)
+    out = model_dir.parent / "o.png"
+    args = ["translate", "--model", str(model_dir), "--input", str(source), "--output", str(out)]
+    assert main(args) == 2
+    assert main([*args, "--base-model", "tiny"]) == 0 and out.is_file()
 
 
 @pytest.mark.parametrize("ref", ["owner/a--b", "owner/.hidden", "own er/name", "x" * 97 + "/y"])

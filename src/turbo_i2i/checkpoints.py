@@ -113,7 +113,10 @@ def resolve_base_model(base_model: str, folder: str | Path, given: str | os.Path
     if base_model in BUILTIN_BACKBONES:
         return base_model
     root = Path(folder).resolve()
-    how = "If you trust it, pass the backbone yourself: load_pretrained(folder, base_model=...)."
+    how = (
+        "If you trust it, pass the backbone yourself: --base-model PATH on the command line,"
+        " Translator.from_pretrained(folder, base_model=...) in Python."
+    )
     if not base_model or Path(base_model).is_absolute() or base_model.startswith("~"):
         raise BadInputError(
             f"{Path(folder) / CONFIG_NAME} names its base model by the path {base_model!r}: a model folder may only"

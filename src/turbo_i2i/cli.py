@@ -19,6 +19,9 @@ logger = logging.getLogger("turbo_i2i")
 def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="translate an image, a folder of images (sub-folders too) or a video")
     p.add_argument("--model", default="demo-circles", help="named model, model folder, official .pkl or hub id")
+    p.add_argument(
+        "--base-model", help="backbone to load the model on (hub id or local diffusers folder) instead of its own"
+    )
     p.add_argument("--input", required=True, help="an image, a folder of images (sub-folders too) or a video (.mp4)")
     p.add_argument("--output", required=True, help="output file (image or video) or folder (mirrors the input's tree)")
     p.add_argument("--prompt", help="caption of the output (default: the model's)")
@@ -208,8 +211,9 @@ def _translate(args: argparse.Namespace) -> int:
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     translator = Translator.from_pretrained(
-        args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile
-    )
+        args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile,
+        base_model=args.base_model,
+    )  # fmt: skip
     options = dict(
         prompt=args.prompt, direction=args.direction, r=args.r,
         edges=None if args.edges == "none" else args.edges, canny_thresholds=(args.canny_low, args.canny_high),

@@ -79,6 +79,7 @@ class Translator:
         dtype: torch.dtype = torch.float32,
         fast: bool = True,
         compile: bool = False,
+        base_model: str | os.PathLike | None = None,
     ) -> Translator:
         """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
 
@@ -89,11 +90,15 @@ class Translator:
             fast: merge LoRA into the base weights, and use channels-last memory on GPU (same results up to float
                 rounding).
             compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones).
+            base_model: the backbone to load the model on (a hub id or local diffusers folder) instead of the one its
+                config names; needed for a model trained on a local backbone folder (see ``registry.load_model``).
 
         Returns:
             a ``Translator``.
         """
-        generator, backbone = load_model(name_or_path, device=device, dtype=torch.float32 if fast else dtype)
+        generator, backbone = load_model(
+            name_or_path, device=device, dtype=torch.float32 if fast else dtype, base_model=base_model
+        )
         return cls(generator, backbone, fast=fast, dtype=dtype if fast else None, compile=compile)
 
     @property
