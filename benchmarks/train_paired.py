@@ -28,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -74,7 +73,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
     from accelerate import Accelerator
 
     from turbo_i2i.backbone import load_backbone
-    from turbo_i2i.benchmark import PeakMemory, random_backbone
+    from turbo_i2i.benchmark import random_backbone, time_steps
     from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
     from turbo_i2i.training.pretrained import load_clip, load_lpips, tiny_clip, tiny_lpips
 
@@ -96,24 +95,10 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
         )
         trained = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
 
-        def sync():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        times = []
-        with PeakMemory(dev) as memory:
-            for i in range(warmup + steps):
-                sync()
-                started = time.perf_counter()
-                trainer.train_step()
-                sync()
-                if i >= warmup:
-                    times.append(time.perf_counter() - started)
+        times, peak = time_steps(trainer.train_step, dev, warmup, steps)
     return dict(
         case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
-        seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=memory.peak / GIB,
+        seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
     )  # fmt: skip
 
 

@@ -35,7 +35,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -106,7 +105,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
     Returns:
         the measurement.
     """
-    from turbo_i2i.benchmark import PeakMemory
+    from turbo_i2i.benchmark import time_steps
     from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
     dev = torch.device(device)
@@ -132,25 +131,11 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
 
-        def sync():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        times = []
-        with PeakMemory(dev) as memory:
-            for i in range(warmup + iters):
-                sync()
-                started = time.perf_counter()
-                trainer.train_step()
-                sync()
-                if i >= warmup:
-                    times.append(time.perf_counter() - started)
+        times, peak = time_steps(trainer.train_step, dev, warmup, iters)
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
-            seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=memory.peak / GIB,
+            seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
         return result

@@ -377,6 +377,32 @@ def _equivalence(
     return {"size": size, "fast_float32": diff(fast_fp32), f"fast_{dtype_name(translator.dtype)}": diff(fast)}
 
 
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], int]:
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, and the peak memory of all.
+
+    Args:
+        step: one training step (or any call) to time.
+        device: where it runs (CUDA is synchronised around each call).
+        warmup: untimed calls first (their memory counts: the first step allocates the optimiser states).
+        repeats: timed calls.
+
+    Returns:
+        (seconds per timed call, peak bytes: ``torch.cuda.max_memory_allocated`` or the sampled peak RSS).
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    times = []
+    with PeakMemory(device) as memory:
+        for i in range(warmup + repeats):
+            _sync(device)
+            started = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - started)
+    return times, memory.peak
+
+
 def run_worker(command: list[str], timeout: float) -> dict:
     """Run one benchmark case in a fresh process (so its memory is its own) and read the JSON line it prints last.
 
