@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +30,9 @@ from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .data import PairedDataset, collate
 from .loop import (
-    EVAL_METRICS,
     HALF_PRECISION,
     Metrics,
+    TrainConfig,
     TrainerBase,
     cast_frozen,
     make_accelerator,
@@ -48,104 +48,43 @@ STOCHASTIC_DEFAULT_R = 0.4  # the released sketch model's default
 
 
 @dataclass
-class PairedTrainConfig:
-    """Everything a paired run depends on; saved beside each checkpoint so a resume uses the same settings.
+class PairedTrainConfig(TrainConfig):
+    """Everything a paired run depends on: ``TrainConfig``'s options (with its defaults, the paper's edge model recipe:
+    UNet / VAE LoRA rank 8 / 4, ``resize_512``, batch 4, learning rate 5e-6) and these.
 
     Args:
         dataset: a folder in the paired layout (train_A/, train_B/, train_prompts.json, test_*) or a .jsonl manifest.
-        output_dir: run folder: checkpoints/, the exported model/ and eval images.
-        base_model: backbone hub id, folder or built-in name.
         train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
         from_model: start from this model's trained weights (a named model, model folder or official .pkl on the
             same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model for a sketch model.
         stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
             noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
-        unet_lora_rank, vae_lora_rank: LoRA ranks (8 / 4 in the paper's edge model).
-        transform: name of the pair transform (see ``training.data``).
-        batch_size: images per step (per process).
         gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
             is ``batch_size * gradient_accumulation_steps * processes``).
-        max_steps: optimizer steps to run.
-        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimiser.
-        lambda_l2, lambda_lpips, lambda_clipsim, lambda_gan: loss weights (0 turns a term and its network off).
-        disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
-        mixed_precision: "no", "bf16" or "fp16".
-        gradient_checkpointing: recompute activations in the backward pass.
-        seed: seeds the generator init and every step's randomness.
-        checkpoint_every, eval_every: in steps.
-        num_eval: test pairs evaluated (all when 0); the first four are also saved as an input/output/target grid.
-        eval_metrics: comma-separated metrics besides L2, LPIPS and CLIP-sim: "fid" (clean-fid of the outputs vs. the
-            test targets; needs 2+ test pairs) and "dino_structure" (DINO ViT-B/8 distance of input and output).
-        keep_checkpoints: how many of the newest checkpoints are kept.
-        max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
-            many in a row stop the run, naming the step and the last checkpoint.
-        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
-        skip_bad: skip bad pairs with a warning instead of refusing the data set.
+        lambda_l2, lambda_lpips, lambda_clipsim: loss weights (0 turns a term and its network off).
         default_prompt: recorded as the exported model's default prompt.
-        lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
-        inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
+
+    ``num_eval`` test pairs are scored with L2, LPIPS and CLIP-sim besides ``eval_metrics``; the first four are also
+    saved as an input/output/target grid.
     """
 
-    dataset: str
-    output_dir: str
-    base_model: str = "stabilityai/sd-turbo"
     train_all: bool = False
     from_model: str | None = None
     stochastic: bool = False
-    unet_lora_rank: int = 8
-    vae_lora_rank: int = 4
-    transform: str = "resize_512"
-    batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    max_steps: int = 10000
-    learning_rate: float = 5e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
     lambda_l2: float = 1.0
     lambda_lpips: float = 5.0
     lambda_clipsim: float = 5.0
-    lambda_gan: float = 0.5
-    disc: str = "clip"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    num_eval: int = 16
-    eval_metrics: str = "fid"
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5
-    report_to: str = "tensorboard"
-    skip_bad: bool = False
     default_prompt: str | None = None
-    lpips_path: str | None = None
-    clip_path: str | None = None
-    inception_path: str | None = None
-    dino_path: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.stochastic and self.gradient_checkpointing:
             # the recomputation in the backward pass would run at the trained strength, not at the step's r
             raise BadInputError("--stochastic cannot be combined with --gradient-checkpointing yet.")
         if self.gradient_accumulation_steps < 1:
             steps = self.gradient_accumulation_steps
             raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
-        unknown = set(metric_names(self.eval_metrics)) - set(EVAL_METRICS)
-        if unknown:
-            raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
-        if self.max_bad_steps < 0:
-            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PairedTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInputError(f"Unknown training options: {', '.join(unknown)}.")
-        return cls(**data)
 
 
 PRESETS: dict[str, dict] = {

@@ -34,7 +34,7 @@ text encoder is freed once the two captions are encoded; ``use_8bit_adam`` keeps
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,12 +46,11 @@ from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .loop import (
-    EVAL_METRICS,
     Metrics,
+    TrainConfig,
     TrainerBase,
     cast_frozen,
     make_accelerator,
-    metric_names,
     step_seed,
     step_without_update,
 )
@@ -64,83 +63,41 @@ DISC_KINDS = ("clip", "patchgan", "none")
 
 
 @dataclass
-class UnpairedTrainConfig:
-    """Everything an unpaired run depends on; saved beside each checkpoint so a resume uses the same settings.
+class UnpairedTrainConfig(TrainConfig):
+    """Everything an unpaired run depends on: ``TrainConfig``'s options, with the public CycleGAN-Turbo recipe's
+    defaults (UNet LoRA rank 128 with alpha = rank, the 256 px random crop, batch 1 per domain, learning rate 1e-5,
+    25000 steps, gradient clipping at 10, FID and DINO structure), and these.
 
     Args:
         dataset: a folder in the unpaired layout (train_A/, train_B/, fixed_prompt_a.txt, fixed_prompt_b.txt, test_*).
-        output_dir: run folder: checkpoints/ and the exported model/.
-        base_model: backbone hub id, folder or built-in name.
-        unet_lora_rank: rank of the three UNet adapters (alpha = rank, as in the public recipe).
-        vae_lora_rank: rank of each direction's VAE adapter.
-        transform: training transform (see ``training.data``); the public recipe's 256 px random crop by default.
         eval_transform: transform of the test images (deterministic).
-        batch_size: images of each domain per step.
-        max_steps: iterations to run.
-        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimisers (G and D).
         use_8bit_adam: bitsandbytes' 8-bit AdamW for the generator (needs ``bitsandbytes``).
-        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips, lambda_gan: loss weights (see the module).
-        disc: discriminators: "clip" (vision-aided), "patchgan" or "none".
+        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips: loss weights (see the module).
         d_real_target: label of real images for D ("multilevel_sigmoid" of the public recipe: 1).
         step_mode: "joint" (one generator step, six passes) or "separate" (the public three steps, eight passes).
-        mixed_precision: "no" or "bf16" (trainable weights stay fp32; the frozen backbone is stored in bf16).
-        gradient_checkpointing: recompute UNet and VAE block activations in the backward pass.
-        seed: seeds the init, the pairing and every step's randomness.
-        checkpoint_every, eval_every: in steps.
-        num_eval: test images per domain evaluated (all when 0).
-        eval_metrics: comma-separated metrics besides the cycle L1, per direction: "fid" (clean-fid, outputs vs. the
-            target domain's test images; needs 2+ test images) and "dino_structure" (DINO ViT-B/8 self-similarity
-            distance of input and output); "" for none.
-        skip_bad: skip unreadable images with a warning instead of refusing the data set.
-        lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
-        inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
-        keep_checkpoints: how many of the newest checkpoints are kept.
-        max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
-            many in a row stop the run, naming the step and the last checkpoint.
-        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
+
+    ``mixed_precision`` is "no" or "bf16" here; ``num_eval`` counts test images per domain, scored with the cycle L1
+    besides ``eval_metrics``.
     """
 
-    dataset: str
-    output_dir: str
-    base_model: str = "stabilityai/sd-turbo"
     unet_lora_rank: int = 128
-    vae_lora_rank: int = 4
     transform: str = "resize_286_randomcrop_256x256_hflip"
-    eval_transform: str = "no_resize"
     batch_size: int = 1
     max_steps: int = 25000
     learning_rate: float = 1e-5
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    adam_weight_decay: float = 1e-2
     max_grad_norm: float = 10.0
+    eval_metrics: str = "fid,dino_structure"
+    eval_transform: str = "no_resize"
     use_8bit_adam: bool = False
     lambda_cycle: float = 1.0
     lambda_cycle_lpips: float = 10.0
     lambda_idt: float = 1.0
     lambda_idt_lpips: float = 1.0
-    lambda_gan: float = 0.5
-    disc: str = "clip"
     d_real_target: float = 1.0
     step_mode: str = "joint"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    num_eval: int = 16
-    eval_metrics: str = "fid,dino_structure"
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5
-    report_to: str = "tensorboard"
-    skip_bad: bool = False
-    lpips_path: str | None = None
-    clip_path: str | None = None
-    inception_path: str | None = None
-    dino_path: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, value, allowed in (
             ("step_mode", self.step_mode, STEP_MODES),
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
@@ -148,25 +105,6 @@ class UnpairedTrainConfig:
         ):
             if value not in allowed:
                 raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
-        unknown = set(self.metric_names) - set(EVAL_METRICS)
-        if unknown:
-            raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
-        if self.max_bad_steps < 0:
-            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        """The names in ``eval_metrics``."""
-        return metric_names(self.eval_metrics)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UnpairedTrainConfig:
-        """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInputError(f"Unknown training options: {', '.join(unknown)}.")
-        return cls(**data)
 
 
 def reconstruction_loss(
