@@ -23,7 +23,6 @@ Writes ``OUT.json`` and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -39,7 +38,6 @@ CASES = {
     "bf16": dict(mixed_precision="bf16", gradient_checkpointing=False),
     "bf16-ckpt": dict(mixed_precision="bf16", gradient_checkpointing=True),
 }
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd-turbo-architecture"
 GIB = 2**30
 
 
@@ -102,17 +100,6 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
     )  # fmt: skip
 
 
-def _in_subprocess(args: argparse.Namespace, case: str, size: int) -> dict:
-    from turbo_i2i.benchmark import run_worker
-
-    command = [
-        sys.executable, __file__, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
-        "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
-        "--warmup", str(args.warmup),
-    ]  # fmt: skip
-    return {"case": case, "size": size, **run_worker(command, args.timeout)}
-
-
 def markdown(report: dict) -> str:
     """The results as a markdown table with ratios to fp32 at the same size."""
     lines = [
@@ -138,32 +125,16 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--config", choices=("full", "tiny"), default="full")
-    parser.add_argument("--reference", type=Path, default=REFERENCE)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
-    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:  # one case, in this (fresh) process
+    from turbo_i2i.benchmark import machine_description, run_training_cases, training_benchmark_arguments, write_report
+
+    args = training_benchmark_arguments(argv, __doc__.splitlines()[0], list(CASES), list(CASES), [512])
+    if args.worker:  # one case, in this (fresh) process: its measurement as one JSON line
         print(json.dumps(run_case(args.cases[0], args.sizes[0], args.device, args.config, args.reference,
                                   args.steps, args.warmup)))  # fmt: skip
         return 0
-    from turbo_i2i.benchmark import machine_description, write_report
-
-    results = []
-    for size in args.sizes:
-        for case in args.cases:
-            results.append(_in_subprocess(args, case, size))
-            print(json.dumps(results[-1]), file=sys.stderr)
     report = dict(
         machine=machine_description(torch.device(args.device)), config=args.config, steps=args.steps,
-        warmup=args.warmup, results=results,
+        warmup=args.warmup, results=run_training_cases(__file__, args),
         memory="torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (sampled)",
     )  # fmt: skip
     write_report(args.out, report, markdown(report))

@@ -30,7 +30,6 @@ Writes ``OUT.json`` (every measurement) and ``OUT.md`` (the table).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -50,10 +49,6 @@ CASES = {
     ),
 }
 DEFAULT_CASES = ("public", "ours-fp32", "ours-bf16-ckpt")
-# The SD-Turbo configs: shared/ beside the checkout here, inside it on machines that copy the working tree with it.
-_REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = [root / "shared" / "reference" / "sd-turbo-architecture" for root in (_REPO, _REPO.parent)]
-REFERENCE = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[-1])
 GIB = 2**30
 
 
@@ -144,23 +139,12 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
 # ------------------------------------------------------------------------------------------------------ the whole run
 
 
-def _run_in_subprocess(args: argparse.Namespace, case: str, size: int) -> dict:
-    from turbo_i2i.benchmark import run_worker
-
-    command = [
-        sys.executable, __file__, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
-        "--config", args.config, "--reference", str(args.reference), "--iters", str(args.iters),
-        "--warmup", str(args.warmup),
-    ]  # fmt: skip
-    return {"case": case, "size": size, **run_worker(command, args.timeout)}
-
-
 def markdown(report: dict) -> str:
     """The results as a markdown table, with the ratios to the public schedule at the same size."""
     lines = [
         f"Unpaired training, {report['config']} architecture with random weights, batch 1, on {report['machine']}."
         f" Memory: {report['memory_kind']}. Discriminators: PatchGAN (no CLIP weights needed); LPIPS: random VGG16"
-        f" trunk; UNet LoRA rank 128, VAE LoRA rank 4. Median of {report['iters']} iterations after"
+        f" trunk; UNet LoRA rank 128, VAE LoRA rank 4. Median of {report['steps']} iterations after"
         f" {report['warmup']} warm-up.",
         "",
         "| size | schedule | generator passes / it | s / it | peak memory (GiB) | memory vs public | time vs public |",
@@ -183,39 +167,20 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(DEFAULT_CASES))
-    parser.add_argument("--config", choices=("full", "tiny"), default="full", help="tiny: a smoke test in seconds")
-    parser.add_argument("--reference", type=Path, default=REFERENCE, help="the SD-Turbo config folder")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per case (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (their memory counts)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per case before it is abandoned")
-    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.config == "full" and not (args.reference / "unet" / "config.json").is_file():
-        parser.error(f"{args.reference} does not hold the SD-Turbo configs; pass --reference")
+    from turbo_i2i.benchmark import machine_description, run_training_cases, training_benchmark_arguments, write_report
+
+    args = training_benchmark_arguments(argv, __doc__.splitlines()[0], sorted(CASES), list(DEFAULT_CASES), [256, 512])
     if args.worker:  # one case, in this fresh process: print its measurement as one JSON line
         result = run_case(
-            args.cases[0], args.sizes[0], args.device, args.config, args.reference, args.iters, args.warmup
+            args.cases[0], args.sizes[0], args.device, args.config, args.reference, args.steps, args.warmup
         )
         print(json.dumps(result))
         return 0
-    from turbo_i2i.benchmark import machine_description, write_report
-
-    results = []
-    for size in args.sizes:
-        for case in args.cases:
-            result = _run_in_subprocess(args, case, size)
-            results.append(result)
-            shown = {k: v for k, v in result.items() if k not in ("seconds",)}
-            print(json.dumps(shown), flush=True)
+    results = run_training_cases(__file__, args)
     kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
     report = dict(
         machine=machine_description(torch.device(args.device)), device=args.device, config=args.config,
-        iters=args.iters, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__,
+        steps=args.steps, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__,
         results=results,
     )  # fmt: skip
     write_report(args.out, report, markdown(report))

@@ -13,12 +13,14 @@ machine's measured peak (matmul and convolution probes in the same run) and the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import json
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -401,6 +403,70 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, re
             if i >= warmup:
                 times.append(time.perf_counter() - started)
     return times, memory.peak
+
+
+def default_reference(root: Path | None = None) -> Path:
+    """The SD-Turbo config folder: ``shared/reference/sd-turbo-architecture`` inside ``root`` (machines that copy
+    the working tree with it) or beside it (this project's checkout); ``root`` defaults to the working directory."""
+    root = Path.cwd() if root is None else root
+    candidates = [base / "shared" / "reference" / "sd-turbo-architecture" for base in (root, root.parent)]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+def training_benchmark_arguments(
+    argv: list[str] | None, description: str, cases: list[str], default_cases: list[str], default_sizes: list[int]
+) -> argparse.Namespace:
+    """The command line shared by the training benchmarks (``benchmarks/train_*.py``).
+
+    Args:
+        argv: the arguments (None: ``sys.argv``).
+        description: the script's one-line description.
+        cases: every case the script can run.
+        default_cases: those run when ``--cases`` is not given.
+        default_sizes: image sides run when ``--sizes`` is not given.
+
+    Returns:
+        the parsed arguments (device, sizes, cases, config, reference, steps, warmup, timeout, out, worker).
+    """
+    repo = Path(__file__).resolve().parents[2]
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=default_sizes)
+    parser.add_argument("--cases", nargs="+", choices=cases, default=default_cases)
+    parser.add_argument("--config", choices=("full", "tiny"), default="full", help="tiny: a smoke test in seconds")
+    parser.add_argument("--reference", type=Path, default=default_reference(repo), help="the SD-Turbo configs")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per case before it is abandoned")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.config == "full" and not (args.reference / "unet" / "config.json").is_file():
+        parser.error(f"{args.reference} does not hold the SD-Turbo configs; pass --reference")
+    return args
+
+
+def run_training_cases(script: str, args: argparse.Namespace) -> list[dict]:
+    """Run every (size, case) of a training benchmark, each in a fresh ``script --worker`` process.
+
+    Args:
+        script: the benchmark script's path.
+        args: its parsed ``training_benchmark_arguments``.
+
+    Returns:
+        one measurement (or ``error``) per case, each also printed to stderr as it arrives.
+    """
+    results = []
+    for size in args.sizes:
+        for case in args.cases:
+            command = [
+                sys.executable, script, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
+                "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
+                "--warmup", str(args.warmup),
+            ]  # fmt: skip
+            results.append({"case": case, "size": size, **run_worker(command, args.timeout)})
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "seconds"}), file=sys.stderr, flush=True)
+    return results
 
 
 def run_worker(command: list[str], timeout: float) -> dict:

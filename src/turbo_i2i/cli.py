@@ -301,10 +301,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import markdown_table, run_benchmark, write_report
+    from .benchmark import default_reference, markdown_table, run_benchmark, write_report
 
-    candidates = [Path(p) / "reference" / "sd-turbo-architecture" for p in ("shared", "../shared")]
-    reference = args.reference or next((c for c in candidates if c.is_dir()), candidates[0])
+    reference = args.reference or default_reference()
     if args.repeats < 1 or min(args.sizes) < 8 or min(args.batches) < 1:
         raise BadInputError("--repeats and --batches must be at least 1 and --sizes at least 8.")
     report = run_benchmark(
