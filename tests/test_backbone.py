@@ -17,21 +17,29 @@ def test_tokenizer_matches_open_clip():
     assert len(tokenizer) == 49408 and tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
 
 
-def test_x0_matches_ddpm_scheduler_step():
-    schedule = OneStepSchedule.from_config({})
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_matches_ddpm_scheduler_step(prediction_type):
+    schedule = OneStepSchedule.from_config({"prediction_type": prediction_type})
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         timestep_spacing="trailing",
         clip_sample=False,
+        prediction_type=prediction_type,
     )
     scheduler.set_timesteps(1)
     assert schedule.timestep == 999 == int(scheduler.timesteps[0])
-    x_t, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    expected = scheduler.step(eps, 999, x_t).prev_sample
-    torch.testing.assert_close(schedule.x0_from_epsilon(x_t, eps), expected, rtol=1e-5, atol=1e-5)
+    x_t, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    step = scheduler.step(output, 999, x_t)
+    torch.testing.assert_close(schedule.x0(x_t, output), step.pred_original_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.prev_sample, step.pred_original_sample)  # the one step lands on x0
     assert math.isclose(schedule.alpha_cumprod, float(scheduler.alphas_cumprod[999]))
+
+
+def test_unknown_prediction_type_is_named():
+    with pytest.raises(BadInputError, match="prediction_type 'flow'"):
+        OneStepSchedule.from_config({"prediction_type": "flow"})
 
 
 def test_builtin_backbone_is_seeded_and_keeps_global_rng():

@@ -96,6 +96,66 @@ def test_joint_runs_six_generator_passes_and_separate_eight(dataset, tmp_path):
     assert joint.scheduler_g.last_epoch == separate.scheduler_g.last_epoch == 1
 
 
+def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activations(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path)
+    batch = trainer.batch(0)
+    trained = [(n, p) for n, p in trainer.generator.named_parameters() if p.requires_grad]
+
+    def saved_bytes_peak(run):
+        """Peak bytes of tensors saved for backward that are alive at once (autograd's saved-tensor hooks)."""
+        alive, peak = {}, [0]
+
+        def pack(t):
+            key = object()
+            alive[id(key)] = t.numel() * t.element_size()
+            peak[0] = max(peak[0], sum(alive.values()))
+            return key, t
+
+        def unpack(packed):
+            alive.pop(id(packed[0]), None)
+            return packed[1]
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            result = run()
+        return result, peak[0]
+
+    def one_backward():
+        torch.manual_seed(5)  # DiffAugment draws in the GAN terms
+        terms, _ = trainer.losses(batch["a"], batch["b"])
+        trainer.accelerator.backward(terms["loss_g"])
+        return terms
+
+    def segments():
+        torch.manual_seed(5)
+        return trainer.joint_backward(batch["a"], batch["b"])
+
+    reference, peak_one = saved_bytes_peak(one_backward)
+    expected = {n: p.grad.clone() for n, p in trained}
+    trainer.optimizer_g.zero_grad(set_to_none=True)
+    (terms, images, bad), peak_segments = saved_bytes_peak(segments)
+    assert bad is None
+    for key in ("loss_cycle_a", "loss_cycle_b", "loss_idt_a", "loss_idt_b", "loss_gan_a", "loss_gan_b", "loss_g"):
+        torch.testing.assert_close(terms[key], reference[key].detach(), rtol=1e-5, atol=1e-6)
+    for name, param in trained:
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(v.requires_grad for v in images.values())
+    # six passes' activations in one graph against at most two passes' at a time
+    assert peak_segments < 0.5 * peak_one, (peak_segments, peak_one)
+
+
+def test_a_nan_in_a_segment_clears_the_gradients_and_skips_the_step(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, disc="none")
+    batch = trainer.batch(0)
+    before = {n: p.detach().clone() for n, p in trainer.generator.named_parameters()}
+    bad_b = batch["b"].clone()
+    bad_b[0, 0, 0, 0] = float("nan")
+    terms, _, bad = trainer.joint_backward(batch["a"], bad_b)
+    assert bad == "generator loss"
+    assert all(p.grad is None for p in trainer.generator.parameters())  # a2b's segment had left gradients
+    params = dict(trainer.generator.named_parameters())
+    assert all(torch.equal(params[n], before[n]) for n in before)
+
+
 def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset, tmp_path):
     trainer = make_trainer(dataset, tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.generator.named_parameters()}

@@ -90,21 +90,50 @@ class OneStepSchedule:
     Args:
         timestep: the timestep the UNet is evaluated at (999 for SD-Turbo).
         alpha_cumprod: abar at that timestep.
+        prediction_type: what the UNet predicts, as diffusers names it: "epsilon" (SD-Turbo), "v_prediction" or
+            "sample" (the clean latent itself).
     """
 
     timestep: int
     alpha_cumprod: float
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise BadInputError(
+                f"Unknown scheduler prediction_type {self.prediction_type!r}; expected epsilon, v_prediction or sample."
+            )
 
     @classmethod
     def from_config(cls, config: dict, timestep: int | None = None) -> OneStepSchedule:
         """Build from a diffusers scheduler config; the default timestep is the last training step."""
         scheduler = DDPMScheduler.from_config({**SCHEDULER_CONFIG, **config})
         t = scheduler.config.num_train_timesteps - 1 if timestep is None else timestep
-        return cls(timestep=t, alpha_cumprod=float(scheduler.alphas_cumprod[t]))
+        return cls(
+            timestep=t,
+            alpha_cumprod=float(scheduler.alphas_cumprod[t]),
+            prediction_type=scheduler.config.prediction_type,
+        )
 
-    def x0_from_epsilon(self, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Clean latent from the epsilon prediction: x0 = (x_t - sqrt(1 - abar) * eps) / sqrt(abar)."""
-        return (x_t - math.sqrt(1.0 - self.alpha_cumprod) * eps) / math.sqrt(self.alpha_cumprod)
+    def x0(self, x_t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """The clean latent from the UNet's output.
+
+        epsilon: x0 = (x_t - sqrt(1 - abar) * eps) / sqrt(abar); v_prediction: x0 = sqrt(abar) * x_t - sqrt(1 - abar)
+        * v; sample: x0 is the output.
+
+        Args:
+            x_t: the UNet's input latent.
+            model_output: the UNet's prediction.
+
+        Returns:
+            the clean latent x0.
+        """
+        a, s = math.sqrt(self.alpha_cumprod), math.sqrt(1.0 - self.alpha_cumprod)
+        if self.prediction_type == "epsilon":
+            return (x_t - s * model_output) / a
+        if self.prediction_type == "v_prediction":
+            return a * x_t - s * model_output
+        return model_output
 
 
 @dataclass
@@ -160,7 +189,8 @@ def _build_builtin(name: str) -> Backbone:
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
-    return Backbone(build_clip_tokenizer(), text_encoder, unet, vae, OneStepSchedule.from_config({}), name)
+    schedule = OneStepSchedule.from_config(spec.get("scheduler", {}))
+    return Backbone(build_clip_tokenizer(), text_encoder, unet, vae, schedule, name)
 
 
 def _missing_weights_message(name: str, error: Exception) -> str:

@@ -428,8 +428,8 @@ class OneStepGenerator(nn.Module):
                     noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
                 z = z * r + noise * (1.0 - r)
             t = torch.full((z.shape[0],), self.schedule.timestep, device=z.device, dtype=torch.long)
-            eps = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(z.dtype)).sample
-            x0 = self.schedule.x0_from_epsilon(z, eps)
+            prediction = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(z.dtype)).sample
+            x0 = self.schedule.x0(z, prediction)
             return clamp_image(vae.decode(x0 / vae.scaling_factor, skips, gamma=1.0 if r is None else r))
 
     def enable_gradient_checkpointing(self) -> None:

@@ -34,7 +34,8 @@ class Translator:
         generator: the one-step generator.
         backbone: the backbone it was built on (its tokenizer and text encoder encode prompts).
         max_pixels: images whose header claims more pixels are refused before decoding.
-        fast: merge LoRA into the base weights (at the model's default r) and use channels-last memory on GPU.
+        fast: merge LoRA into the base weights (at the model's default r); on GPU also channels-last memory and
+            ``torch.backends.cudnn.benchmark``.
         dtype: cast weights to this dtype (after merging, so merged weights round once); None keeps them.
         compile: ``torch.compile`` the UNet and the VAE encoders/decoders.
     """
@@ -61,6 +62,9 @@ class Translator:
             generator.merge_lora(generator.config.default_r if generator.config.stochastic else None)
         if self.channels_last:
             generator.to(memory_format=torch.channels_last)
+            # A one-step model sees the same shapes call after call: let cuDNN time its convolution algorithms once
+            # per shape and keep the fastest (a process-wide setting, as torch has no per-module one).
+            torch.backends.cudnn.benchmark = True
         if dtype is not None:
             generator.to(dtype)
             self.text_encoder.to(dtype)

@@ -18,7 +18,8 @@ Step modes:
 
 - ``joint`` (default, the paper's equation): each translation is computed once per iteration and reused, six
   generator passes: a2b(a) = fake_b, b2a(fake_b) = rec_a, b2a(b) = fake_a, a2b(fake_a) = rec_b, a2b(b) = idt_a,
-  b2a(a) = idt_b; one generator step on ``loss_g``.
+  b2a(a) = idt_b; one generator step on ``loss_g``. Its gradient is taken in segments by the chain rule (see
+  ``joint_backward``), so at most two passes' activations are held at once instead of six.
 - ``separate`` (the public implementation's schedule, for comparison): three generator steps per iteration, on the
   cycle terms (four passes), the GAN terms (fake_b and fake_a recomputed with the updated weights: two passes) and
   the identity terms (two passes): eight passes. Unlike the public script the LR schedule still steps once per
@@ -334,11 +335,70 @@ class UnpairedTrainer(TrainerBase):
         terms["loss_g"] = self._weighted(terms, tuple(terms))
         return terms, images
 
-    def _generator_step(self, loss: torch.Tensor) -> str | None:
-        """Backward and one optimiser step; returns what was NaN/Inf (the step then not taken), else None."""
-        if not self.is_finite(loss):  # caught before its backward pass
-            return "generator loss"
-        self.accelerator.backward(loss)
+    def joint_backward(self, real_a: torch.Tensor, real_b: torch.Tensor) -> tuple[dict, dict, str | None]:
+        """The gradient of ``loss_g`` (as one backward pass over ``losses`` would give it) with at most two generator
+        passes' activations alive at a time.
+
+        Chain rule in segments: fake_b = a2b(a) is cut from its graph as a leaf; the terms that read it (loss_cycle_a
+        through b2a, and loss_gan_a) are backpropagated to that leaf, and its gradient is then sent through a2b. Each
+        segment's graph is freed by its backward pass. The same for fake_a, then each identity term on its own.
+
+        Args:
+            real_a: domain A images (N, 3, H, W) in [-1, 1], on the device.
+            real_b: domain B images.
+
+        Returns:
+            (terms as in ``losses``, detached; images ``fake_b`` and ``fake_a``, detached; what was NaN/Inf, else
+            None: the gradients are then cleared as soon as it is seen, before its backward pass).
+        """
+        cfg = self.config
+        terms: dict[str, torch.Tensor] = {}
+        images: dict[str, torch.Tensor] = {}
+
+        def backward(loss: torch.Tensor, keys: tuple[str, ...]) -> bool:
+            if not self.is_finite(loss):
+                self.optimizer_g.zero_grad(set_to_none=True)
+                return False
+            self.accelerator.backward(loss)
+            for key in keys:
+                terms[key] = terms[key].detach()
+            return True
+
+        for real, forward, back, side, judge in ((real_a, "a2b", "b2a", "a", "a"), (real_b, "b2a", "a2b", "b", "b")):
+            fake = self.translate(real, forward)
+            leaf = fake.detach().requires_grad_()
+            images["fake_b" if side == "a" else "fake_a"] = leaf
+            rec = self.translate(leaf, back)
+            terms[f"loss_cycle_{side}"] = reconstruction_loss(
+                rec, real, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
+            )
+            if self.discriminator is not None:
+                from .discriminators import generator_gan_loss
+
+                with self.autocast():
+                    terms[f"loss_gan_{side}"] = generator_gan_loss(self.discriminator[judge], leaf.float())
+            keys = tuple(k for k in (f"loss_cycle_{side}", f"loss_gan_{side}") if k in terms)
+            if not backward(self._weighted(terms, keys), keys):
+                return terms, images, "generator loss"
+            fake.backward(leaf.grad)  # the leaf's gradient, through the pass that made it
+        for real, direction, side in ((real_b, "a2b", "a"), (real_a, "b2a", "b")):
+            key = f"loss_idt_{side}"
+            terms[key] = reconstruction_loss(
+                self.translate(real, direction), real, cfg.lambda_idt, cfg.lambda_idt_lpips, self.lpips
+            )
+            if not backward(terms[key], (key,)):
+                return terms, images, "generator loss"
+        terms["loss_g"] = self._weighted(terms, tuple(terms))
+        images = {k: v.detach() for k, v in images.items()}
+        return terms, images, None
+
+    def _generator_step(self, loss: torch.Tensor | None) -> str | None:
+        """Backward (unless ``loss`` is None: its gradients are in place already) and one optimiser step; returns
+        what was NaN/Inf (the step then not taken), else None."""
+        if loss is not None:
+            if not self.is_finite(loss):  # caught before its backward pass
+                return "generator loss"
+            self.accelerator.backward(loss)
         if self.config.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(
                 self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
@@ -379,8 +439,9 @@ class UnpairedTrainer(TrainerBase):
         batch = self.batch(self.step)
         real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
         if self.config.step_mode == "joint":
-            terms, images = self.losses(real_a, real_b)
-            bad = self._generator_step(terms["loss_g"])
+            terms, images, bad = self.joint_backward(real_a, real_b)
+            if bad is None:
+                bad = self._generator_step(None)
         else:
             # A NaN/Inf in one of the three generator steps drops it and the rest of the iteration; the steps before
             # it were taken with finite losses and stay.
