@@ -101,7 +101,8 @@ class OneStepSchedule:
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise BadInputError(
-                f"Unknown scheduler prediction_type {self.prediction_type!r}; expected epsilon, v_prediction or sample."
+                f"Unknown scheduler prediction_type {self.prediction_type!r};"
+                " expected epsilon, v_prediction or sample."
             )
 
     @classmethod

@@ -94,9 +94,11 @@ PRESETS: dict[str, dict] = {
         base_model="tiny-circles",
         train_all=True,
         transform="no_resize",
-        batch_size=16,
-        max_steps=3000,
-        learning_rate=1e-3,
+        # Measured (GPU sweep of the recipe, 8 variants): at learning rate 1e-3 the from-scratch model stays a mean
+        # predictor (loss 0.52 after 1250 steps); 3e-4 with batch 64 leaves that plateau within 250 steps.
+        batch_size=64,
+        max_steps=1000,
+        learning_rate=3e-4,
         lr_scheduler="cosine",
         lr_warmup_steps=50,
         adam_weight_decay=0.0,
@@ -104,7 +106,7 @@ PRESETS: dict[str, dict] = {
         lambda_clipsim=0.0,
         lambda_gan=0.0,
         disc="none",
-        checkpoint_every=500,
+        checkpoint_every=250,
         eval_every=250,
         num_eval=64,
         eval_metrics="",  # FID needs downloaded Inception weights; the demo's own metric is turbo-i2i eval-demo
