@@ -77,6 +77,38 @@ def test_frame_count_fps_and_size_are_kept(straight, clip, translator):
         assert np.abs(frames[i].astype(int) - expected).mean() < 3, i
 
 
+def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(translator, tmp_path):
+    size = (192, 144)  # larger than the 128 px tiles, so each frame is translated in tiles
+    clip = write_clip(tmp_path / "big.mp4", moving_circle_frames(n=3, size=size))
+    calls = []
+
+    class Recording:  # the translator, recording what each call was asked for
+        config = translator.config
+
+        def __call__(self, images, **options):
+            calls.append(options["tile_size"])
+            return translator(images, **options)
+
+    out = tmp_path / "out.mp4"
+    translate_video(Recording(), clip, out, batch_size=2, tile_size=128, progress=False)
+    assert calls == [128, 128]
+    _, frames = decoded(out)
+    _, source = decoded(clip)
+    for i in range(3):
+        expected = np.asarray(translator(Image.fromarray(source[i]), seed=0, tile_size=128), dtype=int)
+        assert np.abs(frames[i].astype(int) - expected).mean() < 3, i
+
+    def interrupt(written):
+        if written == 2:
+            raise KeyboardInterrupt
+
+    stopped = tmp_path / "stopped.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        translate_video(translator, clip, stopped, batch_size=2, tile_size=128, progress=False, on_frame=interrupt)
+    with pytest.raises(BadInputError, match="options"):  # other tiles give other pixels: no mixing within a clip
+        translate_video(translator, clip, stopped, batch_size=2, tile_size=256, progress=False, resume=True)
+
+
 def test_interrupted_after_5_frames_and_resumed_gives_the_same_file(straight, translator, clip, tmp_path):
     out = tmp_path / "out.mp4"
 

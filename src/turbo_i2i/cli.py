@@ -222,7 +222,7 @@ def _translate(args: argparse.Namespace) -> int:
         try:
             result = translate_video(
                 translator, source, target, seed=0 if args.seed is None else args.seed, batch_size=args.batch_size,
-                resume=args.resume, overwrite=args.overwrite, model=args.model, **options,
+                tile_size=args.tile, resume=args.resume, overwrite=args.overwrite, model=args.model, **options,
             )  # fmt: skip
         except KeyboardInterrupt:
             print(f"the frames written so far are in {frames_dir(target)}; add --resume to continue", file=sys.stderr)

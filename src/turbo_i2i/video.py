@@ -231,6 +231,7 @@ def translate_video(
     edges: str | None = "default",
     canny_thresholds: tuple[int, int] = (100, 200),
     batch_size: int = 4,
+    tile_size: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     model: str | None = None,
@@ -249,6 +250,7 @@ def translate_video(
         seed: seed of the one noise map all frames share.
         batch_size: frames per forward pass (deterministic models; a stochastic model runs one frame per call so
             every frame gets the same noise map).
+        tile_size: translate frames larger than this in overlapping tiles (as in ``Translator.__call__``).
         resume: continue the interrupted run whose frames are in ``frames_dir(target)``.
         overwrite: replace an existing output and discard an interrupted run's frames.
         model: the model's name or path, recorded so a resume with another model is refused.
@@ -273,7 +275,7 @@ def translate_video(
         raise BadInputError(f"'{target}' already exists; pass --overwrite to replace it.")
     info = probe(source)
     options = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges,
-                   canny_thresholds=list(canny_thresholds))  # fmt: skip
+                   canny_thresholds=list(canny_thresholds), tile_size=tile_size)  # fmt: skip
     stat = source.stat()
     meta = {
         "source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
