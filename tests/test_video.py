@@ -70,11 +70,13 @@ def test_frame_count_fps_and_size_are_kept(straight, clip, translator):
     assert len(frames) == 12 and info.fps == FPS and info.size == SIZE
     assert imageio_ffmpeg.count_frames_and_secs(str(out)) == (12, 1.0)
     assert not frames_dir(out).exists()  # the sidecar frames are removed once the video is written
-    # each frame is the model's output for that frame (up to H.264 at CRF 16)
+    # each frame is the model's output for that frame, up to H.264 at CRF 16 with 4:2:0 chroma (about 4 levels at
+    # the model's sharp colour edges), and not its neighbour's (about 8 away)
     _, source = decoded(clip)
-    for i in (0, 7, 11):
-        expected = np.asarray(translator(Image.fromarray(source[i]), seed=0), dtype=int)
-        assert np.abs(frames[i].astype(int) - expected).mean() < 3, i
+    for i in (0, 7, 10):
+        expected, neighbour = (np.asarray(translator(Image.fromarray(source[j]), seed=0), int) for j in (i, i + 1))
+        error = np.abs(frames[i].astype(int) - expected).mean()
+        assert error < 5.5 and error < np.abs(frames[i].astype(int) - neighbour).mean() - 2, i
 
 
 def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(translator, tmp_path):
