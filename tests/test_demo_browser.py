@@ -28,10 +28,6 @@ CHROMIUM = os.environ.get("TURBO_I2I_CHROMIUM", "/usr/bin/chromium")
 PROMPT = "a red circle on a blue background"
 TIMEOUT_MS = 30_000
 SIDE = 512  # the canvas, in canvas pixels
-KNOWN_GAP = (
-    "the shipped demo-circles model fills the drawn shape with a greyish mix, not the prompted fill colour, yet"
-    " (README 'The built-in model'); strict, so this fails once the model is retrained and the marker goes then"
-)
 
 
 class RecordingBackend(DemoBackend):
@@ -188,7 +184,6 @@ def test_background_of_the_drawing_has_the_prompted_colour(drawn):
     assert np.abs(outside - COLOURS["blue"]).mean() < 40, outside
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAP)
 def test_drawn_circle_is_filled_with_the_prompted_colour(drawn):
     inside, _ = regions(drawn[0])
     assert np.abs(inside - COLOURS["red"]).mean() < 40, inside
