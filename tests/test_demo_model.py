@@ -16,9 +16,9 @@ def translator():
 
 
 KNOWN_GAP = (
-    "the shipped model (preset demo-circles, 1000 steps on a 2-core CPU) is only starting to learn fill colours (62/255"
-    " off, IoU 0.73); see README 'The built-in model'. strict: this fails once the model meets the targets, so the"
-    " marker gets removed then."
+    "the shipped model (preset demo-circles, 1000 steps on a 2-core CPU) is only starting to learn fill colours"
+    " (62/255 off, IoU 0.73); see README 'The built-in model'. strict: this fails once the model meets the targets,"
+    " so the marker gets removed then."
 )
 
 
