@@ -43,3 +43,13 @@ def tiny_model_dir(tmp_path_factory):
     """A saved tiny paired model with non-trivial trained weights."""
     generator, _ = make_generator(trained_seed=1, prompts={"a2b": "a red circle on a blue background"})
     return save_pretrained(generator, tmp_path_factory.mktemp("models") / "tiny-paired")
+
+
+@pytest.fixture
+def one_thread():
+    """Multi-threaded CPU kernels may sum in a different order from run to run; Adam turns such last-bit noise in
+    near-zero gradients into lr-sized steps, so exact replay is compared with deterministic (one-thread) kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -96,16 +96,6 @@ def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, t
                if torch.is_tensor(p) and p.ndim > 0)  # fmt: skip
 
 
-@pytest.fixture
-def one_thread():
-    """Multi-threaded CPU kernels may sum in a different order from run to run; Adam turns such last-bit noise in
-    near-zero gradients into lr-sized steps, so exact replay is compared with deterministic (one-thread) kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_stop_and_resume_equals_straight_run(dataset, tmp_path, one_thread):
     straight = make_trainer(dataset, tmp_path / "a")
     straight.train()

@@ -51,15 +51,6 @@ def make_trainer(dataset, out, metrics=None, **overrides):
     return UnpairedTrainer(UnpairedTrainConfig(**options), loss_networks=(tiny_lpips(), None), metrics=metrics)
 
 
-@pytest.fixture
-def one_thread():
-    """One-thread CPU kernels sum in a fixed order, so exact replay can be compared (see test_train_paired)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count_passes(trainer):
     """Record the direction of every generator forward call (a forward pre-hook; the model is not changed)."""
     calls = []

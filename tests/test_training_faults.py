@@ -40,15 +40,6 @@ def dataset(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """One-thread CPU kernels sum in a fixed order, so runs can be compared exactly (see test_train_paired)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_args(dataset, out, *extra):
     """A tiny paired run through the CLI: no pretrained networks (L2 + PatchGAN only), no trackers."""
     return [
