@@ -550,3 +550,13 @@ def test_model_size_refuses_extreme_strips():
     with pytest.raises(BadInputError, match="aspect ratio"):
         model_size(1, 10000)
     assert model_size(1, 100) == (64, 6400)
+
+
+def test_conversions_run_where_the_tensor_is_and_take_half_precision():
+    images = [Image.effect_noise((16, 8), 64).convert("RGB") for _ in range(2)]
+    on_device = pil_to_tensor(images, (-1.0, 1.0), torch.device("cpu"))
+    assert torch.equal(on_device, pil_to_tensor(images, value_range=(-1.0, 1.0)))
+    # the pipeline hands bf16 model outputs over as they are: the same pictures as their fp32 values give
+    half = (on_device * 1.01).to(torch.bfloat16)
+    for a, b in zip(tensor_to_pil(half), tensor_to_pil(half.float())):
+        assert a.tobytes() == b.tobytes()

@@ -228,7 +228,7 @@ class Translator:
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start : start + batch_size]
                     resized = [inputs[i].resize(size, Image.Resampling.LANCZOS) for i in chunk]
-                    x = pre.pil_to_tensor(resized, value_range=(low, high)).to(self.device, self.dtype)
+                    x = pre.pil_to_tensor(resized, (low, high), self.device).to(self.dtype)
                     if self.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     e = torch.cat([embeds[i] for i in chunk])
@@ -240,7 +240,7 @@ class Translator:
                     with torch.no_grad():
                         y = translate_tiled(translate, x, tile_size, TILE_OVERLAP) if tile_size else translate(x)
                     # 5. back to PIL at the input's size
-                    for i, out in zip(chunk, pre.tensor_to_pil(y.float())):
+                    for i, out in zip(chunk, pre.tensor_to_pil(y)):
                         outputs[i] = (
                             out if out.size == inputs[i].size else out.resize(inputs[i].size, Image.Resampling.LANCZOS)
                         )

@@ -28,8 +28,9 @@ Step modes:
 Then one discriminator step on ``0.5 * (loss_d_a + loss_d_b)``, D_A on real b vs. fake_b and D_B on real a vs. fake_a
 (the fakes of the iteration, detached), after clearing the gradients the generator's GAN terms left on the
 discriminators. Memory: trainable weights stay fp32 under bf16 autocast while the frozen backbone is stored in bf16
-(``cast_frozen``); gradient checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the
-text encoder is freed once the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
+(``cast_frozen``) and its GroupNorms keep bf16 activations in bf16 (``keep_norms_in_half_precision``); gradient
+checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the text encoder is freed once
+the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .loop import (
     TrainConfig,
     TrainerBase,
     cast_frozen,
+    keep_norms_in_half_precision,
     make_accelerator,
     step_seed,
     step_without_update,
@@ -226,6 +228,7 @@ class UnpairedTrainer(TrainerBase):
         self.discriminator = self._discriminators(clip)
         if config.mixed_precision == "bf16":
             cast_frozen(self.generator, torch.bfloat16)
+            keep_norms_in_half_precision(self.generator)
             if self.discriminator is not None:
                 cast_frozen(self.discriminator, torch.bfloat16)
         self.optimizer_g = make_optimizer(
