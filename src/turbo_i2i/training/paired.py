@@ -96,19 +96,22 @@ PRESETS: dict[str, dict] = {
         transform="no_resize",
         # Measured (GPU sweep of the recipe, 8 variants): at learning rate 1e-3 the from-scratch model stays a mean
         # predictor (loss 0.52 after 1250 steps); 3e-4 with batch 64 leaves that plateau within 250 steps. The fill
-        # colour is learned last (after shapes and background) and needs the rate still high then: no decay.
+        # colour is learned last, after shapes and background (a constant rate learned it between steps 1500 and 1800
+        # of 2000, then sat at loss 0.036): the rate decays linearly so that the last steps refine the colours.
         batch_size=64,
-        max_steps=1000,
+        max_steps=2200,
+        # bf16 autocast: 2.8x faster per step than fp32 on the 2-core CPU (AVX-512 bf16), weights stay fp32.
+        mixed_precision="bf16",
         learning_rate=3e-4,
-        lr_scheduler="constant_with_warmup",
+        lr_scheduler="linear",
         lr_warmup_steps=50,
         adam_weight_decay=0.0,
         lambda_lpips=0.0,
         lambda_clipsim=0.0,
         lambda_gan=0.0,
         disc="none",
-        checkpoint_every=250,
-        eval_every=250,
+        checkpoint_every=500,
+        eval_every=500,
         num_eval=64,
         eval_metrics="",  # FID needs downloaded Inception weights; the demo's own metric is turbo-i2i eval-demo
         default_prompt="a red circle on a blue background",
