@@ -206,11 +206,10 @@ class HalfPrecisionGroupNorm(torch.nn.GroupNorm):
     """A GroupNorm that keeps a bf16 / fp16 input in that dtype under autocast (the statistics are still accumulated
     in fp32 by the kernel).
 
-    Autocast runs ``group_norm`` in fp32. Each norm of the VAE and UNet then writes an fp32 copy of a full-size
-    activation, the SiLU after it reads and saves that copy for the backward pass, and the next convolution casts it
-    back to half precision: twice the bytes of every norm -> SiLU -> conv chain, which is most of the memory traffic
-    of the VAE at full resolution. Here the norm's output is rounded to half precision once, as the next convolution
-    would have rounded it anyway.
+    CUDA's autocast runs ``group_norm`` in fp32 (the CPU's does not). Each norm of the VAE and UNet then saves an fp32
+    copy of its full-size input, the SiLU after it saves its fp32 output, and the next convolution casts that back to
+    half precision. Here the norm's output is rounded to half precision once, as the next convolution would have
+    rounded it anyway. Measured on an H100 (README, unpaired training at 512 px): bf16 peak memory 26.6 -> 20.7 GiB.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
