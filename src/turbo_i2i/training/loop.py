@@ -223,7 +223,8 @@ class HalfPrecisionGroupNorm(torch.nn.GroupNorm):
 
 def keep_norms_in_half_precision(module: torch.nn.Module) -> None:
     """Replace every ``torch.nn.GroupNorm`` in ``module`` with a :class:`HalfPrecisionGroupNorm` on the same
-    parameters (a norm shared between modules, like the unpaired model's frozen VAE, stays one shared module).
+    parameter objects, so weights shared between directions (the unpaired model's frozen VAE) stay shared; a norm
+    module reachable from two parents is replaced by one module.
 
     Args:
         module: the model, changed in place (its state dict keys and values do not change).
