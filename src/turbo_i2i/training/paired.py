@@ -40,6 +40,7 @@ from .loop import (
     save_grid,
     step_seed,
     step_without_update,
+    use_math_attention,
 )
 from .losses import loss_l2
 
@@ -235,6 +236,9 @@ class PairedTrainer(TrainerBase):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
+        if self.device.type == "cpu":
+            use_math_attention(self.generator)
+            use_math_attention(self.text_encoder)
         self.generator.train()
         self.lpips, self.clipsim = self._loss_networks(loss_networks)
         self.discriminator = self._discriminator()
