@@ -284,35 +284,41 @@ class UnpairedTrainer(TrainerBase):
         with self.autocast():
             return self.generator(x, self.prompt_embeds[direction], direction)
 
-    def _cycle(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict, images: dict) -> None:
+    def _cycle_term(self, real: torch.Tensor, fake: torch.Tensor, back: str) -> torch.Tensor:
+        """loss_cycle of one side: L1 + LPIPS (weighted) of ``real`` against ``fake`` translated back."""
         cfg = self.config
-        images["fake_b"] = self.translate(real_a, "a2b")
-        rec_a = self.translate(images["fake_b"], "b2a")
-        images["fake_a"] = self.translate(real_b, "b2a")
-        rec_b = self.translate(images["fake_a"], "a2b")
-        terms["loss_cycle_a"] = reconstruction_loss(
-            rec_a, real_a, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
-        )
-        terms["loss_cycle_b"] = reconstruction_loss(
-            rec_b, real_b, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
+        return reconstruction_loss(
+            self.translate(fake, back), real, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
         )
 
-    def _identity(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict) -> None:
+    def _identity_term(self, real: torch.Tensor, direction: str) -> torch.Tensor:
+        """loss_idt of one side: L1 + LPIPS (weighted) of ``real`` against itself translated by ``direction``."""
         cfg = self.config
-        idt_a = self.translate(real_b, "a2b")
-        idt_b = self.translate(real_a, "b2a")
-        weights = (cfg.lambda_idt, cfg.lambda_idt_lpips, self.lpips)
-        terms["loss_idt_a"] = reconstruction_loss(idt_a, real_b, *weights)
-        terms["loss_idt_b"] = reconstruction_loss(idt_b, real_a, *weights)
+        return reconstruction_loss(
+            self.translate(real, direction), real, cfg.lambda_idt, cfg.lambda_idt_lpips, self.lpips
+        )
 
-    def _gan(self, images: dict, terms: dict) -> None:
-        if self.discriminator is None:
-            return
+    def _gan_term(self, fake: torch.Tensor, judge: str) -> torch.Tensor:
+        """loss_gan of one side (unweighted): discriminator ``judge`` on the translated images ``fake``."""
         from .discriminators import generator_gan_loss
 
         with self.autocast():
-            terms["loss_gan_a"] = generator_gan_loss(self.discriminator["a"], images["fake_b"].float())
-            terms["loss_gan_b"] = generator_gan_loss(self.discriminator["b"], images["fake_a"].float())
+            return generator_gan_loss(self.discriminator[judge], fake.float())
+
+    def _cycle(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict, images: dict) -> None:
+        images["fake_b"] = self.translate(real_a, "a2b")
+        terms["loss_cycle_a"] = self._cycle_term(real_a, images["fake_b"], "b2a")
+        images["fake_a"] = self.translate(real_b, "b2a")
+        terms["loss_cycle_b"] = self._cycle_term(real_b, images["fake_a"], "a2b")
+
+    def _identity(self, real_a: torch.Tensor, real_b: torch.Tensor, terms: dict) -> None:
+        terms["loss_idt_a"] = self._identity_term(real_b, "a2b")
+        terms["loss_idt_b"] = self._identity_term(real_a, "b2a")
+
+    def _gan(self, images: dict, terms: dict) -> None:
+        if self.discriminator is not None:
+            terms["loss_gan_a"] = self._gan_term(images["fake_b"], "a")
+            terms["loss_gan_b"] = self._gan_term(images["fake_a"], "b")
 
     def _weighted(self, terms: dict, keys: tuple[str, ...]) -> torch.Tensor:
         # the cycle and identity terms carry their weights already; the GAN terms are weighted here
@@ -354,7 +360,6 @@ class UnpairedTrainer(TrainerBase):
             (terms as in ``losses``, detached; images ``fake_b`` and ``fake_a``, detached; what was NaN/Inf, else
             None: the gradients are then cleared as soon as it is seen, before its backward pass).
         """
-        cfg = self.config
         terms: dict[str, torch.Tensor] = {}
         images: dict[str, torch.Tensor] = {}
 
@@ -367,28 +372,20 @@ class UnpairedTrainer(TrainerBase):
                 terms[key] = terms[key].detach()
             return True
 
-        for real, forward, back, side, judge in ((real_a, "a2b", "b2a", "a", "a"), (real_b, "b2a", "a2b", "b", "b")):
+        for real, forward, back, side in ((real_a, "a2b", "b2a", "a"), (real_b, "b2a", "a2b", "b")):
             fake = self.translate(real, forward)
             leaf = fake.detach().requires_grad_()
             images["fake_b" if side == "a" else "fake_a"] = leaf
-            rec = self.translate(leaf, back)
-            terms[f"loss_cycle_{side}"] = reconstruction_loss(
-                rec, real, cfg.lambda_cycle, cfg.lambda_cycle_lpips, self.lpips
-            )
+            terms[f"loss_cycle_{side}"] = self._cycle_term(real, leaf, back)
             if self.discriminator is not None:
-                from .discriminators import generator_gan_loss
-
-                with self.autocast():
-                    terms[f"loss_gan_{side}"] = generator_gan_loss(self.discriminator[judge], leaf.float())
+                terms[f"loss_gan_{side}"] = self._gan_term(leaf, side)
             keys = tuple(k for k in (f"loss_cycle_{side}", f"loss_gan_{side}") if k in terms)
             if not backward(self._weighted(terms, keys), keys):
                 return terms, images, "generator loss"
             fake.backward(leaf.grad)  # the leaf's gradient, through the pass that made it
         for real, direction, side in ((real_b, "a2b", "a"), (real_a, "b2a", "b")):
             key = f"loss_idt_{side}"
-            terms[key] = reconstruction_loss(
-                self.translate(real, direction), real, cfg.lambda_idt, cfg.lambda_idt_lpips, self.lpips
-            )
+            terms[key] = self._identity_term(real, direction)
             if not backward(terms[key], (key,)):
                 return terms, images, "generator loss"
         terms["loss_g"] = self._weighted(terms, tuple(terms))
