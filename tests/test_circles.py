@@ -208,6 +208,9 @@ def test_write_dataset_refuses_non_empty_folder(tmp_path):
         write_dataset(tmp_path / "x", n=0, seed=0)
 
 
+ERRORS = ("fill_error", "background_error", "fill_error_outline", "fill_error_inside")
+
+
 def swapped(sample):
     target = np.where(sample.mask[..., None], COLOURS[sample.background], COLOURS[sample.fill]).astype(np.uint8)
     return Image.fromarray(target)
@@ -216,7 +219,7 @@ def swapped(sample):
 def test_evaluate_samples_perfect_and_swapped():
     samples = make_samples(20, seed=1)
     perfect = evaluate_samples([s.target for s in samples], samples)
-    assert perfect == {"iou": 1.0, "fill_error": 0.0, "background_error": 0.0, "n": 20}
+    assert perfect == {"iou": 1.0, "n": 20} | dict.fromkeys(ERRORS, 0.0)
     wrong = evaluate_samples([swapped(s) for s in samples], samples)
     assert wrong["iou"] == pytest.approx(0.0, abs=1e-9)
     assert wrong["fill_error"] > 50 and wrong["background_error"] > 50
@@ -236,6 +239,21 @@ def test_evaluate_samples_known_errors():
     assert result["iou"] == 1.0
     assert result["fill_error"] == pytest.approx(expected[sample.mask].mean())
     assert result["background_error"] == pytest.approx(expected[~sample.mask].mean())
+    outline = np.asarray(sample.input)[..., 0] == 255
+    assert outline.any() and (sample.mask & ~outline).any() and not (outline & ~sample.mask).any()
+    assert result["fill_error_outline"] == pytest.approx(expected[sample.mask & outline].mean())
+    assert result["fill_error_inside"] == pytest.approx(expected[sample.mask & ~outline].mean())
+
+
+def test_fill_error_splits_into_outline_and_inside():
+    """A fill that is right inside the outline but wrong on it shows up on the outline only."""
+    sample = make_samples(1, seed=4)[0]
+    target = np.asarray(sample.target).copy()
+    outline = np.asarray(sample.input)[..., 0] == 255
+    target[outline] = COLOURS[sample.background]
+    result = evaluate_samples([Image.fromarray(target)], [sample])
+    assert result["fill_error_inside"] == 0.0 and result["background_error"] == 0.0
+    assert result["fill_error_outline"] > 50 and 0 < result["fill_error"] < result["fill_error_outline"]
 
 
 def test_evaluate_with_oracle_and_batches():
@@ -247,7 +265,7 @@ def test_evaluate_with_oracle_and_batches():
         batch_sizes.append(len(inputs))
         return [answers[(image.tobytes(), prompt)] for image, prompt in zip(inputs, prompts)]
 
-    assert evaluate(oracle, n=n, seed=seed) == {"iou": 1.0, "fill_error": 0.0, "background_error": 0.0, "n": n}
+    assert evaluate(oracle, n=n, seed=seed) == {"iou": 1.0, "n": n} | dict.fromkeys(ERRORS, 0.0)
     assert batch_sizes == [16, 16, 5]
 
     def blank(inputs, prompts):

@@ -426,8 +426,14 @@ def _as_array(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, float, float]:
-    """IoU, fill error and background error of one output against its sample (see :func:`evaluate_samples`)."""
+def _mean_error(pixels: np.ndarray, where: np.ndarray, colour: np.ndarray) -> float:
+    """Mean absolute RGB difference to ``colour`` over the pixels ``where`` is True (0 when there are none)."""
+    return float(np.abs(pixels[where] - colour).mean()) if where.any() else 0.0
+
+
+def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, ...]:
+    """IoU, fill error, background error, fill error on the outline and inside it, of one output against its sample
+    (see :func:`evaluate_samples`)."""
     mask = sample.mask
     pixels = _as_array(output, mask.shape[0])
     fill = np.array(COLOURS[sample.fill], dtype=np.float64)
@@ -437,9 +443,14 @@ def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, f
     predicted = to_fill < to_background
     union = np.count_nonzero(predicted | mask)
     iou = np.count_nonzero(predicted & mask) / union if union else 1.0
-    fill_error = float(np.abs(pixels[mask] - fill).mean()) if mask.any() else 0.0
-    background_error = float(np.abs(pixels[~mask] - background).mean()) if (~mask).any() else 0.0
-    return float(iou), fill_error, background_error
+    outline = np.asarray(sample.input.convert("L")) > 127  # the input's drawn lines, all inside the mask
+    return (
+        float(iou),
+        _mean_error(pixels, mask, fill),
+        _mean_error(pixels, ~mask, background),
+        _mean_error(pixels, mask & outline, fill),
+        _mean_error(pixels, mask & ~outline, fill),
+    )
 
 
 def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSample]) -> dict[str, float]:
@@ -455,7 +466,9 @@ def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSa
 
     Returns:
         {"iou": mean IoU of the filled region vs the true mask, "fill_error": mean error inside the true mask vs the
-        fill colour, "background_error": mean error outside it vs the background colour, "n": number of samples}.
+        fill colour, "background_error": mean error outside it vs the background colour, "n": number of samples,
+        and the fill error split in two (a diagnosis, not a target): "fill_error_outline" on the pixels where the
+        input draws the outline (the shapes' border band), "fill_error_inside" on the rest of the shapes}.
 
     Raises:
         BadInputError: the counts differ or there are no samples.
@@ -465,12 +478,14 @@ def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSa
     if not samples:
         raise BadInputError("Nothing to evaluate: no samples.")
     scores = np.array([_sample_scores(output, sample) for output, sample in zip(outputs, samples)])
-    iou, fill_error, background_error = scores.mean(axis=0)
+    iou, fill_error, background_error, on_outline, inside = scores.mean(axis=0)
     return {
         "iou": float(iou),
         "fill_error": float(fill_error),
         "background_error": float(background_error),
         "n": len(samples),
+        "fill_error_outline": float(on_outline),
+        "fill_error_inside": float(inside),
     }
 
 

@@ -247,10 +247,10 @@ def use_math_attention(module: torch.nn.Module) -> None:
     diffusers' ``AttnProcessor`` in the UNet and VAE, transformers' ``"eager"`` implementation in the CLIP text model.
 
     On the CPU, PyTorch's fused (flash) attention kernel has a slow backward pass for short sequences and small heads.
-    Measured on this project's 2-core CPU under bf16 autocast, forward + backward of the demo model's attention shapes
-    (77 text tokens with 4 heads of 16, 64 latent tokens with 2 heads of 32): 147 ms -> 37 ms per training step. The
-    plain form materialises the (tokens x tokens) score matrix: small here, but it grows with the square of the image
-    area, so the paired trainer uses it on the CPU only, where training images are small.
+    On the demo model (77 text tokens with 4 heads of 16, 64 latent tokens with 2 heads of 32), the fused kernel makes
+    a training step 1.13x slower on this project's 2-core CPU (``benchmarks/demo_step.py``). The plain form
+    materialises the (tokens x tokens) score matrix: small here, but it grows with the square of the image area, so
+    the paired trainer uses it on the CPU only, where training images are small.
 
     Args:
         module: a model holding diffusers ``Attention`` layers and / or transformers models; changed in place (the
