@@ -21,6 +21,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 
 
@@ -36,7 +37,7 @@ def build(name: str, data: str):
         spec["vae"] = {**spec["vae"], "block_out_channels": [32, 32, 64, 64]}
     options = {k: v for k, v in PRESETS["demo-circles"].items() if k != "extra"}
     options.update(
-        dataset=data, output_dir=f"/tmp/demo-step-{name}", report_to="none", eval_every=10**9,
+        dataset=data, output_dir=tempfile.mkdtemp(prefix=f"demo-step-{name}-"), report_to="none", eval_every=10**9,
         checkpoint_every=10**9,
     )  # fmt: skip
     try:
