@@ -208,7 +208,7 @@ def test_write_dataset_refuses_non_empty_folder(tmp_path):
         write_dataset(tmp_path / "x", n=0, seed=0)
 
 
-ERRORS = ("fill_error", "background_error", "fill_error_outline", "fill_error_inside")
+ERRORS = ("fill_error", "background_error", "fill_error_outline", "fill_error_inside", "fill_colour_offset")
 
 
 def swapped(sample):
@@ -243,6 +243,8 @@ def test_evaluate_samples_known_errors():
     assert outline.any() and (sample.mask & ~outline).any() and not (outline & ~sample.mask).any()
     assert result["fill_error_outline"] == pytest.approx(expected[sample.mask & outline].mean())
     assert result["fill_error_inside"] == pytest.approx(expected[sample.mask & ~outline].mean())
+    # one flat colour inside: the error of its mean colour is the error of every pixel
+    assert result["fill_colour_offset"] == pytest.approx(result["fill_error_inside"])
 
 
 def test_fill_error_splits_into_outline_and_inside():
@@ -254,6 +256,19 @@ def test_fill_error_splits_into_outline_and_inside():
     result = evaluate_samples([Image.fromarray(target)], [sample])
     assert result["fill_error_inside"] == 0.0 and result["background_error"] == 0.0
     assert result["fill_error_outline"] > 50 and 0 < result["fill_error"] < result["fill_error_outline"]
+
+
+def test_fill_colour_offset_tells_a_wrong_colour_from_noise_around_the_right_one():
+    sample = next(s for s in make_samples(20, seed=5) if all(10 <= c <= 245 for c in COLOURS[s.fill]))
+    inside = sample.mask & ~(np.asarray(sample.input)[..., 0] == 255)
+    rows, cols = np.nonzero(inside)
+    half = len(rows) // 2
+    noisy = np.asarray(sample.target).astype(int)
+    noisy[rows[:half], cols[:half]] += 8  # +8 on one half of the pixels, -8 on as many others: the mean is right
+    noisy[rows[half : 2 * half], cols[half : 2 * half]] -= 8
+    result = evaluate_samples([Image.fromarray(noisy.astype(np.uint8))], [sample])
+    assert result["fill_error_inside"] == pytest.approx(8 * 2 * half / len(rows))
+    assert result["fill_colour_offset"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_evaluate_with_oracle_and_batches():

@@ -77,11 +77,17 @@ BUILTIN_BACKBONES["tiny-circles"] = {
         "block_out_channels": [64, 128],
         "attention_head_dim": 2,  # diffusers reads this as the number of heads: 2 heads of 32 / 64 channels
         "cross_attention_dim": 64,
+        "in_channels": 8,  # = the VAE's latent channels
+        "out_channels": 8,
     },
     # 16 channels at full resolution, where a CPU training step spends most of its convolution time: the preset's
     # step is 1.31x slower with 32 (benchmarks/demo_step.py). The shapes are flat colours; the wider levels below
     # carry the colour and the layout.
-    "vae": {**BUILTIN_BACKBONES["tiny"]["vae"], "block_out_channels": [16, 32, 64, 64]},
+    # 8 latent channels, not SD's 4: the skips carry the outlines but no colour, so the fill colour reaches the
+    # decoder only through the 8x8 latent, where a cell holding part of a small shape must carry two colours (six
+    # numbers). With 4 the model's fill colour was 6.9/255 off on average (eval-demo's fill_colour_offset), with 8
+    # 3.7/255 (README); the extra cost is a few convolutions at 8x8.
+    "vae": {**BUILTIN_BACKBONES["tiny"]["vae"], "block_out_channels": [16, 32, 64, 64], "latent_channels": 8},
     "text_encoder": {**BUILTIN_BACKBONES["tiny"]["text_encoder"], "hidden_size": 64, "intermediate_size": 128},
 }
 

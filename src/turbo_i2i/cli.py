@@ -399,7 +399,8 @@ def _eval_demo(args: argparse.Namespace) -> int:
     scores = evaluate(lambda images, prompts: translator(images, prompt=prompts), n=args.n)
     print(
         f"IoU {scores['iou']:.4f}  fill error {scores['fill_error']:.2f}/255 (on the outline"
-        f" {scores['fill_error_outline']:.2f}, inside it {scores['fill_error_inside']:.2f})  background error"
+        f" {scores['fill_error_outline']:.2f}, inside it {scores['fill_error_inside']:.2f}; colour offset"
+        f" {scores['fill_colour_offset']:.2f})  background error"
         f" {scores['background_error']:.2f}/255  ({scores['n']} held-out samples)"
     )
     if args.json:

@@ -431,9 +431,14 @@ def _mean_error(pixels: np.ndarray, where: np.ndarray, colour: np.ndarray) -> fl
     return float(np.abs(pixels[where] - colour).mean()) if where.any() else 0.0
 
 
+def _colour_offset(pixels: np.ndarray, where: np.ndarray, colour: np.ndarray) -> float:
+    """Mean absolute RGB difference of the mean colour over ``where`` to ``colour`` (0 when ``where`` is empty)."""
+    return float(np.abs(pixels[where].mean(axis=0) - colour).mean()) if where.any() else 0.0
+
+
 def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, ...]:
-    """IoU, fill error, background error, fill error on the outline and inside it, of one output against its sample
-    (see :func:`evaluate_samples`)."""
+    """IoU, fill error, background error, fill error on the outline and inside it, and the fill colour's offset, of
+    one output against its sample (see :func:`evaluate_samples`)."""
     mask = sample.mask
     pixels = _as_array(output, mask.shape[0])
     fill = np.array(COLOURS[sample.fill], dtype=np.float64)
@@ -450,6 +455,7 @@ def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, .
         _mean_error(pixels, ~mask, background),
         _mean_error(pixels, mask & outline, fill),
         _mean_error(pixels, mask & ~outline, fill),
+        _colour_offset(pixels, mask & ~outline, fill),
     )
 
 
@@ -467,8 +473,10 @@ def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSa
     Returns:
         {"iou": mean IoU of the filled region vs the true mask, "fill_error": mean error inside the true mask vs the
         fill colour, "background_error": mean error outside it vs the background colour, "n": number of samples,
-        and the fill error split in two (a diagnosis, not a target): "fill_error_outline" on the pixels where the
-        input draws the outline (the shapes' border band), "fill_error_inside" on the rest of the shapes}.
+        and three diagnoses, not targets: the fill error split in two, "fill_error_outline" on the pixels where the
+        input draws the outline (the shapes' border band) and "fill_error_inside" on the rest of the shapes, and
+        "fill_colour_offset", the error of the *mean* colour over that rest (a wrong colour, as opposed to noise or
+        stripes around the right one)}.
 
     Raises:
         BadInputError: the counts differ or there are no samples.
@@ -478,7 +486,7 @@ def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSa
     if not samples:
         raise BadInputError("Nothing to evaluate: no samples.")
     scores = np.array([_sample_scores(output, sample) for output, sample in zip(outputs, samples)])
-    iou, fill_error, background_error, on_outline, inside = scores.mean(axis=0)
+    iou, fill_error, background_error, on_outline, inside, offset = scores.mean(axis=0)
     return {
         "iou": float(iou),
         "fill_error": float(fill_error),
@@ -486,6 +494,7 @@ def evaluate_samples(outputs: Sequence[Image.Image], samples: Sequence[CirclesSa
         "n": len(samples),
         "fill_error_outline": float(on_outline),
         "fill_error_inside": float(inside),
+        "fill_colour_offset": float(offset),
     }
 
 
