@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from turbo_i2i.pipeline import Translator
     from turbo_i2i.training.circles import evaluate
-    from turbo_i2i.training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+    from turbo_i2i.training.options import PRESETS
+    from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
 
     options = {k: v for k, v in PRESETS["demo-circles"].items() if k != "extra"}
     options.update(

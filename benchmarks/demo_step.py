@@ -29,7 +29,8 @@ def build(name: str, data: str):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from turbo_i2i import backbone
-    from turbo_i2i.training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+    from turbo_i2i.training.options import PRESETS
+    from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
 
     saved = copy.deepcopy(backbone.BUILTIN_BACKBONES["tiny-circles"])
     if name == "vae-32":

@@ -131,3 +131,18 @@ def test_console_script_reports_without_traceback(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
     usage = subprocess.run([sys.executable, "-m", "turbo_i2i.cli", "translate"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--input" in usage.stderr
+
+
+def test_help_and_data_generation_do_not_load_torch(tmp_path):
+    """The parser (every training option is a flag) and the commands that do not run a model import no torch,
+    diffusers or transformers: ``turbo-i2i --help`` answers at once instead of after seconds of imports."""
+    script = (
+        "import sys\n"
+        "from turbo_i2i.cli import build_parser, main\n"
+        "build_parser().format_help()\n"
+        f"assert main(['data', 'circles', '--out', {str(tmp_path / 'data')!r}, '--n', '4']) == 0\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert (tmp_path / "data" / "train_A").is_dir()

@@ -9,7 +9,8 @@ from turbo_i2i.evaluation import tiny_inception
 from turbo_i2i.pipeline import Translator
 from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import LOG_FILE, translation_metrics
-from turbo_i2i.training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+from turbo_i2i.training.options import PRESETS
+from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
 from turbo_i2i.training.pretrained import tiny_clip, tiny_lpips
 
 FID_NET = tiny_inception()

@@ -88,8 +88,7 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class, optional: tuple[
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .training.paired import PRESETS, PairedTrainConfig
-    from .training.unpaired import UnpairedTrainConfig
+    from .training.options import PRESETS, PairedTrainConfig, UnpairedTrainConfig
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
     p = train.add_parser("paired", help="pix2pix-Turbo on paired images (train_A/, train_B/, train_prompts.json)")
@@ -346,7 +345,8 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from .training.circles import write_dataset
-    from .training.paired import PRESETS, PairedTrainConfig, PairedTrainer
+    from .training.options import PRESETS, PairedTrainConfig
+    from .training.paired import PairedTrainer
 
     if args.task == "unpaired":
         return _train_unpaired(args)

@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, load_model, save_model
 from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, save_pretrained
 from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError
 from ..generator import OneStepGenerator
+from .options import metric_names
 
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
@@ -36,104 +37,10 @@ LOG_FILE = "logs.jsonl"
 # torch.save's zip writer, which reports a short write as a RuntimeError ("unexpected pos ...").
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
-EVAL_METRICS = ("fid", "dino_structure")
+
 # metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
 # of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
 Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], dict[str, float]]
-
-
-def metric_names(eval_metrics: str) -> tuple[str, ...]:
-    """The names in a comma-separated ``eval_metrics`` option ("" for none)."""
-    return tuple(name.strip() for name in eval_metrics.split(",") if name.strip())
-
-
-@dataclass
-class TrainConfig:
-    """What every training run is configured by; ``PairedTrainConfig`` and ``UnpairedTrainConfig`` add their recipe
-    (and their own defaults where the recipes differ). Saved beside each checkpoint.
-
-    Args:
-        dataset: the data set folder (see the trainer's data module).
-        output_dir: run folder: checkpoints/, the exported model/, logs.jsonl and eval images.
-        base_model: backbone hub id, folder or built-in name.
-        unet_lora_rank, vae_lora_rank: LoRA ranks.
-        transform: training transform (see ``training.data``).
-        batch_size: images per step (per process; per domain for unpaired runs).
-        max_steps: optimiser steps to run.
-        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimisers (G and D).
-        lambda_gan: weight of the adversarial term (0 turns it and the discriminator off).
-        disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
-        mixed_precision: "no", "bf16" (or "fp16" for paired runs): trainable weights and optimiser state stay fp32,
-            the frozen backbone is stored in the half precision.
-        gradient_checkpointing: recompute UNet and VAE block activations in the backward pass.
-        seed: seeds the init and every step's randomness.
-        checkpoint_every, eval_every: in steps.
-        num_eval: test items evaluated (all when 0).
-        eval_metrics: comma-separated metrics beyond the trainer's own: "fid" (clean-fid of the outputs against the
-            target test images; needs 2+ of them) and "dino_structure" (DINO ViT-B/8 distance of input and output);
-            "" for none.
-        keep_checkpoints: how many of the newest checkpoints are kept.
-        max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
-            many in a row stop the run, naming the step and the last checkpoint.
-        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
-        skip_bad: skip bad items with a warning instead of refusing the data set.
-        lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
-        inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
-        extra: recipe data that is not a training option (e.g. the demo preset's data set parameters).
-    """
-
-    dataset: str
-    output_dir: str
-    base_model: str = "stabilityai/sd-turbo"
-    unet_lora_rank: int = 8
-    vae_lora_rank: int = 4
-    transform: str = "resize_512"
-    batch_size: int = 4
-    max_steps: int = 10000
-    learning_rate: float = 5e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    lambda_gan: float = 0.5
-    disc: str = "clip"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    num_eval: int = 16
-    eval_metrics: str = "fid"
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5
-    report_to: str = "tensorboard"
-    skip_bad: bool = False
-    lpips_path: str | None = None
-    clip_path: str | None = None
-    inception_path: str | None = None
-    dino_path: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.metric_names) - set(EVAL_METRICS)
-        if unknown:
-            raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
-        if self.max_bad_steps < 0:
-            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        """The names in ``eval_metrics``."""
-        return metric_names(self.eval_metrics)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInputError(f"Unknown training options: {', '.join(unknown)}.")
-        return cls(**data)
 
 
 def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn.Module | None = None) -> Metrics:

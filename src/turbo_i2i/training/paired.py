@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,95 +31,19 @@ from .data import PairedDataset, collate
 from .loop import (
     HALF_PRECISION,
     Metrics,
-    TrainConfig,
     TrainerBase,
     cast_frozen,
     make_accelerator,
-    metric_names,
     save_grid,
     step_seed,
     step_without_update,
     use_math_attention,
 )
 from .losses import loss_l2
+from .options import PairedTrainConfig, metric_names
 
 logger = logging.getLogger("turbo_i2i")
 STOCHASTIC_DEFAULT_R = 0.4  # the released sketch model's default
-
-
-@dataclass
-class PairedTrainConfig(TrainConfig):
-    """Everything a paired run depends on: ``TrainConfig``'s options (with its defaults, the paper's edge model recipe:
-    UNet / VAE LoRA rank 8 / 4, ``resize_512``, batch 4, learning rate 5e-6) and these.
-
-    Args:
-        dataset: a folder in the paired layout (train_A/, train_B/, train_prompts.json, test_*) or a .jsonl manifest.
-        train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
-        from_model: start from this model's trained weights (a named model, model folder or official .pkl on the
-            same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model for a sketch model.
-        stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
-            noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
-        gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
-            is ``batch_size * gradient_accumulation_steps * processes``).
-        lambda_l2, lambda_lpips, lambda_clipsim: loss weights (0 turns a term and its network off).
-        default_prompt: recorded as the exported model's default prompt.
-
-    ``num_eval`` test pairs are scored with L2, LPIPS and CLIP-sim besides ``eval_metrics``; the first four are also
-    saved as an input/output/target grid.
-    """
-
-    train_all: bool = False
-    from_model: str | None = None
-    stochastic: bool = False
-    gradient_accumulation_steps: int = 1
-    lambda_l2: float = 1.0
-    lambda_lpips: float = 5.0
-    lambda_clipsim: float = 5.0
-    default_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.stochastic and self.gradient_checkpointing:
-            # the recomputation in the backward pass would run at the trained strength, not at the step's r
-            raise BadInputError("--stochastic cannot be combined with --gradient-checkpointing yet.")
-        if self.gradient_accumulation_steps < 1:
-            steps = self.gradient_accumulation_steps
-            raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
-
-
-PRESETS: dict[str, dict] = {
-    # The built-in offline model: a tiny backbone trained from scratch on generated circles, on a 2-core CPU.
-    # LPIPS and CLIP need downloaded weights and a GAN is not needed for flat colours, so the loss is L2 only.
-    "demo-circles": dict(
-        base_model="tiny-circles",
-        train_all=True,
-        transform="no_resize",
-        # Measured (GPU sweep of the recipe, 8 variants): at learning rate 1e-3 the from-scratch model stays a mean
-        # predictor (loss 0.52 after 1250 steps); 3e-4 with batch 64 leaves that plateau within 250 steps. The fill
-        # colour is learned last, after shapes and background (a constant rate learned it between steps 1500 and 1800
-        # of 2000, then sat at loss 0.036): the rate decays linearly so that the last steps refine the colours.
-        # 3000 steps of about 1.1 s each on the 2-core CPU: 56 min in all (README).
-        batch_size=64,
-        max_steps=3000,
-        # bf16 autocast: 2.8x faster per step than fp32 on the 2-core CPU (AVX-512 bf16), weights stay fp32.
-        mixed_precision="bf16",
-        learning_rate=3e-4,
-        lr_scheduler="linear",
-        lr_warmup_steps=50,
-        adam_weight_decay=0.0,
-        lambda_lpips=0.0,
-        lambda_clipsim=0.0,
-        lambda_gan=0.0,
-        disc="none",
-        checkpoint_every=500,
-        eval_every=500,
-        num_eval=64,
-        eval_metrics="",  # FID needs downloaded Inception weights; the demo's own metric is turbo-i2i eval-demo
-        default_prompt="a red circle on a blue background",
-        # 20000 samples (18000 for training): generating them takes seconds; each is seen about 11 times.
-        extra={"circles": {"n": 20000, "seed": 1, "size": 64}},
-    ),
-}
 
 
 def init_from_scratch(generator: OneStepGenerator) -> None:

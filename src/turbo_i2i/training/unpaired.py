@@ -36,7 +36,6 @@ the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +48,6 @@ from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from .loop import (
     Metrics,
-    TrainConfig,
     TrainerBase,
     cast_frozen,
     keep_norms_in_half_precision,
@@ -57,57 +55,10 @@ from .loop import (
     step_seed,
     step_without_update,
 )
+from .options import UnpairedTrainConfig
 from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
 
 logger = logging.getLogger("turbo_i2i")
-STEP_MODES = ("joint", "separate")
-MIXED_PRECISION = ("no", "bf16")
-DISC_KINDS = ("clip", "patchgan", "none")
-
-
-@dataclass
-class UnpairedTrainConfig(TrainConfig):
-    """Everything an unpaired run depends on: ``TrainConfig``'s options, with the public CycleGAN-Turbo recipe's
-    defaults (UNet LoRA rank 128 with alpha = rank, the 256 px random crop, batch 1 per domain, learning rate 1e-5,
-    25000 steps, gradient clipping at 10, FID and DINO structure), and these.
-
-    Args:
-        dataset: a folder in the unpaired layout (train_A/, train_B/, fixed_prompt_a.txt, fixed_prompt_b.txt, test_*).
-        eval_transform: transform of the test images (deterministic).
-        use_8bit_adam: bitsandbytes' 8-bit AdamW for the generator (needs ``bitsandbytes``).
-        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips: loss weights (see the module).
-        d_real_target: label of real images for D ("multilevel_sigmoid" of the public recipe: 1).
-        step_mode: "joint" (one generator step, six passes) or "separate" (the public three steps, eight passes).
-
-    ``mixed_precision`` is "no" or "bf16" here; ``num_eval`` counts test images per domain, scored with the cycle L1
-    besides ``eval_metrics``.
-    """
-
-    unet_lora_rank: int = 128
-    transform: str = "resize_286_randomcrop_256x256_hflip"
-    batch_size: int = 1
-    max_steps: int = 25000
-    learning_rate: float = 1e-5
-    max_grad_norm: float = 10.0
-    eval_metrics: str = "fid,dino_structure"
-    eval_transform: str = "no_resize"
-    use_8bit_adam: bool = False
-    lambda_cycle: float = 1.0
-    lambda_cycle_lpips: float = 10.0
-    lambda_idt: float = 1.0
-    lambda_idt_lpips: float = 1.0
-    d_real_target: float = 1.0
-    step_mode: str = "joint"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name, value, allowed in (
-            ("step_mode", self.step_mode, STEP_MODES),
-            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
-            ("disc", self.disc, DISC_KINDS),
-        ):
-            if value not in allowed:
-                raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
 
 
 def reconstruction_loss(
