@@ -146,3 +146,11 @@ def test_help_and_data_generation_do_not_load_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
     assert (tmp_path / "data" / "train_A").is_dir()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`turbo-i2i models | true`: the pipe closes before the listing is written; the command ends quietly."""
+    done = subprocess.run(
+        f"{sys.executable} -m turbo_i2i.cli models | true", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -454,7 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logger.addHandler(handler)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`turbo-i2i models | head -3`): nothing is wrong, but every later write would fail
+        # again, so what is left of the output goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except TurboI2IError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
