@@ -449,13 +449,14 @@ def _sample_scores(output: Image.Image, sample: CirclesSample) -> tuple[float, .
     union = np.count_nonzero(predicted | mask)
     iou = np.count_nonzero(predicted & mask) / union if union else 1.0
     outline = np.asarray(sample.input.convert("L")) > 127  # the input's drawn lines, all inside the mask
+    inside = mask & ~outline
     return (
         float(iou),
         _mean_error(pixels, mask, fill),
         _mean_error(pixels, ~mask, background),
         _mean_error(pixels, mask & outline, fill),
-        _mean_error(pixels, mask & ~outline, fill),
-        _colour_offset(pixels, mask & ~outline, fill),
+        _mean_error(pixels, inside, fill),
+        _colour_offset(pixels, inside, fill),
     )
 
 
