@@ -74,6 +74,11 @@ def test_unpaired_merge_keeps_the_shared_vae_and_both_directions_exact():
         assert (to_unit(generator(x, e, direction=d)) - to_unit(plain[d])).abs().max() <= FP32_TOL
 
 
+def is_nchw(translator):
+    weight = translator.generator.vae[translator.config.default_direction].encoder.conv_in.weight  # 3x3: unambiguous
+    return weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def translators(model_dir, **kwargs):
     return Translator.from_pretrained(model_dir, fast=False), Translator.from_pretrained(model_dir, **kwargs)
 
@@ -85,6 +90,7 @@ def pixels(image):
 def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
     plain, fast = translators(tiny_model_dir)
     assert fast.generator.merged_strength == 1.0 and plain.generator.merged_strength is None
+    assert not fast.channels_last and is_nchw(fast)  # fp32 on the CPU: NCHW, whose results ignore the thread count
     images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (40, 48, 3)))) for i in range(3)]
     for a, b in zip(plain(images), fast(images)):
         # PIL output is rounded to 1/255: a difference below FP32_TOL can flip at most one rounding step
@@ -100,6 +106,7 @@ def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
 def test_translator_bf16_is_within_two_levels_on_average(tiny_model_dir):
     plain, fast = translators(tiny_model_dir, dtype=torch.bfloat16)
     assert fast.dtype == torch.bfloat16
+    assert fast.channels_last and not is_nchw(fast) and is_nchw(plain)  # oneDNN's bf16 convolutions: faster in NHWC
     images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (32, 32, 3)))) for i in range(4)]
     diffs = [np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(plain(images), fast(images))]
     assert max(diffs) <= BF16_MEAN_TOL
