@@ -131,6 +131,7 @@ def test_benchmark_reports_flops_equivalence_and_a_table(tiny_reference):
     flops = report["flops"]["32"]
     parts = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
     assert all(flops[p] > 0 for p in parts) and flops["total"] == sum(flops[p] for p in parts)
+    assert 0 < report["fast_flops"]["32"] < flops["total"]  # sub-pixel upsampling runs fewer
     assert {(r["mode"], r["batch"]) for r in report["results"]} == {
         (m, b) for m in ("baseline", "fast") for b in (1, 2)
     }
@@ -140,6 +141,7 @@ def test_benchmark_reports_flops_equivalence_and_a_table(tiny_reference):
     assert eq["fast_bfloat16"]["mean_abs"] <= BF16_MEAN_TOL
     table = markdown_table(report)
     assert table.count("| baseline |") == 2 and table.count("| fast |") == 2 and "| 32 |" in table
+    assert f"{report['fast_flops']['32'] / 1e12:.3f} TFLOP at 32 px" in table
 
 
 def test_benchmark_names_a_folder_without_configs(tmp_path):
