@@ -90,7 +90,7 @@ def pixels(image):
 def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
     plain, fast = translators(tiny_model_dir)
     assert fast.generator.merged_strength == 1.0 and plain.generator.merged_strength is None
-    assert not fast.channels_last and is_nchw(fast)  # fp32 on the CPU: NCHW, whose results ignore the thread count
+    assert not fast.channels_last and is_nchw(fast)  # fp32 on the CPU: NHWC measured no faster
     images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (40, 48, 3)))) for i in range(3)]
     for a, b in zip(plain(images), fast(images)):
         # PIL output is rounded to 1/255: a difference below FP32_TOL can flip at most one rounding step

@@ -9,7 +9,7 @@ from diffusers.models.upsampling import Upsample2D
 from peft.tuners.lora import LoraLayer
 from torch.utils.flop_counter import FlopCounterMode
 
-from turbo_i2i.subpixel import SubPixelUpsample, phase_kernels, use_subpixel_upsampling
+from turbo_i2i.subpixel import SubPixelUpsample, phase_kernels, restore_upsamplers, use_subpixel_upsampling
 
 
 def upsampler(channels=6, out_channels=5, seed=0, dtype=torch.float64):
@@ -67,10 +67,10 @@ def test_generator_with_lora_merged_unmerged_and_at_another_strength():
     generator, backbone = make_generator(stochastic=True, trained_seed=2, default_r=0.4)
     generator.double()
     fast = copy.deepcopy(generator)
-    replaced = use_subpixel_upsampling(fast)
+    swaps = use_subpixel_upsampling(fast)
     # the tiny UNet and VAE decoder each have upsamplers; all of them are LoRA targets
     wrapped = [m for m in fast.modules() if isinstance(m, SubPixelUpsample)]
-    assert replaced == len(wrapped) >= 2 and all(isinstance(m.conv, LoraLayer) for m in wrapped)
+    assert len(swaps) == len(wrapped) >= 2 and all(isinstance(m.conv, LoraLayer) for m in wrapped)
     assert not any(isinstance(m, Upsample2D) for m in fast.modules())
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in generator.named_parameters()]  # same names
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
@@ -90,3 +90,13 @@ def test_generator_with_lora_merged_unmerged_and_at_another_strength():
     torch.testing.assert_close(wrapped[0](h), expected, rtol=0, atol=1e-12)
     conv.enable_adapters(True)
     assert (wrapped[0](h) - expected).abs().max() > 1e-6  # and enabled, the (non-zero) update is really added
+
+
+def test_restore_puts_the_original_upsamplers_back():
+    generator, _ = make_generator()
+    before = [(n, m) for n, m in generator.named_modules() if isinstance(m, Upsample2D)]
+    swaps = use_subpixel_upsampling(generator)
+    assert len(swaps) == len(before) and not any(isinstance(m, Upsample2D) for m in generator.modules())
+    restore_upsamplers(swaps)
+    after = [(n, m) for n, m in generator.named_modules() if isinstance(m, Upsample2D)]
+    assert [n for n, _ in after] == [n for n, _ in before] and all(a is b for (_, a), (_, b) in zip(after, before))

@@ -39,8 +39,8 @@ from .backbone import Backbone, OneStepSchedule, build_clip_tokenizer, encode_pr
 from .config import GeneratorConfig
 from .errors import BadInputError
 from .generator import OneStepGenerator
-from .pipeline import Translator
-from .subpixel import use_subpixel_upsampling
+from .pipeline import Translator, channels_last_is_faster
+from .subpixel import restore_upsamplers, use_subpixel_upsampling
 
 PROMPT = "a photo of a red car on a mountain road, golden hour"
 # LoRA ranks of the released edge_to_image model: UNet 8, VAE 4 (see reference/official-checkpoint-format.md).
@@ -373,11 +373,17 @@ def _equivalence(
     x = pre.pil_to_tensor([Image.effect_noise((size, size), 64).convert("RGB")], value_range=(0.0, 1.0)).to(device)
     embeds, _ = encode_prompt(backbone.tokenizer, backbone.text_encoder, [PROMPT])
     reference = generator(x, embeds).float()
-    # The fast path in fp32 on a copy (freed before the timings): merged LoRA, sub-pixel upsampling, its layout.
-    fast_fp32 = Translator(copy.deepcopy(generator), backbone, fast=True)
-    layout = torch.channels_last if fast_fp32.channels_last else torch.contiguous_format
-    fast32 = fast_fp32.generator(x.contiguous(memory_format=layout), embeds)
-    del fast_fp32
+    # The fast path in fp32, made from the baseline model and undone (a copy would leave the process's resident
+    # memory higher for the timings): merged LoRA, sub-pixel upsampling, the layout fp32 gets.
+    layout = torch.channels_last if channels_last_is_faster(device, torch.float32) else torch.contiguous_format
+    generator.merge_lora()
+    swaps = use_subpixel_upsampling(generator)
+    try:
+        fast32 = generator.to(memory_format=layout)(x.contiguous(memory_format=layout), embeds)
+    finally:
+        restore_upsamplers(swaps)
+        generator.unmerge_lora()
+        generator.to(memory_format=torch.contiguous_format)
     layout = torch.channels_last if translator.channels_last else torch.contiguous_format
     x_fast = x.to(translator.dtype).contiguous(memory_format=layout)
     fast = translator.generator(x_fast, translator.encode_prompt(PROMPT)).float()

@@ -28,6 +28,16 @@ PROMPT_CACHE_SIZE = 64
 TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
 
 
+def channels_last_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fast path runs in channels-last (NHWC) memory on ``device`` in ``dtype``.
+
+    Convolutions are fastest in NHWC with cuDNN, and with oneDNN in half precision (this project's CPU, full-size
+    model, bf16, 512 px: 14.4 s against 17.8 s per image). oneDNN's fp32 ones measured as fast in either layout, so
+    fp32 on the CPU keeps the layout the weights come in.
+    """
+    return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
+
+
 class Translator:
     """A loaded one-step model, ready to translate images.
 
@@ -54,11 +64,7 @@ class Translator:
         self.tokenizer = backbone.tokenizer
         self.text_encoder = backbone.text_encoder
         self.max_pixels = max_pixels
-        half = (dtype or self.dtype) in (torch.bfloat16, torch.float16)
-        # Convolutions are fastest in NHWC with cuDNN, and with oneDNN in half precision (this project's CPU,
-        # full-size model, bf16, 512 px: 14.4 s against 17.8 s per image). oneDNN's fp32 ones are as fast either way,
-        # and in NCHW their results do not depend on the thread count, so fp32 on the CPU keeps NCHW.
-        self.channels_last = fast and (self.device.type == "cuda" or half)
+        self.channels_last = fast and channels_last_is_faster(self.device, dtype or self.dtype)
         if fast:
             # LoRA merged while the weights are still in the precision they were loaded in (fp32 from
             # from_pretrained), so the merged weights round once; a call with another r unmerges automatically.

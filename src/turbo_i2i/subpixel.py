@@ -14,6 +14,8 @@ of the multiply-adds. In the VAE decoder's three upsamplers, on this project's C
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
@@ -101,22 +103,36 @@ class SubPixelUpsample(nn.Module):
         return out
 
 
-def use_subpixel_upsampling(model: nn.Module) -> int:
+class Swap(NamedTuple):
+    """One replaced upsampler: ``parent.<name>`` was ``original``."""
+
+    parent: nn.Module
+    name: str
+    original: Upsample2D
+
+
+def use_subpixel_upsampling(model: nn.Module) -> list[Swap]:
     """Replace every ``Upsample2D`` of ``model`` that is nearest 2x + 3x3 convolution by a ``SubPixelUpsample``.
 
     Args:
         model: a UNet, VAE or generator (changed in place; parameter names and values stay the same).
 
     Returns:
-        the number of upsamplers replaced.
+        the replacements, for ``restore_upsamplers``.
     """
-    replaced = 0
+    swaps = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Upsample2D) and _is_nearest_3x3(child):
                 setattr(parent, name, SubPixelUpsample(child.conv))
-                replaced += 1
-    return replaced
+                swaps.append(Swap(parent, name, child))
+    return swaps
+
+
+def restore_upsamplers(swaps: list[Swap]) -> None:
+    """Put back the upsamplers ``use_subpixel_upsampling`` replaced (they share the same conv modules)."""
+    for parent, name, original in swaps:
+        setattr(parent, name, original)
 
 
 def _is_nearest_3x3(upsample: Upsample2D) -> bool:
