@@ -137,10 +137,10 @@ def restore_upsamplers(swaps: list[Swap]) -> None:
 
 def _is_nearest_3x3(upsample: Upsample2D) -> bool:
     if not (upsample.use_conv and upsample.interpolate and upsample.name == "conv") or upsample.norm is not None:
-        return False  # a transposed conv, no conv, a norm first, or the conv under its other name (Conv2d_0)
+        return False  # no conv, no interpolation, a norm first, or the conv under its other name (Conv2d_0)
     conv = upsample.conv.get_base_layer() if isinstance(upsample.conv, LoraLayer) else upsample.conv
     return (
-        isinstance(conv, nn.Conv2d)
+        isinstance(conv, nn.Conv2d)  # not a ConvTranspose2d (use_conv_transpose), which replaces the interpolation
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
