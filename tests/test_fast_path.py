@@ -11,6 +11,7 @@ from PIL import Image
 from turbo_i2i.backbone import BUILTIN_BACKBONES
 from turbo_i2i.benchmark import markdown_table, run_benchmark
 from turbo_i2i.pipeline import Translator
+from turbo_i2i.subpixel import SubPixelUpsample
 
 FP32_TOL = 1e-3  # max abs pixel difference on [0, 1] images (the bound for the fp32 fast path)
 BF16_MEAN_TOL = 2 / 255
@@ -91,6 +92,8 @@ def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
     plain, fast = translators(tiny_model_dir)
     assert fast.generator.merged_strength == 1.0 and plain.generator.merged_strength is None
     assert not fast.channels_last and is_nchw(fast)  # fp32 on the CPU: NHWC measured no faster
+    assert any(isinstance(m, SubPixelUpsample) for m in fast.generator.modules())
+    assert not any(isinstance(m, SubPixelUpsample) for m in plain.generator.modules())
     images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (40, 48, 3)))) for i in range(3)]
     for a, b in zip(plain(images), fast(images)):
         # PIL output is rounded to 1/255: a difference below FP32_TOL can flip at most one rounding step

@@ -103,8 +103,8 @@ class Translator:
             name_or_path: see ``registry.load_model``.
             device: where to run (CPU when None).
             dtype: weight dtype (float32 by default; bfloat16/float16 for speed, see the README's performance table).
-            fast: merge LoRA into the base weights, and use channels-last memory where it is faster (same results
-                up to float rounding).
+            fast: merge LoRA into the base weights, sub-pixel upsampling, and channels-last memory where it is
+                faster (same results up to float rounding).
             compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones).
             base_model: the backbone to load the model on (a hub id or local diffusers folder) instead of the one its
                 config names; needed for a model trained on a local backbone folder (see ``registry.load_model``).

@@ -97,7 +97,7 @@ class SubPixelUpsample(nn.Module):
             memory_format=layout,
         )  # fmt: skip
         for (a, b), kernel in phase_kernels(weight).items():
-            # phase 0 reads low-resolution rows (i - 1, i): padded rows i, i + 1; phase 1 reads (i, i + 1)
+            # output row 2i + a reads low-resolution rows i + a - 1 and i + a: padded rows i + a and i + a + 1
             kernel = kernel.contiguous(memory_format=layout)  # oneDNN picks NHWC only when the weight is NHWC too
             out[:, :, a::2, b::2] = F.conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernel, bias)
         return out
