@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cpu_memory import reuse_freed_memory
 from .errors import BadInputError, TurboI2IError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -451,6 +452,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the process exit status by the console script)."""
     args = build_parser().parse_args(argv)
+    if args.command in ("translate", "demo", "bench"):
+        reuse_freed_memory()  # large activations call after call: reuse their pages (see cpu_memory.py)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logger.addHandler(handler)
