@@ -4,9 +4,11 @@ The cases, each in a fresh subprocess (so one case's memory never counts towards
 which only grows within a process, is the case's own on the CPU):
 
 - ``public``: the public implementation's schedule: three generator steps per iteration (cycle, GAN, identity),
-  translations recomputed: eight generator passes; fp32 everywhere; no gradient checkpointing (its one frozen VAE is
-  shared by both directions here, where the public code deep-copies it: 0.3 GiB more there, not counted);
-- ``ours-fp32``: the joint objective: one generator step, each translation computed once: six passes; fp32;
+  translations recomputed: eight generator passes; fp32 everywhere; no gradient checkpointing; upsamplers that
+  convolve the doubled image (its one frozen VAE is shared by both directions here, where the public code deep-copies
+  it: 0.3 GiB more there, not counted);
+- ``ours-fp32``: the joint objective: one generator step, each translation computed once: six passes; sub-pixel
+  upsampling (the same function with 4/9 of the upsamplers' multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
   stored in bf16, gradient checkpointing of the UNet and VAE blocks;
 - ``ours-bf16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
@@ -101,6 +103,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         the measurement.
     """
     from turbo_i2i.benchmark import time_steps
+    from turbo_i2i.subpixel import restore_upsamplers
     from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
     dev = torch.device(device)
@@ -122,6 +125,8 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
             loss_networks=(_lpips(config), None),
             backbone=_backbone(config, reference, dev),
         )
+        if case == "public":  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
+            restore_upsamplers(trainer.upsampler_swaps)
         passes = []
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
@@ -130,6 +135,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
+            subpixel_upsampling=case != "public",
             seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip

@@ -100,3 +100,45 @@ def test_restore_puts_the_original_upsamplers_back():
     restore_upsamplers(swaps)
     after = [(n, m) for n, m in generator.named_modules() if isinstance(m, Upsample2D)]
     assert [n for n, _ in after] == [n for n, _ in before] and all(a is b for (_, a), (_, b) in zip(after, before))
+
+
+def test_training_gradients_equal_the_plain_upsamplers_in_float64():
+    # what training needs beyond the forward: every trainable parameter (LoRA A and B of the upsampler convs
+    # included, which only reach the output through the summed weight) gets the plain path's gradient
+    generator, backbone = make_generator(task="unpaired", trained_seed=3, prompts={"a2b": "x", "b2a": "y"})
+    generator.double().set_trainable(True)
+    generator.train()
+    fast = copy.deepcopy(generator)
+    assert len(use_subpixel_upsampling(fast)) >= 2
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    e = embed(backbone).double()
+    grads = []
+    for model in (generator, fast):
+        model.zero_grad()
+        model(x, e, direction="b2a").square().mean().backward()
+        # the other direction's VAE adapters get no gradient: None on both paths alike
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+    upsampler_lora = [n for n in grads[0] if ".upsamplers.0.conv.lora_" in n]
+    assert {n.split(".")[0] for n in upsampler_lora} == {"unet", "vae"}  # UNet's and the b2a VAE's upsamplers
+    assert all(grads[0][n].abs().max() > 0 for n in upsampler_lora)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_lora_dropout_in_training_runs_the_plain_path():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    plain = upsampler(dtype=torch.float32)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["conv"], lora_dropout=0.5), plain)
+    with torch.no_grad():
+        plain.conv.lora_B["default"].weight.normal_()
+    fast = SubPixelUpsample(plain.conv)
+    x = torch.randn(1, 6, 4, 4)
+    outputs = []
+    for module in (plain, fast):
+        torch.manual_seed(0)  # the same dropout mask, if the same path draws it
+        outputs.append(module.train()(x))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    with torch.no_grad():  # in eval mode dropout is the identity, and the summed weight applies again
+        torch.testing.assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)

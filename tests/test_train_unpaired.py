@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from diffusers.models.upsampling import Upsample2D
 from PIL import Image
 
 from turbo_i2i.checkpoints import load_pretrained
@@ -149,6 +150,7 @@ def test_a_nan_in_a_segment_clears_the_gradients_and_skips_the_step(dataset, tmp
 
 def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset, tmp_path):
     trainer = make_trainer(dataset, tmp_path)
+    assert trainer.upsampler_swaps and not any(isinstance(m, Upsample2D) for m in trainer.generator.modules())
     before = {n: p.detach().clone() for n, p in trainer.generator.named_parameters()}
     d_before = {n: p.detach().clone() for n, p in trainer.discriminator.named_parameters()}
     batch = trainer.batch(0)

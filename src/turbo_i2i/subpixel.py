@@ -1,4 +1,4 @@
-"""Nearest-neighbour 2x upsampling + 3x3 convolution, computed on the low-resolution input (inference only).
+"""Nearest-neighbour 2x upsampling + 3x3 convolution, computed on the low-resolution input.
 
 Every decoder upsampler of SD-Turbo (diffusers' ``Upsample2D``) doubles the image by repeating pixels and then runs a
 3x3 convolution on the doubled image. Output pixel (2i + a, 2j + b) only sees low-resolution pixels i - 1 .. i + 1
@@ -10,6 +10,11 @@ Every decoder upsampler of SD-Turbo (diffusers' ``Upsample2D``) doubles the imag
 and the same for columns. The result is the same function (exact in real arithmetic; float rounding differs) with 4/9
 of the multiply-adds. In the VAE decoder's three upsamplers, on this project's CPU in bf16 at 512 px, that measured
 0.90 s against 1.74 s.
+
+It is differentiable, so training uses it too: the backward pass also runs on the low-resolution input, and what is
+kept for it is the padded input instead of the 4x larger upsampled one. With LoRA, the update is added to the weight
+(peft's ``get_delta_weight``), so the weight gradient is one small-kernel convolution and A and B get theirs through
+the sum.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ def _effective_weight(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     active = [a for a in conv.active_adapters if a in conv.lora_A]
     if any(a in conv.lora_variant for a in active):  # DoRA and other variants are not a weight sum
         return None
+    if conv.training and any(not isinstance(conv.lora_dropout[a], nn.Identity) for a in active):
+        return None  # dropout acts on the adapter's input, which a summed weight never sees
     weight = base.weight
     for adapter in active:  # peft's own delta (B @ A at the current scale): what merging would add
         weight = weight + conv.get_delta_weight(adapter).to(weight.dtype)
@@ -63,7 +70,8 @@ class SubPixelUpsample(nn.Module):
     """``Upsample2D`` (nearest 2x, then a 3x3 convolution) as four 2x2 convolutions on the low-resolution input.
 
     Holds the upsampler's convolution under the same attribute name (``conv``), so parameter names do not change.
-    Other output sizes (the UNet's odd-size case) and LoRA variants run the plain upsample-then-convolve.
+    Other output sizes (the UNet's odd-size case), LoRA variants and LoRA dropout in training run the plain
+    upsample-then-convolve.
 
     Args:
         conv: the upsampler's 3x3, stride 1, padding 1 convolution (a plain ``nn.Conv2d`` or a peft LoRA layer).

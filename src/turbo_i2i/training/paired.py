@@ -27,6 +27,7 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
+from ..subpixel import use_subpixel_upsampling
 from .data import PairedDataset, collate
 from .loop import (
     HALF_PRECISION,
@@ -153,6 +154,8 @@ class PairedTrainer(TrainerBase):
 
             warm_start(self.generator, config.from_model)
         self.generator.set_trainable(True)
+        # the same function with 4/9 of the upsamplers' multiply-adds, forward and backward (subpixel.py)
+        self.upsampler_swaps = use_subpixel_upsampling(self.generator)
         if config.mixed_precision in HALF_PRECISION:
             # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
             # trainable weights and the optimiser state stay fp32.

@@ -46,6 +46,7 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
+from ..subpixel import use_subpixel_upsampling
 from .loop import (
     Metrics,
     TrainerBase,
@@ -172,6 +173,8 @@ class UnpairedTrainer(TrainerBase):
             }
         del backbone  # the text encoder is not needed again: its memory goes back now (UNet and VAE live on)
         self.generator.set_trainable(True)
+        # the same function with 4/9 of the upsamplers' multiply-adds, forward and backward (subpixel.py)
+        self.upsampler_swaps = use_subpixel_upsampling(self.generator)
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
         self.generator.train()
