@@ -10,7 +10,7 @@ which only grows within a process, is the case's own on the CPU):
 - ``ours-fp32``: the joint objective: one generator step, each translation computed once: six passes; sub-pixel
   upsampling (the same function with 4/9 of the upsamplers' multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
-  stored in bf16, gradient checkpointing of the UNet and VAE blocks;
+  stored in bf16 (channels-last memory on the CPU), gradient checkpointing of the UNet and VAE blocks;
 - ``ours-bf16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
   checkpointing costs and saves), and bf16 + checkpointing with 8-bit AdamW (needs bitsandbytes).
 

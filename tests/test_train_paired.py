@@ -91,6 +91,8 @@ def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, t
     dtypes = {n: p.dtype for n, p in trainer.unwrapped.named_parameters()}
     assert {dtypes[n] for n in dtypes if trainer.unwrapped.is_trained(n)} == {torch.float32}
     assert {dtypes[n] for n in dtypes if not trainer.unwrapped.is_trained(n)} == {torch.bfloat16}
+    convs = [p for p in trainer.unwrapped.parameters() if p.ndim == 4 and p.shape[-1] == 3]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)  # NHWC: CPU, bf16
     first = trainer.train_step()["loss_g"]
     for _ in range(29):
         last = trainer.train_step()["loss_g"]

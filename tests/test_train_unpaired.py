@@ -181,6 +181,9 @@ def test_directions_share_one_frozen_vae_and_trainable_weights_stay_fp32(dataset
     assert trained and all(a2b[n].data_ptr() != b2a[n].data_ptr() for n in trained)
     half = torch.bfloat16 if precision == "bf16" else torch.float32
     assert all(a2b[n].dtype == half for n in frozen) and all(a2b[n].dtype == torch.float32 for n in trained)
+    convs = [p for p in trainer.generator.parameters() if p.ndim == 4 and p.shape[-1] == 3]
+    # channels-last on the CPU in bf16 only (channels_last_in_training); the shared weights are converted once
+    assert {p.is_contiguous(memory_format=torch.channels_last) for p in convs} == {precision == "bf16"}
     assert not hasattr(trainer, "text_encoder") and trainer.prompt_embeds["a2b"].shape[:2] == (1, 77)
     logs = trainer.train_step()  # bf16 autocast over bf16 frozen and fp32 trainable weights, checkpointed blocks
     assert np.isfinite(logs["loss_g"]) and all(

@@ -34,6 +34,7 @@ from .loop import (
     Metrics,
     TrainerBase,
     cast_frozen,
+    channels_last_in_training,
     make_accelerator,
     save_grid,
     step_seed,
@@ -160,6 +161,8 @@ class PairedTrainer(TrainerBase):
             # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
             # trainable weights and the optimiser state stay fp32.
             cast_frozen(self.generator, HALF_PRECISION[config.mixed_precision])
+        if channels_last_in_training(self.device, config.mixed_precision):
+            self.generator.to(memory_format=torch.channels_last)
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         if config.gradient_checkpointing:

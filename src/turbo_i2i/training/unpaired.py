@@ -51,6 +51,7 @@ from .loop import (
     Metrics,
     TrainerBase,
     cast_frozen,
+    channels_last_in_training,
     keep_norms_in_half_precision,
     make_accelerator,
     step_seed,
@@ -185,6 +186,8 @@ class UnpairedTrainer(TrainerBase):
             keep_norms_in_half_precision(self.generator)
             if self.discriminator is not None:
                 cast_frozen(self.discriminator, torch.bfloat16)
+        if channels_last_in_training(self.device, config.mixed_precision):
+            self.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
         self.optimizer_g = make_optimizer(
             [p for p in self.generator.parameters() if p.requires_grad], config, config.use_8bit_adam
         )
