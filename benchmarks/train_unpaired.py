@@ -8,7 +8,7 @@ which only grows within a process, is the case's own on the CPU):
   convolve the doubled image (its one frozen VAE is shared by both directions here, where the public code deep-copies
   it: 0.3 GiB more there, not counted);
 - ``ours-fp32``: the joint objective: one generator step, each translation computed once: six passes; sub-pixel
-  upsampling (the same function with 4/9 of the upsamplers' multiply-adds, ``turbo_i2i.subpixel``); fp32;
+  upsampling in the VAE decoders (the same function with 4/9 of the multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
   stored in bf16 (channels-last memory on the CPU), gradient checkpointing of the UNet and VAE blocks;
 - ``ours-bf16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
