@@ -11,8 +11,10 @@ which only grows within a process, is the case's own on the CPU):
   upsampling in the VAE decoders (the same function with 4/9 of the multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
   stored in bf16 (channels-last memory on the CPU), gradient checkpointing of the UNet and VAE blocks;
-- ``ours-bf16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
-  checkpointing costs and saves), and bf16 + checkpointing with 8-bit AdamW (needs bitsandbytes).
+- ``ours-bf16``, ``ours-bf16-nhwc`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without
+  checkpointing (what checkpointing costs and saves); the same with the generator in channels-last memory where the
+  trainer would not choose it (``training.loop.channels_last_in_training``: GPUs, until measured there); and bf16 +
+  checkpointing with 8-bit AdamW (needs bitsandbytes).
 
 All use the unpaired recipe's adapters (UNet LoRA rank 128, alpha 128; VAE LoRA rank 4 per direction, both
 directions on one frozen VAE), batch 1, two PatchGAN discriminators (the paper's vision-aided CLIP discriminators need
@@ -46,6 +48,7 @@ CASES = {
     "ours-fp32": dict(step_mode="joint", mixed_precision="no", gradient_checkpointing=False),
     "ours-bf16": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
     "ours-bf16-ckpt": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True),
+    "ours-bf16-nhwc": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
     "ours-bf16-ckpt-8bit": dict(
         step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True, use_8bit_adam=True
     ),
@@ -127,6 +130,8 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         )
         if case == "public":  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
             restore_upsamplers(trainer.upsampler_swaps)
+        if case.endswith("-nhwc"):
+            trainer.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
         passes = []
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
