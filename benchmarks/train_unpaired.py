@@ -49,6 +49,7 @@ CASES = {
     "ours-bf16": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
     "ours-bf16-ckpt": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True),
     "ours-bf16-nhwc": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
+    "ours-bf16-plain": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
     "ours-bf16-ckpt-8bit": dict(
         step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True, use_8bit_adam=True
     ),
@@ -128,7 +129,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
             loss_networks=(_lpips(config), None),
             backbone=_backbone(config, reference, dev),
         )
-        if case == "public":  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
+        if case == "public" or case.endswith("-plain"):  # upsample, then convolve: 3x3 convolutions at double size
             restore_upsamplers(trainer.upsampler_swaps)
         if case.endswith("-nhwc"):
             trainer.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
