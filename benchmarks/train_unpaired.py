@@ -11,10 +11,11 @@ which only grows within a process, is the case's own on the CPU):
   upsampling in the VAE decoders (the same function with 4/9 of the multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
   stored in bf16 (channels-last memory on the CPU), gradient checkpointing of the UNet and VAE blocks;
-- ``ours-bf16``, ``ours-bf16-nhwc`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without
-  checkpointing (what checkpointing costs and saves); the same with the generator in channels-last memory where the
-  trainer would not choose it (``training.loop.channels_last_in_training``: GPUs, until measured there); and bf16 +
-  checkpointing with 8-bit AdamW (needs bitsandbytes).
+- ``ours-bf16``, ``ours-bf16-nhwc``, ``ours-bf16-plain`` and ``ours-bf16-ckpt-8bit`` (only when named in
+  ``--cases``): bf16 without checkpointing (what checkpointing costs and saves); the same with the generator in
+  channels-last memory where the trainer does not choose it (``training.loop.channels_last_in_training``: on GPUs);
+  the same with the VAE decoders' upsamplers as defined (what sub-pixel upsampling saves); and bf16 + checkpointing
+  with 8-bit AdamW (needs bitsandbytes).
 
 All use the unpaired recipe's adapters (UNet LoRA rank 128, alpha 128; VAE LoRA rank 4 per direction, both
 directions on one frozen VAE), batch 1, two PatchGAN discriminators (the paper's vision-aided CLIP discriminators need
@@ -129,7 +130,8 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
             loss_networks=(_lpips(config), None),
             backbone=_backbone(config, reference, dev),
         )
-        if case == "public" or case.endswith("-plain"):  # upsample, then convolve: 3x3 convolutions at double size
+        plain = case == "public" or case.endswith("-plain")
+        if plain:  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
             restore_upsamplers(trainer.upsampler_swaps)
         if case.endswith("-nhwc"):
             trainer.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
@@ -141,7 +143,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
-            subpixel_upsampling=case != "public",
+            subpixel_upsampling=not plain,
             seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip

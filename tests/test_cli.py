@@ -154,20 +154,3 @@ def test_a_reader_that_stops_early_gets_no_traceback():
         f"{sys.executable} -m turbo_i2i.cli models | true", shell=True, capture_output=True, text=True, timeout=120
     )
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
-
-
-def test_compile_mode_reaches_torch_compile(run, tmp_path, monkeypatch, capsys):
-    import torch
-
-    modes = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs["mode"]))
-    source = write_picture(tmp_path / "in.png")
-    code, err = run("--input", source, "--output", tmp_path / "a.png", "--compile", "reduce-overhead")
-    assert code == 0, err
-    assert len(modes) == 3 and set(modes) == {"reduce-overhead"}  # the UNet, the VAE encoder and decoder
-    modes.clear()
-    code, err = run("--input", source, "--output", tmp_path / "b.png", "--compile")
-    assert code == 0 and set(modes) == {None}  # torch's default mode
-    with pytest.raises(SystemExit) as exit_info:
-        run("--input", source, "--output", tmp_path / "c.png", "--compile", "fastest")
-    assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err

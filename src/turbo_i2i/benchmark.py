@@ -257,7 +257,7 @@ def run_benchmark(
     batches: tuple[int, ...] = (1, 4),
     modes: tuple[str, ...] = ("baseline", "fast"),
     precision: torch.dtype | None = None,
-    compile: bool | str = False,
+    compile: bool = False,
     repeats: int = 3,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -270,8 +270,7 @@ def run_benchmark(
         batches: images per call.
         modes: "baseline" and/or "fast".
         precision: the fast mode's weight dtype (default: ``default_precision(device)``).
-        compile: compile the fast mode's UNet and VAE: True or a ``torch.compile`` mode (three warm-up calls per case
-            absorb the compile time and, for "reduce-overhead", the recording of the CUDA graphs; one otherwise).
+        compile: compile the fast mode's UNet and VAE (warm-up calls absorb the compile time).
         repeats: timed calls per case (one untimed warm-up call before).
         progress: called with a line per measurement.
 
@@ -304,9 +303,8 @@ def run_benchmark(
     }
     times: dict[tuple, list[float]] = {(c.mode, c.size, c.batch): [] for c in cases}
     memory: dict[tuple, int] = {}
-    for case in cases:  # warm-up (and compilation: CUDA graphs are recorded on the second or third call)
-        for _ in range(3 if compile else 1):
-            calls[case.mode](inputs[case.size, case.batch])
+    for case in cases:  # warm-up (and compilation), one call each
+        calls[case.mode](inputs[case.size, case.batch])
     for rep in range(repeats):
         for case in cases:
             key = (case.mode, case.size, case.batch)
@@ -538,18 +536,11 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def compile_label(compile: bool | str) -> str:
-    """How the report names its compile setting."""
-    if not compile:
-        return ""
-    return " + torch.compile" + ("" if compile is True or compile == "default" else f" ({compile})")
-
-
 def markdown_table(report: dict) -> str:
     """The report's results as a markdown table (seconds per image, memory, share of the machine's peak)."""
     lines = [
         f"Machine: {report['machine']}; fast path in {report['fast_precision']}"
-        f"{compile_label(report['compile'])}; median of {report['repeats']} interleaved calls;"
+        f"{' + torch.compile' if report['compile'] else ''}; median of {report['repeats']} interleaved calls;"
         f" memory: {report['memory']}.",
         "",
         "| mode | size | batch | dtype | s/image (median) | s/image (min) | images/s | peak memory GiB | TFLOP/s |"

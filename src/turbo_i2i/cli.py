@@ -15,7 +15,6 @@ from .cpu_memory import reuse_freed_memory
 from .errors import BadInputError, TurboI2IError
 
 DTYPES = ("float32", "bfloat16", "float16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 logger = logging.getLogger("turbo_i2i")
 
 
@@ -42,10 +41,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
-    p.add_argument(
-        "--compile", nargs="?", const=True, choices=COMPILE_MODES, metavar="MODE",
-        help="torch.compile the UNet and VAE (pays off on big folders); MODE: a torch.compile mode (reduce-overhead)",
-    )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (pays off on big folders)")
     p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
     p.add_argument(
         "--tile", type=int, metavar="PIXELS",
@@ -157,10 +153,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=("baseline", "fast"), default=["baseline", "fast"])
     p.add_argument("--precision", choices=DTYPES, help="the fast mode's dtype (default: bf16 where native)")
-    p.add_argument(
-        "--compile", nargs="?", const=True, choices=COMPILE_MODES, metavar="MODE",
-        help="torch.compile the fast mode; MODE: a torch.compile mode, e.g. reduce-overhead",
-    )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast mode")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case, interleaved (default 3)")
     p.add_argument("--out", type=Path, help="write the report here: OUT.json and OUT.md")
 
@@ -219,7 +212,7 @@ def _translate(args: argparse.Namespace) -> int:
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     translator = Translator.from_pretrained(
-        args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile or False,
+        args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile,
         base_model=args.base_model,
     )  # fmt: skip
     options = dict(
@@ -316,7 +309,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise BadInputError("--repeats and --batches must be at least 1 and --sizes at least 8.")
     report = run_benchmark(
         reference, device=args.device, sizes=tuple(args.sizes), batches=tuple(args.batches), modes=tuple(args.modes),
-        precision=getattr(torch, args.precision) if args.precision else None, compile=args.compile or False,
+        precision=getattr(torch, args.precision) if args.precision else None, compile=args.compile,
         repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     write_report(args.out, report, markdown_table(report))

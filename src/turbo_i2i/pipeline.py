@@ -48,8 +48,7 @@ class Translator:
         fast: merge LoRA into the base weights (at the model's default r), sub-pixel upsampling (``subpixel.py``),
             channels-last memory on GPU and in half precision on CPU, and on GPU ``torch.backends.cudnn.benchmark``.
         dtype: cast weights to this dtype (after merging, so merged weights round once); None keeps them.
-        compile: ``torch.compile`` the UNet and the VAE encoders/decoders: True for torch's default mode, or a mode
-            name ("reduce-overhead" replays CUDA graphs, which spares the per-kernel launch cost on a GPU).
+        compile: ``torch.compile`` the UNet and the VAE encoders/decoders.
     """
 
     def __init__(
@@ -59,7 +58,7 @@ class Translator:
         max_pixels: int = pre.MAX_PIXELS,
         fast: bool = True,
         dtype: torch.dtype | None = None,
-        compile: bool | str = False,
+        compile: bool = False,
     ):
         self.generator = generator.eval()
         self.tokenizer = backbone.tokenizer
@@ -83,7 +82,7 @@ class Translator:
             self.text_encoder.to(dtype)
         if compile:
             for module in (generator.unet, *(m for vae in generator.vae.values() for m in (vae.encoder, vae.decoder))):
-                module.compile(mode=None if compile is True else compile)
+                module.compile()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         # One call at a time: a call sets LoRA scales for its own r; concurrent callers (a web demo) must not mix.
         self._lock = threading.Lock()
@@ -95,7 +94,7 @@ class Translator:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         fast: bool = True,
-        compile: bool | str = False,
+        compile: bool = False,
         base_model: str | os.PathLike | None = None,
     ) -> Translator:
         """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
@@ -106,8 +105,7 @@ class Translator:
             dtype: weight dtype (float32 by default; bfloat16/float16 for speed, see the README's performance table).
             fast: merge LoRA into the base weights, sub-pixel upsampling, and channels-last memory where it is
                 faster (same results up to float rounding).
-            compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones): True or a
-                ``torch.compile`` mode name.
+            compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones).
             base_model: the backbone to load the model on (a hub id or local diffusers folder) instead of the one its
                 config names; needed for a model trained on a local backbone folder (see ``registry.load_model``).
 
