@@ -40,6 +40,7 @@ from .config import GeneratorConfig
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .pipeline import Translator, channels_last_is_faster
+from .precision import computes_natively
 from .subpixel import restore_upsamplers, use_subpixel_upsampling
 
 PROMPT = "a photo of a red car on a mountain road, golden hour"
@@ -234,8 +235,8 @@ class PeakMemory:
 def default_precision(device: torch.device) -> torch.dtype:
     """bf16 where the hardware computes it natively (recent CPUs, Ampere+ GPUs), else fp16 on GPU, else fp32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16 if computes_natively(device, torch.bfloat16) else torch.float16
+    if device.type == "cpu" and computes_natively(device, torch.bfloat16):
         return torch.bfloat16
     return torch.float32
 

@@ -1,0 +1,67 @@
+"""A half precision the device only emulates gets a warning (same images, much later); fp32 never does."""
+
+import logging
+
+import pytest
+import torch
+from conftest import make_generator
+
+from turbo_i2i import precision
+from turbo_i2i.benchmark import default_precision
+from turbo_i2i.pipeline import Translator
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[True, False], ids=["native", "emulated"])
+def native(request, monkeypatch):
+    """Make this CPU one with (or without) native half-precision arithmetic."""
+    monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: request.param)
+    return request.param
+
+
+def test_half_precision_on_the_cpu_follows_its_instructions_and_fp32_is_always_native(native):
+    assert precision.computes_natively(CPU, torch.bfloat16) is native
+    assert precision.computes_natively(CPU, torch.float16) is native
+    assert precision.computes_natively(CPU, torch.float32)
+    assert default_precision(CPU) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_translator_warns_when_its_dtype_is_emulated(native, caplog):
+    generator, backbone = make_generator()
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        Translator(generator, backbone, dtype=torch.bfloat16)
+    warnings = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("dtype bfloat16: this CPU has no native bfloat16")
+        assert "Use float32" in warnings[0]
+
+
+def test_translator_in_float32_never_warns(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: False)
+    generator, backbone = make_generator()
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        Translator(generator, backbone, dtype=torch.float32)
+        Translator(*make_generator(), dtype=None)
+    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+
+
+@pytest.mark.parametrize("task", ["paired", "unpaired"])
+def test_training_warns_when_its_mixed_precision_is_emulated(task, monkeypatch, caplog, tmp_path):
+    import test_train_paired
+    import test_train_unpaired
+
+    monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: False)
+    if task == "paired":
+        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
+        make_trainer = test_train_paired.make_trainer
+    else:
+        test_train_unpaired.make_unpaired(tmp_path / "data")
+        make_trainer = test_train_unpaired.make_trainer
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision="bf16")
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "emulated" in r.getMessage()] == [
+        "--mixed-precision bf16"
+    ]
