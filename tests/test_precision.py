@@ -65,3 +65,34 @@ def test_training_warns_when_its_mixed_precision_is_emulated(task, monkeypatch, 
     assert [r.getMessage().split(":")[0] for r in caplog.records if "emulated" in r.getMessage()] == [
         "--mixed-precision bf16"
     ]
+
+
+@pytest.mark.parametrize("task", ["paired", "unpaired"])
+def test_auto_mixed_precision_is_bf16_only_where_native(task, native, caplog, tmp_path):
+    import test_train_paired
+    import test_train_unpaired
+
+    if task == "paired":
+        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
+        make_trainer = test_train_paired.make_trainer
+    else:
+        test_train_unpaired.make_unpaired(tmp_path / "data")
+        make_trainer = test_train_unpaired.make_trainer
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        trainer = make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision="auto")
+    assert trainer.config.mixed_precision == ("bf16" if native else "no")
+    frozen = next(p for p in trainer.unwrapped.unet.parameters() if not p.requires_grad)
+    assert frozen.dtype == (torch.bfloat16 if native else torch.float32)  # stored in the half precision it chose
+    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+
+
+def test_explicit_mixed_precision_is_kept_and_the_demo_preset_chooses_automatically(native):
+    from turbo_i2i.training.loop import resolve_mixed_precision
+    from turbo_i2i.training.options import PRESETS, PairedTrainConfig
+
+    assert PRESETS["demo-circles"]["mixed_precision"] == "auto"
+    for given in ("no", "bf16", "fp16"):
+        config = PairedTrainConfig(dataset="d", output_dir="o", mixed_precision=given)
+        assert resolve_mixed_precision(config, CPU) is config
+    config = PairedTrainConfig(dataset="d", output_dir="o", mixed_precision="auto")
+    assert resolve_mixed_precision(config, CPU).mixed_precision == ("bf16" if native else "no")

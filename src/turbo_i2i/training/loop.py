@@ -8,6 +8,7 @@ every trained weight, discriminator and optimiser / scheduler state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, load_model, save_model
 from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, save_pretrained
 from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError
 from ..generator import OneStepGenerator
+from ..precision import computes_natively
 from .options import metric_names
 
 logger = logging.getLogger("turbo_i2i")
@@ -107,6 +109,26 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in module.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def resolve_mixed_precision(config, device: torch.device):
+    """The run config with ``mixed_precision="auto"`` replaced by what it means on ``device``.
+
+    "auto" is bf16 where the device computes bf16 natively (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX) and
+    "no" (fp32) elsewhere: on a 2-core AVX2 CPU the demo preset's step took 19.6 s in emulated bf16 against 2.3 s in
+    fp32 (README, the built-in model). Explicit values are kept as given.
+
+    Args:
+        config: a ``TrainConfig``.
+        device: where the run trains.
+
+    Returns:
+        ``config`` itself, or a copy with the resolved ``mixed_precision``.
+    """
+    if config.mixed_precision != "auto":
+        return config
+    native = computes_natively(device, torch.bfloat16)
+    return dataclasses.replace(config, mixed_precision="bf16" if native else "no")
 
 
 def channels_last_in_training(device: torch.device, mixed_precision: str) -> bool:

@@ -37,6 +37,7 @@ from .loop import (
     cast_frozen,
     channels_last_in_training,
     make_accelerator,
+    resolve_mixed_precision,
     save_grid,
     step_seed,
     step_without_update,
@@ -119,11 +120,11 @@ class PairedTrainer(TrainerBase):
         backbone: Backbone | None = None,
         metrics: Metrics | None = None,
     ):
-        self.config = config
-        if config.mixed_precision not in ("no", *HALF_PRECISION):
-            raise BadInputError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}.")
+        if config.mixed_precision not in ("no", "auto", *HALF_PRECISION):
+            raise BadInputError(f"mixed_precision must be no, auto, bf16 or fp16, got {config.mixed_precision!r}.")
         self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
         self.device = self.accelerator.device
+        config = self.config = resolve_mixed_precision(config, self.device)
         self.output_dir = Path(config.output_dir)
         self.train_data = PairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed

@@ -56,6 +56,7 @@ from .loop import (
     channels_last_in_training,
     keep_norms_in_half_precision,
     make_accelerator,
+    resolve_mixed_precision,
     step_seed,
     step_without_update,
 )
@@ -136,12 +137,12 @@ class UnpairedTrainer(TrainerBase):
         metrics: Metrics | None = None,
         backbone: Backbone | None = None,
     ):
-        self.config = config
         self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
         if self.accelerator.num_processes > 1:
             # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
             raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
         self.device = self.accelerator.device
+        config = self.config = resolve_mixed_precision(config, self.device)
         self.output_dir = Path(config.output_dir)
         self.train_data = UnpairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
