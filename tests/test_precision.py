@@ -31,7 +31,7 @@ def test_translator_warns_when_its_dtype_is_emulated(native, caplog):
     generator, backbone = make_generator()
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
         Translator(generator, backbone, dtype=torch.bfloat16)
-    warnings = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    warnings = emulation_warnings(caplog)
     if native:
         assert warnings == []
     else:
@@ -45,45 +45,43 @@ def test_translator_in_float32_never_warns(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
         Translator(generator, backbone, dtype=torch.float32)
         Translator(*make_generator(), dtype=None)
-    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert emulation_warnings(caplog) == []
+
+
+def build_trainer(task, tmp_path, mixed_precision):
+    """A tiny paired or unpaired trainer on generated data, built under a captured log."""
+    import test_train_paired
+    import test_train_unpaired
+
+    if task == "paired":
+        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
+        make_trainer = test_train_paired.make_trainer
+    else:
+        test_train_unpaired.make_unpaired(tmp_path / "data")
+        make_trainer = test_train_unpaired.make_trainer
+    return make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision=mixed_precision)
+
+
+def emulation_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
 
 
 @pytest.mark.parametrize("task", ["paired", "unpaired"])
 def test_training_warns_when_its_mixed_precision_is_emulated(task, monkeypatch, caplog, tmp_path):
-    import test_train_paired
-    import test_train_unpaired
-
     monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: False)
-    if task == "paired":
-        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
-        make_trainer = test_train_paired.make_trainer
-    else:
-        test_train_unpaired.make_unpaired(tmp_path / "data")
-        make_trainer = test_train_unpaired.make_trainer
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
-        make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision="bf16")
-    assert [r.getMessage().split(":")[0] for r in caplog.records if "emulated" in r.getMessage()] == [
-        "--mixed-precision bf16"
-    ]
+        build_trainer(task, tmp_path, "bf16")
+    assert [message.split(":")[0] for message in emulation_warnings(caplog)] == ["--mixed-precision bf16"]
 
 
 @pytest.mark.parametrize("task", ["paired", "unpaired"])
 def test_auto_mixed_precision_is_bf16_only_where_native(task, native, caplog, tmp_path):
-    import test_train_paired
-    import test_train_unpaired
-
-    if task == "paired":
-        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
-        make_trainer = test_train_paired.make_trainer
-    else:
-        test_train_unpaired.make_unpaired(tmp_path / "data")
-        make_trainer = test_train_unpaired.make_trainer
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
-        trainer = make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision="auto")
+        trainer = build_trainer(task, tmp_path, "auto")
     assert trainer.config.mixed_precision == ("bf16" if native else "no")
     frozen = next(p for p in trainer.unwrapped.unet.parameters() if not p.requires_grad)
     assert frozen.dtype == (torch.bfloat16 if native else torch.float32)  # stored in the half precision it chose
-    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert emulation_warnings(caplog) == []
 
 
 def test_explicit_mixed_precision_is_kept_and_the_demo_preset_chooses_automatically(native):
