@@ -40,7 +40,7 @@ from .config import GeneratorConfig
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .pipeline import Translator, channels_last_is_faster
-from .precision import computes_natively
+from .precision import computes_natively, dtype_name
 from .subpixel import restore_upsamplers, use_subpixel_upsampling
 
 PROMPT = "a photo of a red car on a mountain road, golden hour"
@@ -152,11 +152,6 @@ def flop_split(
         counts["vae_decoder"] = counter.get_total_flops()
     counts["total"] = sum(counts.values())
     return counts
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
 
 
 def _sync(device: torch.device) -> None:

@@ -17,7 +17,7 @@ from .backbone import Backbone, encode_prompt
 from .config import INPUT_RANGES, GeneratorConfig
 from .errors import BadInputError
 from .generator import OneStepGenerator
-from .precision import warn_if_emulated
+from .precision import dtype_name, warn_if_emulated
 from .registry import load_model
 from .subpixel import use_subpixel_upsampling
 from .tiling import translate_tiled
@@ -79,7 +79,7 @@ class Translator:
             # per shape and keep the fastest (a process-wide setting, as torch has no per-module one).
             torch.backends.cudnn.benchmark = True
         if dtype is not None:
-            warn_if_emulated(self.device, dtype, f"dtype {str(dtype).removeprefix('torch.')}")
+            warn_if_emulated(self.device, dtype, f"dtype {dtype_name(dtype)}")
             generator.to(dtype)
             self.text_encoder.to(dtype)
         if compile:

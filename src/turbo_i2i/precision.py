@@ -14,6 +14,11 @@ import torch
 logger = logging.getLogger("turbo_i2i")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _cpu_computes_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU has oneDNN kernels with native arithmetic for the half precision ``dtype``."""
     if not torch.backends.mkldnn.is_available():
@@ -58,10 +63,9 @@ def warn_if_emulated(device: torch.device, dtype: torch.dtype | None, setting: s
     """
     if dtype is None or computes_natively(device, dtype):
         return False
-    name = str(dtype).removeprefix("torch.")
     logger.warning(
         "%s: this %s has no native %s arithmetic, so it is emulated: slower than float32, not faster. Use float32"
         " here.",
-        setting, device.type.upper(), name,
+        setting, device.type.upper(), dtype_name(dtype),
     )  # fmt: skip
     return True

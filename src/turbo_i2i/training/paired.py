@@ -27,7 +27,6 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
-from ..precision import warn_if_emulated
 from ..subpixel import use_subpixel_upsampling
 from .data import PairedDataset, collate
 from .loop import (
@@ -166,8 +165,6 @@ class PairedTrainer(TrainerBase):
             # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
             # trainable weights and the optimiser state stay fp32.
             cast_frozen(self.generator, HALF_PRECISION[config.mixed_precision])
-        half = HALF_PRECISION.get(config.mixed_precision)
-        warn_if_emulated(self.device, half, f"--mixed-precision {config.mixed_precision}")
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and does not

@@ -46,10 +46,8 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
-from ..precision import warn_if_emulated
 from ..subpixel import use_subpixel_upsampling
 from .loop import (
-    HALF_PRECISION,
     Metrics,
     TrainerBase,
     cast_frozen,
@@ -192,8 +190,6 @@ class UnpairedTrainer(TrainerBase):
             keep_norms_in_half_precision(self.generator)
             if self.discriminator is not None:
                 cast_frozen(self.discriminator, torch.bfloat16)
-        half = HALF_PRECISION.get(config.mixed_precision)
-        warn_if_emulated(self.device, half, f"--mixed-precision {config.mixed_precision}")
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
         self.optimizer_g = make_optimizer(
