@@ -194,6 +194,42 @@ def keep_norms_in_half_precision(module: torch.nn.Module) -> None:
             setattr(parent, name, replacements[id(child)])
 
 
+def keep_lora_inputs_in_half_precision(module: torch.nn.Module) -> None:
+    """Stop peft casting each LoRA layer's input to its adapter weights' dtype (``cast_input_dtype_enabled``).
+
+    Under mixed precision the adapters stay fp32 while activations are bf16 / fp16: peft then copies every LoRA
+    layer's full-size input up to fp32 before ``lora_A``, which autocast at once copies back down to half precision
+    for the matrix product; the backward pass does the same to the gradient. The result is bit for bit the same
+    without the two copies (on the unpaired tiny model: 128 activation up-casts and 128 down-casts per generator
+    forward pass fewer, ``tests/test_half_norms.py``).
+
+    Args:
+        module: the model holding peft LoRA layers; changed in place. Only run it under autocast afterwards (the
+            trainers do): outside it, a half-precision input would meet the fp32 adapter weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for child in module.modules():
+        if isinstance(child, BaseTunerLayer):
+            child.cast_input_dtype_enabled = False
+
+
+def train_in_half_precision(generator: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Prepare a generator for training under ``dtype`` autocast with fp32 trainable weights (both trainers).
+
+    Its frozen weights are stored in ``dtype`` (``cast_frozen``), its GroupNorms keep half-precision activations in
+    half precision (``keep_norms_in_half_precision``) and its LoRA layers stop copying their inputs up to fp32
+    (``keep_lora_inputs_in_half_precision``).
+
+    Args:
+        generator: the model, changed in place (parameters shared between its parts stay shared).
+        dtype: ``torch.bfloat16`` or ``torch.float16``.
+    """
+    cast_frozen(generator, dtype)
+    keep_norms_in_half_precision(generator)
+    keep_lora_inputs_in_half_precision(generator)
+
+
 def use_math_attention(module: torch.nn.Module) -> None:
     """Compute attention as plain matrix products (softmax(QK^T / sqrt(d)) V) in every attention layer of ``module``:
     diffusers' ``AttnProcessor`` in the UNet and VAE, transformers' ``"eager"`` implementation in the CLIP text model.

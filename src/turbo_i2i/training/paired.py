@@ -9,7 +9,8 @@ Objective (paper, Sec. 3.3), code names -> paper terms:
 One generator step and one discriminator step per iteration, one LR-scheduler step each (a NaN/Inf loss or gradient
 drops the update and is counted: see ``TrainerBase``). The discriminator's
 gradients are cleared after the generator's backward, so D is updated only by its own loss. Trainable weights stay
-fp32 under bf16/fp16 autocast; frozen weights are stored in that half precision (fp16 adds a gradient scaler).
+fp32 under bf16/fp16 autocast; frozen weights are stored in that half precision, and activations stay in it
+through GroupNorms and LoRA layers (``loop.train_in_half_precision``; fp16 adds a gradient scaler).
 All randomness of a step (batch order, crops, DiffAugment) is derived
 from (seed, step), so stopping and resuming gives the same run as going straight through.
 """
@@ -33,13 +34,13 @@ from .loop import (
     HALF_PRECISION,
     Metrics,
     TrainerBase,
-    cast_frozen,
     channels_last_in_training,
     make_accelerator,
     resolve_mixed_precision,
     save_grid,
     step_seed,
     step_without_update,
+    train_in_half_precision,
     use_math_attention,
 )
 from .losses import loss_l2
@@ -164,7 +165,7 @@ class PairedTrainer(TrainerBase):
         if config.mixed_precision in HALF_PRECISION:
             # True mixed precision: the frozen backbone is stored in half (it is only read under autocast), while
             # trainable weights and the optimiser state stay fp32.
-            cast_frozen(self.generator, HALF_PRECISION[config.mixed_precision])
+            train_in_half_precision(self.generator, HALF_PRECISION[config.mixed_precision])
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and does not

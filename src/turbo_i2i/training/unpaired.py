@@ -28,7 +28,7 @@ Step modes:
 Then one discriminator step on ``0.5 * (loss_d_a + loss_d_b)``, D_A on real b vs. fake_b and D_B on real a vs. fake_a
 (the fakes of the iteration, detached), after clearing the gradients the generator's GAN terms left on the
 discriminators. Memory: trainable weights stay fp32 under bf16 autocast while the frozen backbone is stored in bf16
-(``cast_frozen``) and its GroupNorms keep bf16 activations in bf16 (``keep_norms_in_half_precision``); gradient
+and bf16 activations stay bf16 through its GroupNorms and LoRA layers (``loop.train_in_half_precision``); gradient
 checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the text encoder is freed once
 the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
 """
@@ -52,11 +52,11 @@ from .loop import (
     TrainerBase,
     cast_frozen,
     channels_last_in_training,
-    keep_norms_in_half_precision,
     make_accelerator,
     resolve_mixed_precision,
     step_seed,
     step_without_update,
+    train_in_half_precision,
 )
 from .options import UnpairedTrainConfig
 from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
@@ -186,8 +186,7 @@ class UnpairedTrainer(TrainerBase):
         self.lpips, clip = self._loss_networks(loss_networks)
         self.discriminator = self._discriminators(clip)
         if config.mixed_precision == "bf16":
-            cast_frozen(self.generator, torch.bfloat16)
-            keep_norms_in_half_precision(self.generator)
+            train_in_half_precision(self.generator, torch.bfloat16)
             if self.discriminator is not None:
                 cast_frozen(self.discriminator, torch.bfloat16)
         if channels_last_in_training(self.device, config.mixed_precision):
