@@ -114,16 +114,9 @@ def test_lora_inputs_stay_in_half_precision_with_the_same_result():
 @pytest.mark.parametrize("trainer_kind", ["paired", "unpaired"])
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_trainers_prepare_half_precision_only_in_bf16(tmp_path, precision, trainer_kind):
-    from test_train_paired import make_trainer as make_paired_trainer
-    from test_train_unpaired import make_trainer, make_unpaired
+    from trainers import build_trainer
 
-    from turbo_i2i.training.circles import write_dataset
-
-    if trainer_kind == "paired":
-        write_dataset(tmp_path / "data", n=10, seed=3, size=32)
-        trainer = make_paired_trainer(tmp_path / "data", tmp_path / "run", mixed_precision=precision)
-    else:
-        trainer = make_trainer(make_unpaired(tmp_path / "data"), tmp_path / "run", mixed_precision=precision)
+    trainer = build_trainer(trainer_kind, tmp_path, mixed_precision=precision)
     half = precision == "bf16"
     kinds = {type(m) for m in trainer.generator.modules() if isinstance(m, torch.nn.GroupNorm)}
     assert kinds == ({HalfPrecisionGroupNorm} if half else {torch.nn.GroupNorm})

@@ -44,12 +44,9 @@ def test_math_attention_gives_the_fused_kernels_outputs_and_gradients():
 
 
 def test_the_paired_trainer_uses_math_attention_on_the_cpu(tmp_path):
-    from test_train_paired import make_trainer
+    from trainers import build_trainer
 
-    from turbo_i2i.training.circles import write_dataset
-
-    write_dataset(tmp_path / "data", n=10, seed=3, size=32)
-    trainer = make_trainer(tmp_path / "data", tmp_path / "run", disc="none")
+    trainer = build_trainer("paired", tmp_path, disc="none")
     layers = [m for m in trainer.generator.modules() if isinstance(m, Attention)]
     assert layers and all(type(m.processor) is AttnProcessor for m in layers)
     assert trainer.text_encoder.config._attn_implementation == "eager"

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 from conftest import make_generator
+from trainers import build_trainer
 
 from turbo_i2i import precision
 from turbo_i2i.benchmark import default_precision
@@ -48,20 +49,6 @@ def test_translator_in_float32_never_warns(monkeypatch, caplog):
     assert emulation_warnings(caplog) == []
 
 
-def build_trainer(task, tmp_path, mixed_precision):
-    """A tiny paired or unpaired trainer on generated data, built under a captured log."""
-    import test_train_paired
-    import test_train_unpaired
-
-    if task == "paired":
-        test_train_paired.write_dataset(tmp_path / "data", n=10, seed=3, size=32)
-        make_trainer = test_train_paired.make_trainer
-    else:
-        test_train_unpaired.make_unpaired(tmp_path / "data")
-        make_trainer = test_train_unpaired.make_trainer
-    return make_trainer(tmp_path / "data", tmp_path / "run", mixed_precision=mixed_precision)
-
-
 def emulation_warnings(caplog):
     return [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
 
@@ -70,14 +57,14 @@ def emulation_warnings(caplog):
 def test_training_warns_when_its_mixed_precision_is_emulated(task, monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: False)
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
-        build_trainer(task, tmp_path, "bf16")
+        build_trainer(task, tmp_path, mixed_precision="bf16")
     assert [message.split(":")[0] for message in emulation_warnings(caplog)] == ["--mixed-precision bf16"]
 
 
 @pytest.mark.parametrize("task", ["paired", "unpaired"])
 def test_auto_mixed_precision_is_bf16_only_where_native(task, native, caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
-        trainer = build_trainer(task, tmp_path, "auto")
+        trainer = build_trainer(task, tmp_path, mixed_precision="auto")
     assert trainer.config.mixed_precision == ("bf16" if native else "no")
     frozen = next(p for p in trainer.unwrapped.unet.parameters() if not p.requires_grad)
     assert frozen.dtype == (torch.bfloat16 if native else torch.float32)  # stored in the half precision it chose

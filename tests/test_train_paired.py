@@ -4,17 +4,14 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
+from trainers import make_paired_trainer
 
 from turbo_i2i.cli import main
-from turbo_i2i.evaluation import tiny_inception
 from turbo_i2i.pipeline import Translator
 from turbo_i2i.training.circles import write_dataset
-from turbo_i2i.training.loop import LOG_FILE, translation_metrics
+from turbo_i2i.training.loop import LOG_FILE
 from turbo_i2i.training.options import PRESETS
 from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
-from turbo_i2i.training.pretrained import tiny_clip, tiny_lpips
-
-FID_NET = tiny_inception()
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +21,8 @@ def dataset(tmp_path_factory):
     return folder
 
 
-def make_trainer(dataset, out, **overrides):
-    options = dict(
-        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=3,
-        max_steps=20, learning_rate=1e-3, lr_warmup_steps=0, disc="patchgan", lambda_clipsim=1.0,
-        checkpoint_every=10, eval_every=10, num_eval=1, default_prompt="a red circle on a blue background",
-    )  # fmt: skip
-    options.update(overrides)
-    torch.manual_seed(0)
-    return PairedTrainer(
-        PairedTrainConfig(**options), loss_networks=(tiny_lpips(), tiny_clip()), metrics=translation_metrics(FID_NET)
-    )
-
-
 def test_training_lowers_the_loss_on_a_fixed_batch(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path, batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0)
+    trainer = make_paired_trainer(dataset, tmp_path, batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0)
     first = trainer.train_step()["loss_g"]
     for _ in range(29):
         last = trainer.train_step()["loss_g"]
@@ -46,7 +30,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(dataset, tmp_path):
 
 
 def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path)
+    trainer = make_paired_trainer(dataset, tmp_path)
     # sub-pixel upsampling in the VAE decoders, the UNet's upsamplers as they are
     assert trainer.upsampler_swaps and not any(isinstance(m, Upsample2D) for m in trainer.unwrapped.vae.modules())
     assert any(isinstance(m, Upsample2D) for m in trainer.unwrapped.unet.modules())
@@ -70,8 +54,10 @@ def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset,
 
 def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path, one_thread):
     options = dict(disc="none", lambda_clipsim=0.0, max_steps=3, max_grad_norm=0.0)
-    big = make_trainer(dataset, tmp_path / "big", batch_size=6, **options)
-    accumulated = make_trainer(dataset, tmp_path / "acc", batch_size=3, gradient_accumulation_steps=2, **options)
+    big = make_paired_trainer(dataset, tmp_path / "big", batch_size=6, **options)
+    accumulated = make_paired_trainer(
+        dataset, tmp_path / "acc", batch_size=3, gradient_accumulation_steps=2, **options
+    )
     grads = {}
     for name, trainer in (("big", big), ("acc", accumulated)):
         params = trainer.optimizer_g.param_groups[0]["params"]
@@ -87,7 +73,7 @@ def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path, one_th
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, tmp_path):
-    trainer = make_trainer(
+    trainer = make_paired_trainer(
         dataset, tmp_path, mixed_precision="bf16", batch_size=9, disc="none", lambda_clipsim=0.0, lambda_lpips=0.0
     )
     dtypes = {n: p.dtype for n, p in trainer.unwrapped.named_parameters()}
@@ -104,12 +90,12 @@ def test_bf16_mixed_precision_keeps_trainable_weights_fp32_and_learns(dataset, t
 
 
 def test_stop_and_resume_equals_straight_run(dataset, tmp_path, one_thread):
-    straight = make_trainer(dataset, tmp_path / "a")
+    straight = make_paired_trainer(dataset, tmp_path / "a")
     straight.train()
-    first = make_trainer(dataset, tmp_path / "b")
+    first = make_paired_trainer(dataset, tmp_path / "b")
     first.train(stop_at=10)
     assert first.step == 10 and not (tmp_path / "b" / "model").exists()
-    resumed = make_trainer(dataset, tmp_path / "b")  # a new process would build everything afresh too
+    resumed = make_paired_trainer(dataset, tmp_path / "b")  # a new process would build everything afresh too
     resumed.train(resume=True)
     assert resumed.step == 20
     a, b = straight.unwrapped.trained_state_dict(), resumed.unwrapped.trained_state_dict()
@@ -124,7 +110,7 @@ def test_stop_and_resume_equals_straight_run(dataset, tmp_path, one_thread):
 
 def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoints(dataset, tmp_path):
     write_dataset(tmp_path / "data", n=20, seed=3, size=32)  # two test pairs: FID needs two images per side
-    trainer = make_trainer(
+    trainer = make_paired_trainer(
         tmp_path / "data", tmp_path, max_steps=6, checkpoint_every=2, eval_every=3, keep_checkpoints=2, num_eval=2
     )
     trainer.train()
@@ -141,14 +127,14 @@ def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoin
     (tmp_path / "checkpoints" / ".step_0000008.partial").mkdir()
     (tmp_path / "checkpoints" / "step_0000010").mkdir()  # no trainer_state.json: incomplete
     assert trainer.latest_checkpoint().name == "step_0000006"
-    older = make_trainer(dataset, tmp_path / "other", max_steps=6)
+    older = make_paired_trainer(dataset, tmp_path / "other", max_steps=6)
     older.train(resume=tmp_path / "checkpoints" / "step_0000004", stop_at=5)  # --resume PATH
     assert older.step == 5
 
 
 def test_exported_model_gives_the_trainers_outputs(tmp_path):
     write_dataset(tmp_path / "data64", n=10, seed=5, size=64)  # 64 px: the size the Translator runs such inputs at
-    trainer = make_trainer(tmp_path / "data64", tmp_path, max_steps=3, disc="none")
+    trainer = make_paired_trainer(tmp_path / "data64", tmp_path, max_steps=3, disc="none")
     trainer.train()
     translator = Translator.from_pretrained(tmp_path / "model")
     item = trainer.test_data[0]

@@ -2,54 +2,25 @@
 one export holds both directions, the frozen VAE is shared, the joint objective runs six generator passes (the public
 schedule eight), the discriminator step is isolated, only trainable weights change, bad data exit 2."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
+from trainers import CAPTION_A, CAPTION_B, make_unpaired, make_unpaired_trainer
 
 from turbo_i2i.checkpoints import load_pretrained
 from turbo_i2i.cli import main
 from turbo_i2i.evaluation import tiny_dino, tiny_inception
 from turbo_i2i.pipeline import Translator
-from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import translation_metrics
 from turbo_i2i.training.pretrained import tiny_lpips
 from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
-
-CAPTION_A, CAPTION_B = "white outlines of shapes", "filled shapes"
-
-
-def make_unpaired(root, n=10, size=32, drop_b=2, keep_test=True):
-    """Circle outlines as domain A, filled shapes as domain B, unpaired (B has fewer images; a caption per domain)."""
-    write_dataset(root, n=n, seed=3, size=size)
-    for path in root.glob("*_prompts.json"):
-        path.unlink()
-    for path in sorted((root / "train_B").iterdir())[:drop_b]:
-        path.unlink()
-    if not keep_test:
-        for domain in "AB":
-            shutil.rmtree(root / f"test_{domain}")
-    (root / "fixed_prompt_a.txt").write_text(CAPTION_A + "\n")
-    (root / "fixed_prompt_b.txt").write_text(CAPTION_B + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_unpaired(tmp_path_factory.mktemp("data") / "unpaired")
-
-
-def make_trainer(dataset, out, metrics=None, **overrides):
-    options = dict(
-        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=1,
-        max_steps=4, learning_rate=1e-3, lr_warmup_steps=0, unet_lora_rank=4, disc="patchgan", checkpoint_every=2,
-        eval_every=1000, num_eval=1, eval_metrics="",
-    )  # fmt: skip
-    options.update(overrides)
-    return UnpairedTrainer(UnpairedTrainConfig(**options), loss_networks=(tiny_lpips(), None), metrics=metrics)
 
 
 def count_passes(trainer):
@@ -64,7 +35,7 @@ def test_short_run_lowers_the_cycle_loss(tmp_path):
     data = make_unpaired(tmp_path / "one", n=2, keep_test=False, drop_b=0)
     for domain in "AB":
         (data / f"train_{domain}" / "000001.png").unlink()
-    trainer = make_trainer(data, tmp_path / "run", disc="none", max_steps=100)
+    trainer = make_unpaired_trainer(data, tmp_path / "run", disc="none", max_steps=100)
     cycle = []
     for _ in range(10):
         logs = trainer.train_step()
@@ -73,13 +44,13 @@ def test_short_run_lowers_the_cycle_loss(tmp_path):
 
 
 def test_joint_runs_six_generator_passes_and_separate_eight(dataset, tmp_path):
-    joint = make_trainer(dataset, tmp_path / "joint")
+    joint = make_unpaired_trainer(dataset, tmp_path / "joint")
     calls, handle = count_passes(joint)
     logs = joint.train_step()
     handle.remove()
     assert sorted(calls) == ["a2b"] * 3 + ["b2a"] * 3
     assert {"loss_cycle_a", "loss_cycle_b", "loss_idt_a", "loss_idt_b", "loss_gan_a", "loss_gan_b"} <= set(logs)
-    separate = make_trainer(dataset, tmp_path / "separate", step_mode="separate")
+    separate = make_unpaired_trainer(dataset, tmp_path / "separate", step_mode="separate")
     calls, handle = count_passes(separate)
     separate.train_step()
     handle.remove()
@@ -89,7 +60,7 @@ def test_joint_runs_six_generator_passes_and_separate_eight(dataset, tmp_path):
 
 
 def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activations(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path)
+    trainer = make_unpaired_trainer(dataset, tmp_path)
     batch = trainer.batch(0)
     trained = [(n, p) for n, p in trainer.generator.named_parameters() if p.requires_grad]
 
@@ -136,7 +107,7 @@ def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activati
 
 
 def test_a_nan_in_a_segment_clears_the_gradients_and_skips_the_step(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path, disc="none")
+    trainer = make_unpaired_trainer(dataset, tmp_path, disc="none")
     batch = trainer.batch(0)
     before = {n: p.detach().clone() for n, p in trainer.generator.named_parameters()}
     bad_b = batch["b"].clone()
@@ -149,7 +120,7 @@ def test_a_nan_in_a_segment_clears_the_gradients_and_skips_the_step(dataset, tmp
 
 
 def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path)
+    trainer = make_unpaired_trainer(dataset, tmp_path)
     # sub-pixel upsampling in the VAE decoders, the UNet's upsamplers as they are
     assert trainer.upsampler_swaps and not any(isinstance(m, Upsample2D) for m in trainer.generator.vae.modules())
     assert any(isinstance(m, Upsample2D) for m in trainer.generator.unet.modules())
@@ -173,7 +144,7 @@ def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_directions_share_one_frozen_vae_and_trainable_weights_stay_fp32(dataset, tmp_path, precision):
-    trainer = make_trainer(dataset, tmp_path, mixed_precision=precision, gradient_checkpointing=True)
+    trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision=precision, gradient_checkpointing=True)
     a2b = dict(trainer.generator.vae["a2b"].named_parameters(remove_duplicate=False))
     b2a = dict(trainer.generator.vae["b2a"].named_parameters(remove_duplicate=False))
     assert a2b.keys() == b2a.keys()
@@ -199,7 +170,7 @@ def straight_run(dataset, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the resume test compares against this run with one-thread kernels
     try:
-        trainer = make_trainer(dataset, tmp_path_factory.mktemp("straight"))
+        trainer = make_unpaired_trainer(dataset, tmp_path_factory.mktemp("straight"))
         trainer.train()
     finally:
         torch.set_num_threads(threads)
@@ -207,10 +178,10 @@ def straight_run(dataset, tmp_path_factory):
 
 
 def test_stop_and_resume_equals_straight_run(dataset, straight_run, tmp_path, one_thread):
-    first = make_trainer(dataset, tmp_path)
+    first = make_unpaired_trainer(dataset, tmp_path)
     first.train(stop_at=2)
     assert first.step == 2 and not (tmp_path / "model").exists()
-    resumed = make_trainer(dataset, tmp_path)  # a new process builds everything afresh too
+    resumed = make_unpaired_trainer(dataset, tmp_path)  # a new process builds everything afresh too
     resumed.train(resume=True)
     assert resumed.step == 4
     a, b = straight_run.generator.trained_state_dict(), resumed.generator.trained_state_dict()
@@ -244,7 +215,8 @@ def test_export_holds_both_directions_and_reloads_bit_exactly(straight_run):
 
 
 def test_evaluation_scores_both_directions(dataset, tmp_path):
-    trainer = make_trainer(dataset, tmp_path, num_eval=0, disc="none", metrics=translation_metrics(None, tiny_dino()))
+    metrics = translation_metrics(None, tiny_dino())
+    trainer = make_unpaired_trainer(dataset, tmp_path, num_eval=0, disc="none", metrics=metrics)
     scores = trainer.evaluate()
     ((_, a),) = trainer.test_data.images("A")
     with torch.no_grad():

@@ -299,8 +299,7 @@ def test_exploding_training_stops_through_the_cli_with_exit_1(dataset, tmp_path,
 
 def test_unpaired_training_skips_nan_steps_through_the_same_loop(tmp_path):
     """Both trainers share TrainerBase's handling: joint and separate generator steps."""
-    from test_train_unpaired import make_trainer as make_unpaired_trainer
-    from test_train_unpaired import make_unpaired
+    from trainers import make_unpaired, make_unpaired_trainer
 
     data = make_unpaired(tmp_path / "data", n=6)
     for mode in ("joint", "separate"):

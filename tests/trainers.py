@@ -1,0 +1,65 @@
+"""Tiny trainers on generated data, shared by the training tests (the built-in tiny backbone, stand-in loss and
+evaluation networks: no download)."""
+
+import shutil
+
+import torch
+
+from turbo_i2i.evaluation import tiny_inception
+from turbo_i2i.training.circles import write_dataset
+from turbo_i2i.training.loop import translation_metrics
+from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
+from turbo_i2i.training.pretrained import tiny_clip, tiny_lpips
+from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
+
+FID_NET = tiny_inception()
+CAPTION_A, CAPTION_B = "white outlines of shapes", "filled shapes"
+
+
+def make_paired_trainer(dataset, out, **overrides):
+    """A paired trainer: L2, LPIPS, CLIP-sim (tiny stand-ins) and PatchGAN; ``overrides`` change its options."""
+    options = dict(
+        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=3,
+        max_steps=20, learning_rate=1e-3, lr_warmup_steps=0, disc="patchgan", lambda_clipsim=1.0,
+        checkpoint_every=10, eval_every=10, num_eval=1, default_prompt="a red circle on a blue background",
+    )  # fmt: skip
+    options.update(overrides)
+    torch.manual_seed(0)
+    return PairedTrainer(
+        PairedTrainConfig(**options), loss_networks=(tiny_lpips(), tiny_clip()), metrics=translation_metrics(FID_NET)
+    )
+
+
+def make_unpaired(root, n=10, size=32, drop_b=2, keep_test=True):
+    """Circle outlines as domain A, filled shapes as domain B, unpaired (B has fewer images; a caption per domain)."""
+    write_dataset(root, n=n, seed=3, size=size)
+    for path in root.glob("*_prompts.json"):
+        path.unlink()
+    for path in sorted((root / "train_B").iterdir())[:drop_b]:
+        path.unlink()
+    if not keep_test:
+        for domain in "AB":
+            shutil.rmtree(root / f"test_{domain}")
+    (root / "fixed_prompt_a.txt").write_text(CAPTION_A + "\n")
+    (root / "fixed_prompt_b.txt").write_text(CAPTION_B + "\n")
+    return root
+
+
+def make_unpaired_trainer(dataset, out, metrics=None, **overrides):
+    """An unpaired trainer: UNet LoRA rank 4, PatchGAN discriminators, tiny LPIPS; ``overrides`` change its options."""
+    options = dict(
+        dataset=str(dataset), output_dir=str(out), base_model="tiny", transform="no_resize", batch_size=1,
+        max_steps=4, learning_rate=1e-3, lr_warmup_steps=0, unet_lora_rank=4, disc="patchgan", checkpoint_every=2,
+        eval_every=1000, num_eval=1, eval_metrics="",
+    )  # fmt: skip
+    options.update(overrides)
+    return UnpairedTrainer(UnpairedTrainConfig(**options), loss_networks=(tiny_lpips(), None), metrics=metrics)
+
+
+def build_trainer(task, tmp_path, **overrides):
+    """A paired or unpaired trainer on data generated in ``tmp_path / "data"``, writing to ``tmp_path / "run"``."""
+    if task == "paired":
+        write_dataset(tmp_path / "data", n=10, seed=3, size=32)
+        return make_paired_trainer(tmp_path / "data", tmp_path / "run", **overrides)
+    make_unpaired(tmp_path / "data")
+    return make_unpaired_trainer(tmp_path / "data", tmp_path / "run", **overrides)
