@@ -154,3 +154,23 @@ def test_a_reader_that_stops_early_gets_no_traceback():
         f"{sys.executable} -m turbo_i2i.cli models | true", shell=True, capture_output=True, text=True, timeout=120
     )
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "task,flag,value,choices",
+    [
+        ("paired", "--mixed-precision", "fp8", "no, bf16, fp16, auto"),
+        ("unpaired", "--mixed-precision", "fp16", "no, bf16, auto"),  # no gradient scaler in the unpaired trainer
+        ("paired", "--disc", "stylegan", "clip, patchgan, none"),
+        ("unpaired", "--disc", "stylegan", "clip, patchgan, none"),
+        ("unpaired", "--step-mode", "both", "joint, separate"),
+    ],
+)
+def test_a_bad_training_choice_exits_2_naming_the_choices(tmp_path, capsys, task, flag, value, choices):
+    # refused by the config, before the data set is read or anything is written
+    out = tmp_path / "run"
+    code = main(["train", task, "--dataset", str(tmp_path / "data"), "--output-dir", str(out), flag, value])
+    err = capsys.readouterr().err
+    option = flag[2:].replace("-", "_")
+    assert code == 2 and f"Unknown {option} {value!r}; choose one of {choices}." in err, err
+    assert "Traceback" not in err and not out.exists()

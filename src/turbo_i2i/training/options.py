@@ -11,6 +11,14 @@ from dataclasses import dataclass, field, fields
 from ..errors import BadInputError
 
 EVAL_METRICS = ("fid", "dino_structure")
+DISC_KINDS = ("clip", "patchgan", "none")
+STEP_MODES = ("joint", "separate")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ``BadInputError`` naming the option and its choices unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
 
 
 def metric_names(eval_metrics: str) -> tuple[str, ...]:
@@ -86,7 +94,12 @@ class TrainConfig:
     dino_path: str | None = None
     extra: dict = field(default_factory=dict)
 
+    # the ``mixed_precision`` values the recipe's trainer implements (not a field: no flag, not saved)
+    mixed_precision_choices = ("no", "bf16", "fp16", "auto")
+
     def __post_init__(self) -> None:
+        check_choice("mixed_precision", self.mixed_precision, self.mixed_precision_choices)
+        check_choice("disc", self.disc, DISC_KINDS)
         unknown = set(self.metric_names) - set(EVAL_METRICS)
         if unknown:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
@@ -184,11 +197,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-STEP_MODES = ("joint", "separate")
-MIXED_PRECISION = ("no", "bf16", "auto")
-DISC_KINDS = ("clip", "patchgan", "none")
-
-
 @dataclass
 class UnpairedTrainConfig(TrainConfig):
     """Everything an unpaired run depends on: ``TrainConfig``'s options, with the public CycleGAN-Turbo recipe's
@@ -223,12 +231,8 @@ class UnpairedTrainConfig(TrainConfig):
     d_real_target: float = 1.0
     step_mode: str = "joint"
 
+    mixed_precision_choices = ("no", "bf16", "auto")  # no fp16: this trainer has no gradient scaler
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, value, allowed in (
-            ("step_mode", self.step_mode, STEP_MODES),
-            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
-            ("disc", self.disc, DISC_KINDS),
-        ):
-            if value not in allowed:
-                raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+        check_choice("step_mode", self.step_mode, STEP_MODES)

@@ -26,7 +26,6 @@ import torch
 from ..backbone import Backbone, encode_prompt, tokenize
 from ..checkpoints import build_generator
 from ..config import GeneratorConfig
-from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
 from .data import PairedDataset, collate
@@ -120,8 +119,6 @@ class PairedTrainer(TrainerBase):
         backbone: Backbone | None = None,
         metrics: Metrics | None = None,
     ):
-        if config.mixed_precision not in ("no", "auto", *HALF_PRECISION):
-            raise BadInputError(f"mixed_precision must be no, auto, bf16 or fp16, got {config.mixed_precision!r}.")
         self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
         self.device = self.accelerator.device
         config = self.config = resolve_mixed_precision(config, self.device)
