@@ -53,7 +53,9 @@ def _write_pairs(root: Path, size: int) -> None:
     (root / "train_prompts.json").write_text(json.dumps(prompts))
 
 
-def run_case(case: str, size: int, device: str, config: str, reference: Path, steps: int, warmup: int) -> dict:
+def run_case(
+    case: str, size: int, device: str, config: str, reference: Path, steps: int, warmup: int, profile: bool = False
+) -> dict:
     """Build a paired trainer for one case and time its steps.
 
     Args:
@@ -64,6 +66,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
         reference: the SD-Turbo config folder.
         steps: timed steps (the median is reported).
         warmup: untimed steps first (the first allocates the optimiser states; its memory counts).
+        profile: also profile one more step (``turbo_i2i.benchmark.profile_step``), after the timed ones.
 
     Returns:
         the measurement.
@@ -71,7 +74,7 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
     from accelerate import Accelerator
 
     from turbo_i2i.backbone import load_backbone
-    from turbo_i2i.benchmark import random_backbone, time_steps
+    from turbo_i2i.benchmark import profile_step, random_backbone, time_steps
     from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
     from turbo_i2i.training.pretrained import load_clip, load_lpips, tiny_clip, tiny_lpips
 
@@ -94,10 +97,13 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, st
         trained = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
 
         times, peak = time_steps(trainer.train_step, dev, warmup, steps)
-    return dict(
-        case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
-        seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
-    )  # fmt: skip
+        result = dict(
+            case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
+            seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
+        )  # fmt: skip
+        if profile:
+            result["profile"] = profile_step(trainer.train_step, dev)
+    return result
 
 
 def markdown(report: dict) -> str:
@@ -125,19 +131,25 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from turbo_i2i.benchmark import machine_description, run_training_cases, training_benchmark_arguments, write_report
+    from turbo_i2i.benchmark import (
+        machine_description,
+        profile_markdown,
+        run_training_cases,
+        training_benchmark_arguments,
+        write_report,
+    )
 
     args = training_benchmark_arguments(argv, __doc__.splitlines()[0], list(CASES), list(CASES), [512])
     if args.worker:  # one case, in this (fresh) process: its measurement as one JSON line
         print(json.dumps(run_case(args.cases[0], args.sizes[0], args.device, args.config, args.reference,
-                                  args.steps, args.warmup)))  # fmt: skip
+                                  args.steps, args.warmup, args.profile)))  # fmt: skip
         return 0
     report = dict(
         machine=machine_description(torch.device(args.device)), config=args.config, steps=args.steps,
         warmup=args.warmup, results=run_training_cases(__file__, args),
         memory="torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (sampled)",
     )  # fmt: skip
-    write_report(args.out, report, markdown(report))
+    write_report(args.out, report, markdown(report) + profile_markdown(report["results"]))
     return 0
 
 

@@ -92,7 +92,9 @@ def _lpips(config: str):
     return tiny_lpips() if config == "tiny" else load_lpips(pretrained=False)
 
 
-def run_case(case: str, size: int, device: str, config: str, reference: Path, iters: int, warmup: int) -> dict:
+def run_case(
+    case: str, size: int, device: str, config: str, reference: Path, iters: int, warmup: int, profile: bool = False
+) -> dict:
     """Build a trainer for one case and time its iterations.
 
     Args:
@@ -103,11 +105,12 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
         reference: the SD-Turbo config folder.
         iters: timed iterations (the median is reported).
         warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
+        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``), after the timed ones.
 
     Returns:
         the measurement.
     """
-    from turbo_i2i.benchmark import time_steps
+    from turbo_i2i.benchmark import profile_step, time_steps
     from turbo_i2i.subpixel import restore_upsamplers
     from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
@@ -147,6 +150,8 @@ def run_case(case: str, size: int, device: str, config: str, reference: Path, it
             seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
+        if profile:
+            result["profile"] = profile_step(trainer.train_step, dev)
         return result
 
 
@@ -181,12 +186,25 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from turbo_i2i.benchmark import machine_description, run_training_cases, training_benchmark_arguments, write_report
+    from turbo_i2i.benchmark import (
+        machine_description,
+        profile_markdown,
+        run_training_cases,
+        training_benchmark_arguments,
+        write_report,
+    )
 
     args = training_benchmark_arguments(argv, __doc__.splitlines()[0], sorted(CASES), list(DEFAULT_CASES), [256, 512])
     if args.worker:  # one case, in this fresh process: print its measurement as one JSON line
         result = run_case(
-            args.cases[0], args.sizes[0], args.device, args.config, args.reference, args.steps, args.warmup
+            args.cases[0],
+            args.sizes[0],
+            args.device,
+            args.config,
+            args.reference,
+            args.steps,
+            args.warmup,
+            args.profile,
         )
         print(json.dumps(result))
         return 0
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__,
         results=results,
     )  # fmt: skip
-    write_report(args.out, report, markdown(report))
+    write_report(args.out, report, markdown(report) + profile_markdown(results))
     return 0
 
 

@@ -417,6 +417,80 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, re
     return times, memory.peak
 
 
+def profile_step(step: Callable[[], object], device: torch.device, rows: int = 12) -> dict:
+    """One call of ``step`` under ``torch.profiler``: where its time goes (is it bound by the host or the device?).
+
+    Args:
+        step: the call to profile (run it once before, so that first-call costs are not counted).
+        device: where it runs.
+        rows: how many operators to list.
+
+    Returns:
+        ``wall_ms`` (the call, synchronised), ``host_ms`` (self CPU time of the operators and CUDA runtime calls; the
+        Python between them is not counted), ``device_ms`` (self time of all CUDA kernels; 0 on the CPU),
+        ``operators`` (ATen operator calls, nested ones included), ``kernel_launches``, ``syncs`` (reads of a device
+        value on the host, e.g. ``.item()``: each waits for the device), and ``top``: the ``rows`` operators with the
+        most self time (device time on CUDA).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+
+    def self_ms(event) -> float:
+        return (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e3
+
+    top = sorted(events, key=self_ms, reverse=True)[:rows]
+    return dict(
+        wall_ms=1e3 * wall,
+        host_ms=sum(e.self_cpu_time_total for e in events) / 1e3,
+        device_ms=sum(e.self_device_time_total for e in events) / 1e3 if on_device else 0.0,
+        operators=sum(e.count for e in events if e.key.startswith("aten::")),
+        kernel_launches=sum(e.count for e in events if "LaunchKernel" in e.key),
+        syncs=sum(e.count for e in events if e.key == "aten::_local_scalar_dense"),
+        top=[dict(name=e.key, calls=e.count, self_ms=round(self_ms(e), 3)) for e in top],
+    )
+
+
+def profile_markdown(results: list[dict]) -> str:
+    """The ``profile`` entries of a training benchmark's results as a markdown section ("" when none has one).
+
+    Args:
+        results: the cases' measurements; those profiled carry ``profile_step``'s dict under ``profile``.
+
+    Returns:
+        a table of wall, host and device time, operator calls, launches and syncs per step, then each case's busiest
+        operators.
+    """
+    profiled = [r for r in results if "profile" in r]
+    if not profiled:
+        return ""
+    lines = [
+        "",
+        "One more step of each case under torch.profiler (host: self CPU time of operators and CUDA runtime calls):",
+        "",
+        "| size | case | wall ms | host ms | device ms | ATen calls (nested included) | kernel launches | syncs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in profiled:
+        f = r["profile"]
+        lines.append(
+            f"| {r['size']} | {r['case']} | {f['wall_ms']:.0f} | {f['host_ms']:.0f} | {f['device_ms']:.0f} |"
+            f" {f['operators']} | {f['kernel_launches']} | {f['syncs']} |"
+        )
+    for r in profiled:
+        top = ", ".join(f"{t['name']} {t['self_ms']:.1f} ms ({t['calls']})" for t in r["profile"]["top"])
+        lines += ["", f"{r['size']} px {r['case']}, most self time: {top}"]
+    return "\n".join(lines) + "\n"
+
+
 def default_reference(root: Path | None = None) -> Path:
     """The SD-Turbo config folder: ``shared/reference/sd-turbo-architecture`` inside ``root`` (machines that copy
     the working tree with it) or beside it (this project's checkout); ``root`` defaults to the working directory."""
@@ -438,7 +512,7 @@ def training_benchmark_arguments(
         default_sizes: image sides run when ``--sizes`` is not given.
 
     Returns:
-        the parsed arguments (device, sizes, cases, config, reference, steps, warmup, timeout, out, worker).
+        the parsed arguments (device, sizes, cases, config, reference, steps, warmup, timeout, out, profile, worker).
     """
     repo = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(description=description)
@@ -451,6 +525,9 @@ def training_benchmark_arguments(
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per case before it is abandoned")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one more step per case (host vs device time, operators)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.config == "full" and not (args.reference / "unet" / "config.json").is_file():
@@ -474,10 +551,11 @@ def run_training_cases(script: str, args: argparse.Namespace) -> list[dict]:
             command = [
                 sys.executable, script, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
                 "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
-                "--warmup", str(args.warmup),
+                "--warmup", str(args.warmup), *(["--profile"] if args.profile else []),
             ]  # fmt: skip
             results.append({"case": case, "size": size, **run_worker(command, args.timeout)})
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "seconds"}), file=sys.stderr, flush=True)
+            shown = {k: v for k, v in results[-1].items() if k not in ("seconds", "profile")}
+            print(json.dumps(shown), file=sys.stderr, flush=True)
     return results
 
 
