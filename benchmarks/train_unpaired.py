@@ -35,6 +35,7 @@ Writes ``OUT.json`` (every measurement) and ``OUT.md`` (the table).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -92,10 +93,9 @@ def _lpips(config: str):
     return tiny_lpips() if config == "tiny" else load_lpips(pretrained=False)
 
 
-def run_case(
-    case: str, size: int, device: str, config: str, reference: Path, iters: int, warmup: int, profile: bool = False
-) -> dict:
-    """Build a trainer for one case and time its iterations.
+@contextlib.contextmanager
+def case_trainer(case: str, size: int, device: str, config: str, reference: Path):
+    """The trainer of one case, on two random images per domain in a temporary folder (removed on exit).
 
     Args:
         case: a key of ``CASES``.
@@ -103,14 +103,12 @@ def run_case(
         device: torch device.
         config: "full" (SD-Turbo's architecture from ``reference``) or "tiny" (the built-in tiny backbone).
         reference: the SD-Turbo config folder.
-        iters: timed iterations (the median is reported).
-        warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
-        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``), after the timed ones.
 
-    Returns:
-        the measurement.
+    Yields:
+        the ``UnpairedTrainer``.
     """
-    from turbo_i2i.benchmark import profile_step, time_steps
+    from accelerate import Accelerator
+
     from turbo_i2i.subpixel import restore_upsamplers
     from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
@@ -124,20 +122,42 @@ def run_case(
         )  # fmt: skip
         if config == "tiny":
             options["unet_lora_rank"] = 8
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=dev.type == "cpu")
         trainer = UnpairedTrainer(
             UnpairedTrainConfig(**options),
-            accelerator=accelerator,
+            accelerator=Accelerator(cpu=dev.type == "cpu"),
             loss_networks=(_lpips(config), None),
             backbone=_backbone(config, reference, dev),
         )
-        plain = case == "public" or case.endswith("-plain")
-        if plain:  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
+        if has_plain_upsamplers(case):  # it upsamples, then convolves: the 3x3 convolutions run at the doubled size
             restore_upsamplers(trainer.upsampler_swaps)
         if case.endswith("-nhwc"):
             trainer.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
+        yield trainer
+
+
+def has_plain_upsamplers(case: str) -> bool:
+    """Whether the case keeps the VAE decoders' upsamplers as defined (no sub-pixel convolutions)."""
+    return case == "public" or case.endswith("-plain")
+
+
+def run_case(
+    case: str, size: int, device: str, config: str, reference: Path, iters: int, warmup: int, profile: bool = False
+) -> dict:
+    """Build a trainer for one case and time its iterations.
+
+    Args:
+        case, size, device, config, reference: as for ``case_trainer``.
+        iters: timed iterations (the median is reported).
+        warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
+        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``), after the timed ones.
+
+    Returns:
+        the measurement.
+    """
+    from turbo_i2i.benchmark import profile_step, time_steps
+
+    dev = torch.device(device)
+    with case_trainer(case, size, device, config, reference) as trainer:
         passes = []
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
@@ -146,7 +166,7 @@ def run_case(
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
-            subpixel_upsampling=not plain,
+            subpixel_upsampling=not has_plain_upsamplers(case),
             seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
