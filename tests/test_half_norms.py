@@ -34,6 +34,9 @@ def test_matches_group_norm_in_fp32_and_stays_bf16_under_autocast():
         out = norm(half)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(half.float()), rtol=1e-2, atol=2e-2)  # bf16 rounding only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = reference(half)
+    assert torch.equal(out, plain)  # the CPU's kernel keeps bf16 itself: the same numbers as before the replacement
     out.float().square().sum().backward()
     assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32 and half.grad.isfinite().all()
 
