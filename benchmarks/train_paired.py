@@ -108,10 +108,12 @@ def run_case(
 
 def markdown(report: dict) -> str:
     """The results as a markdown table with ratios to fp32 at the same size."""
+    from turbo_i2i.benchmark import rounds_note, seconds_cell
+
     lines = [
         f"Paired training step, {report['config']} architecture with random weights, batch 1, on {report['machine']};"
         f" memory: {report['memory']}. Loss: L2 + LPIPS + CLIP-sim + GAN (vision-aided CLIP D). Median of"
-        f" {report['steps']} steps after {report['warmup']} warm-up.",
+        f" {report['steps']} steps after {report['warmup']} warm-up.{rounds_note(report)}",
         "",
         "| size | case | s / step | peak memory (GiB) | memory vs fp32 | time vs fp32 |",
         "|---:|---|---:|---:|---:|---:|",
@@ -125,7 +127,8 @@ def markdown(report: dict) -> str:
         mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x" if base else ""
         sec = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else ""
         lines.append(
-            f"| {r['size']} | {r['case']} | {r['seconds_per_step']:.3f} | {r['peak_memory_gib']:.2f} | {mem} | {sec} |"
+            f"| {r['size']} | {r['case']} | {seconds_cell(r, 'seconds_per_step')} | {r['peak_memory_gib']:.2f} |"
+            f" {mem} | {sec} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -144,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.cases[0], args.sizes[0], args.device, args.config, args.reference,
                                   args.steps, args.warmup, args.profile)))  # fmt: skip
         return 0
-    report = dict(
-        machine=machine_description(torch.device(args.device)), config=args.config, steps=args.steps,
-        warmup=args.warmup, results=run_training_cases(__file__, args),
-        memory="torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (sampled)",
-    )  # fmt: skip
-    write_report(args.out, report, markdown(report) + profile_markdown(report["results"]))
+
+    def write(results: list[dict], show: bool = False) -> None:
+        report = dict(
+            machine=machine_description(torch.device(args.device)), config=args.config, steps=args.steps,
+            warmup=args.warmup, rounds=args.rounds, results=results,
+            memory="torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (sampled)",
+        )  # fmt: skip
+        write_report(args.out, report, markdown(report) + profile_markdown(results), show)
+
+    # the report is rewritten after every case: a run stopped from outside still leaves the finished ones
+    write(run_training_cases(__file__, args, "seconds_per_step", on_result=write), show=True)
     return 0
 
 

@@ -180,11 +180,13 @@ def run_case(
 
 def markdown(report: dict) -> str:
     """The results as a markdown table, with the ratios to the public schedule at the same size."""
+    from turbo_i2i.benchmark import rounds_note, seconds_cell
+
     lines = [
         f"Unpaired training, {report['config']} architecture with random weights, batch 1, on {report['machine']}."
         f" Memory: {report['memory_kind']}. Discriminators: PatchGAN (no CLIP weights needed); LPIPS: random VGG16"
         f" trunk; UNet LoRA rank 128, VAE LoRA rank 4. Median of {report['steps']} iterations after"
-        f" {report['warmup']} warm-up.",
+        f" {report['warmup']} warm-up.{rounds_note(report)}",
         "",
         "| size | schedule | generator passes / it | s / it | peak memory (GiB) | memory vs public | time vs public |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -198,7 +200,7 @@ def markdown(report: dict) -> str:
         mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x" if base else ""
         sec = f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x" if base else ""
         lines.append(
-            f"| {r['size']} | {r['case']} | {r['passes_per_iteration']} | {r['seconds_per_iteration']:.3f} |"
+            f"| {r['size']} | {r['case']} | {r['passes_per_iteration']} | {seconds_cell(r, 'seconds_per_iteration')} |"
             f" {r['peak_memory_gib']:.2f} | {mem} | {sec} |"
         )
     lines += ["", "Targets (issue 4): memory at most 0.5x and time at most 0.7x of the public schedule's."]
@@ -228,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(result))
         return 0
-    results = run_training_cases(__file__, args)
-    kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
-    report = dict(
-        machine=machine_description(torch.device(args.device)), device=args.device, config=args.config,
-        steps=args.steps, warmup=args.warmup, memory_kind=", ".join(sorted(kinds)) or "n/a", torch=torch.__version__,
-        results=results,
-    )  # fmt: skip
-    write_report(args.out, report, markdown(report) + profile_markdown(results))
+
+    def write(results: list[dict], show: bool = False) -> None:
+        kinds = {r.get("memory_kind") for r in results if "memory_kind" in r}
+        report = dict(
+            machine=machine_description(torch.device(args.device)), device=args.device, config=args.config,
+            steps=args.steps, warmup=args.warmup, rounds=args.rounds, memory_kind=", ".join(sorted(kinds)) or "n/a",
+            torch=torch.__version__, results=results,
+        )  # fmt: skip
+        write_report(args.out, report, markdown(report) + profile_markdown(results), show)
+
+    # the report is rewritten after every case: a run stopped from outside still leaves the finished ones
+    write(run_training_cases(__file__, args, "seconds_per_iteration", on_result=write), show=True)
     return 0
 
 

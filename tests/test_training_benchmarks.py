@@ -51,3 +51,52 @@ def test_unpaired_benchmark_runs_its_cases_and_profiles_them(tmp_path):
     assert ours["operators"] < 0.8 * public["operators"] and ours["syncs"] < public["syncs"]
     table = out.with_suffix(".md").read_text()
     assert "| 32 | ours-fp32 | 6 |" in table and "torch.profiler" in table
+
+
+FAKE_WORKER = """
+import json, sys
+args = sys.argv[1:]
+case, size = args[args.index("--cases") + 1], int(args[args.index("--sizes") + 1])
+with open(sys.argv[0] + ".log", "a") as log:
+    log.write(case + "\\n")
+if case == "broken":
+    sys.exit("no GPU memory left")
+seconds = {"a": [2.0, 4.0], "b": [1.0, 1.0]}[case]
+runs = open(sys.argv[0] + ".log").read().split().count(case)
+print(json.dumps(dict(seconds=[s * runs for s in seconds], seconds_per_step=sum(seconds) * runs / 2,
+                      peak_memory_gib=float(runs))))
+"""
+
+
+def test_rounds_alternate_the_order_merge_the_steps_and_report_after_every_run(tmp_path):
+    import argparse
+
+    from turbo_i2i.benchmark import run_training_cases
+
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+    args = argparse.Namespace(
+        sizes=[32], cases=["a", "b", "broken"], rounds=2, device="cpu", config="tiny", reference=tmp_path, steps=2,
+        warmup=0, profile=False, timeout=60,
+    )  # fmt: skip
+    partial = []
+    results = run_training_cases(str(script), args, "seconds_per_step", on_result=lambda r: partial.append(r))
+    # round 2 runs the cases in reverse order, so drift over the run falls on every case alike
+    assert (tmp_path / "worker.py.log").read_text().split() == ["a", "b", "broken", "broken", "b", "a"]
+    assert [len(r) for r in partial] == [1, 2, 3, 3, 3, 3]  # a report after each run, cases in the given order
+    a, b, broken = results
+    assert a["seconds"] == [2.0, 4.0, 4.0, 8.0] and a["seconds_per_step"] == 4.0  # median over both rounds' steps
+    assert a["round_medians"] == [3.0, 6.0] and a["peak_memory_gib"] == 2.0  # the larger round's memory
+    assert b["round_medians"] == [1.0, 2.0] and "failed_rounds" not in b
+    assert "no GPU memory left" in broken["error"] and broken["failed_rounds"] == 2
+
+
+def test_a_failed_round_is_counted_and_left_out_of_the_median():
+    from turbo_i2i.benchmark import merge_rounds
+
+    first = dict(case="a", seconds=[1.0, 3.0], seconds_per_iteration=2.0, peak_memory_gib=5.0)
+    merged = merge_rounds(merge_rounds(None, first, "seconds_per_iteration"), {"error": "timed out"}, "x")
+    assert merged["seconds"] == [1.0, 3.0] and merged["round_medians"] == [2.0] and merged["failed_rounds"] == 1
+    # a first round that failed, then one that measured: the measurement, with the failure counted
+    later = merge_rounds(merge_rounds(None, {"error": "out of memory"}, "x"), first, "seconds_per_iteration")
+    assert "error" not in later and later["round_medians"] == [2.0] and later["failed_rounds"] == 1

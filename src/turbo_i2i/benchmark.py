@@ -512,7 +512,8 @@ def training_benchmark_arguments(
         default_sizes: image sides run when ``--sizes`` is not given.
 
     Returns:
-        the parsed arguments (device, sizes, cases, config, reference, steps, warmup, timeout, out, profile, worker).
+        the parsed arguments (device, sizes, cases, config, reference, steps, warmup, timeout, rounds, out, profile,
+        worker).
     """
     repo = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(description=description)
@@ -524,6 +525,10 @@ def training_benchmark_arguments(
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per case before it is abandoned")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the cases this many times, every other round in reverse order (machine drift falls on all alike)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument(
         "--profile", action="store_true", help="also profile one more step per case (host vs device time, operators)"
@@ -535,28 +540,97 @@ def training_benchmark_arguments(
     return args
 
 
-def run_training_cases(script: str, args: argparse.Namespace) -> list[dict]:
-    """Run every (size, case) of a training benchmark, each in a fresh ``script --worker`` process.
+def run_training_cases(
+    script: str, args: argparse.Namespace, median_key: str, on_result: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
+    """Run every (size, case) of a training benchmark ``args.rounds`` times, each run in a fresh ``script --worker``
+    process; odd rounds run the cases in reverse order, so a machine that slows down as it warms up (GPU clocks)
+    weighs on every case alike.
 
     Args:
         script: the benchmark script's path.
         args: its parsed ``training_benchmark_arguments``.
+        median_key: the measurement's seconds-per-step key, recomputed as the median over every round's ``seconds``.
+        on_result: called with the results so far after each run (to write a partial report that a run stopped
+            from outside still leaves behind).
 
     Returns:
-        one measurement (or ``error``) per case, each also printed to stderr as it arrives.
+        one measurement (or ``error``) per (size, case), in the order of ``args.sizes`` and ``args.cases``; with
+        several rounds, ``seconds`` holds every round's steps and ``round_medians`` each round's median, and the peak
+        memory is the largest of the rounds'. Each run is also printed to stderr as it arrives.
     """
-    results = []
-    for size in args.sizes:
-        for case in args.cases:
-            command = [
-                sys.executable, script, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
-                "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
-                "--warmup", str(args.warmup), *(["--profile"] if args.profile else []),
-            ]  # fmt: skip
-            results.append({"case": case, "size": size, **run_worker(command, args.timeout)})
-            shown = {k: v for k, v in results[-1].items() if k not in ("seconds", "profile")}
-            print(json.dumps(shown), file=sys.stderr, flush=True)
-    return results
+    results: dict[tuple[int, str], dict] = {}
+    for round_ in range(args.rounds):
+        for size in args.sizes:
+            for case in args.cases if round_ % 2 == 0 else args.cases[::-1]:
+                profile = args.profile and round_ == 0
+                command = [
+                    sys.executable, script, "--worker", "--cases", case, "--sizes", str(size), "--device", args.device,
+                    "--config", args.config, "--reference", str(args.reference), "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), *(["--profile"] if profile else []),
+                ]  # fmt: skip
+                run = {"case": case, "size": size, **run_worker(command, args.timeout)}
+                results[size, case] = merge_rounds(results.get((size, case)), run, median_key)
+                shown = {k: v for k, v in run.items() if k not in ("seconds", "profile")}
+                print(json.dumps(shown), file=sys.stderr, flush=True)
+                if on_result is not None:
+                    on_result(ordered(results, args))
+    return ordered(results, args)
+
+
+def ordered(results: dict[tuple[int, str], dict], args: argparse.Namespace) -> list[dict]:
+    """The measurements so far, in the order of ``args.sizes`` and ``args.cases``."""
+    return [results[size, case] for size in args.sizes for case in args.cases if (size, case) in results]
+
+
+def merge_rounds(earlier: dict | None, run: dict, median_key: str) -> dict:
+    """One case's measurement over its rounds so far.
+
+    Args:
+        earlier: the merged measurement of the earlier rounds (None in the first).
+        run: this round's measurement (or ``error``).
+        median_key: the seconds-per-step key, recomputed over every round's ``seconds``.
+
+    Returns:
+        the merged measurement; a round that failed is counted in ``failed_rounds`` and otherwise left out (the
+        first round's error when every round failed).
+    """
+    failed = (earlier or {}).get("failed_rounds", 0) + ("error" in run)
+    if "error" in run:
+        merged = dict(earlier or run)  # what the earlier rounds measured, if any
+    elif earlier is None or "error" in earlier:
+        merged = {**run, "round_medians": [run[median_key]]}
+    else:
+        seconds = earlier["seconds"] + run["seconds"]
+        merged = {
+            **earlier,
+            "seconds": seconds,
+            median_key: statistics.median(seconds),
+            "round_medians": earlier["round_medians"] + [run[median_key]],
+            "peak_memory_gib": max(earlier["peak_memory_gib"], run["peak_memory_gib"]),
+        }
+    if failed:
+        merged["failed_rounds"] = failed
+    return merged
+
+
+def rounds_note(report: dict) -> str:
+    """How a training benchmark's medians were taken over rounds ("" for one round), for its table's caption."""
+    rounds = report.get("rounds", 1)
+    if rounds == 1:
+        return ""
+    return (
+        f" Each case ran {rounds} times, each in a fresh process, every other round in reverse order; the median is"
+        " over all of their timed steps, each round's median in brackets."
+    )
+
+
+def seconds_cell(result: dict, median_key: str) -> str:
+    """A table cell with the median seconds per step and, over several rounds, each round's median."""
+    cell = f"{result[median_key]:.3f}"
+    if len(result.get("round_medians", [])) > 1:
+        cell += " (" + ", ".join(f"{m:.3f}" for m in result["round_medians"]) + ")"
+    return cell
 
 
 def run_worker(command: list[str], timeout: float) -> dict:
@@ -584,9 +658,11 @@ def run_worker(command: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def write_report(out: Path | None, report: dict, table: str) -> None:
-    """Print the markdown table and, with ``out``, write ``OUT.json`` (every number) and ``OUT.md`` (the table)."""
-    print(table)
+def write_report(out: Path | None, report: dict, table: str, show: bool = True) -> None:
+    """Print the markdown table (unless not ``show``) and, with ``out``, write ``OUT.json`` (every number) and
+    ``OUT.md`` (the table)."""
+    if show:
+        print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
