@@ -96,10 +96,12 @@ def run_case(
         )
         trained = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
 
-        times, peak = time_steps(trainer.train_step, dev, warmup, steps)
+        gpu_states: list = []
+        times, peak = time_steps(trainer.train_step, dev, warmup, steps, gpu_states)
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
             seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
+            gpu_states=gpu_states,
         )  # fmt: skip
         if profile:
             result["profile"] = profile_step(trainer.train_step, dev)

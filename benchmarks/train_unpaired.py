@@ -162,12 +162,14 @@ def run_case(
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
 
-        times, peak = time_steps(trainer.train_step, dev, warmup, iters)
+        gpu_states: list = []
+        times, peak = time_steps(trainer.train_step, dev, warmup, iters, gpu_states)
         result = dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
             passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
             subpixel_upsampling=not has_plain_upsamplers(case),
             seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
+            gpu_states=gpu_states,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
         if profile:

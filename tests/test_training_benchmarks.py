@@ -94,9 +94,22 @@ def test_rounds_alternate_the_order_merge_the_steps_and_report_after_every_run(t
 def test_a_failed_round_is_counted_and_left_out_of_the_median():
     from turbo_i2i.benchmark import merge_rounds
 
-    first = dict(case="a", seconds=[1.0, 3.0], seconds_per_iteration=2.0, peak_memory_gib=5.0)
+    first = dict(case="a", seconds=[1.0, 3.0], seconds_per_iteration=2.0, peak_memory_gib=5.0, gpu_states=[None, None])
     merged = merge_rounds(merge_rounds(None, first, "seconds_per_iteration"), {"error": "timed out"}, "x")
     assert merged["seconds"] == [1.0, 3.0] and merged["round_medians"] == [2.0] and merged["failed_rounds"] == 1
+    both = merge_rounds(merged, {**first, "gpu_states": [{"sm_mhz": 1.0}] * 2}, "seconds_per_iteration")
+    assert both["seconds"] == [1.0, 3.0] * 2 and both["gpu_states"] == [None, None, {"sm_mhz": 1.0}, {"sm_mhz": 1.0}]
     # a first round that failed, then one that measured: the measurement, with the failure counted
     later = merge_rounds(merge_rounds(None, {"error": "out of memory"}, "x"), first, "seconds_per_iteration")
     assert "error" not in later and later["round_medians"] == [2.0] and later["failed_rounds"] == 1
+
+
+def test_gpu_state_reads_nvidia_smi_numbers_and_is_recorded_only_on_gpus():
+    from turbo_i2i.benchmark import parse_gpu_state, time_steps
+
+    assert parse_gpu_state("1980, 61, 512.35\n") == {"sm_mhz": 1980.0, "temperature_c": 61.0, "power_w": 512.35}
+    assert parse_gpu_state("1410, 40, [N/A]") == {"sm_mhz": 1410.0, "temperature_c": 40.0, "power_w": None}
+    assert parse_gpu_state("No devices were found") is None
+    states: list = []
+    times, _ = time_steps(lambda: None, torch.device("cpu"), warmup=1, repeats=2, gpu_states=states)
+    assert len(times) == 2 and states == []  # no GPU to read

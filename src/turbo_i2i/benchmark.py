@@ -391,7 +391,9 @@ def _equivalence(
     return {"size": size, "fast_float32": diff(fast32), f"fast_{dtype_name(translator.dtype)}": diff(fast)}
 
 
-def time_steps(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], int]:
+def time_steps(
+    step: Callable[[], object], device: torch.device, warmup: int, repeats: int, gpu_states: list | None = None
+) -> tuple[list[float], int]:
     """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, and the peak memory of all.
 
     Args:
@@ -399,6 +401,8 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, re
         device: where it runs (CUDA is synchronised around each call).
         warmup: untimed calls first (their memory counts: the first step allocates the optimiser states).
         repeats: timed calls.
+        gpu_states: on an NVIDIA GPU, ``gpu_state`` is appended to it after each timed call (outside the timing), to
+            tell a GPU that lowers its clocks as it heats from a step that got slower.
 
     Returns:
         (seconds per timed call, peak bytes: ``torch.cuda.max_memory_allocated`` or the sampled peak RSS).
@@ -414,7 +418,53 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, re
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - started)
+                if gpu_states is not None and device.type == "cuda":
+                    gpu_states.append(gpu_state(device))
     return times, memory.peak
+
+
+GPU_STATE_FIELDS = ("clocks.sm", "temperature.gpu", "power.draw")
+
+
+def gpu_state(device: torch.device) -> dict | None:
+    """The NVIDIA GPU's SM clock (MHz), temperature (C) and power draw (W) now, as ``nvidia-smi`` reports them.
+
+    Args:
+        device: a CUDA device.
+
+    Returns:
+        {"sm_mhz", "temperature_c", "power_w"}, or None where ``nvidia-smi`` is missing or does not answer.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        # by UUID: nvidia-smi numbers the GPUs its own way, CUDA_VISIBLE_DEVICES renumbers them for torch
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        fields = ",".join(GPU_STATE_FIELDS)
+        query = ["nvidia-smi", "-i", uuid, f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
+        done = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True)
+    except (AttributeError, OSError, subprocess.SubprocessError):
+        return None
+    return parse_gpu_state(done.stdout)
+
+
+def parse_gpu_state(line: str) -> dict | None:
+    """``nvidia-smi``'s "clock, temperature, power" line as numbers (None for what it cannot read, e.g. "[N/A]")."""
+    values = [v.strip() for v in line.strip().split(",")]
+    if len(values) != len(GPU_STATE_FIELDS):
+        return None
+
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    return dict(zip(("sm_mhz", "temperature_c", "power_w"), map(number, values)))
 
 
 def profile_step(step: Callable[[], object], device: torch.device, rows: int = 12) -> dict:
@@ -556,8 +606,8 @@ def run_training_cases(
 
     Returns:
         one measurement (or ``error``) per (size, case), in the order of ``args.sizes`` and ``args.cases``; with
-        several rounds, ``seconds`` holds every round's steps and ``round_medians`` each round's median, and the peak
-        memory is the largest of the rounds'. Each run is also printed to stderr as it arrives.
+        several rounds, ``seconds`` (and ``gpu_states``) hold every round's steps, ``round_medians`` each round's
+        median, and the peak memory is the largest of the rounds'. Each run is also printed to stderr as it arrives.
     """
     results: dict[tuple[int, str], dict] = {}
     for round_ in range(args.rounds):
@@ -607,6 +657,7 @@ def merge_rounds(earlier: dict | None, run: dict, median_key: str) -> dict:
             "seconds": seconds,
             median_key: statistics.median(seconds),
             "round_medians": earlier["round_medians"] + [run[median_key]],
+            "gpu_states": earlier.get("gpu_states", []) + run.get("gpu_states", []),
             "peak_memory_gib": max(earlier["peak_memory_gib"], run["peak_memory_gib"]),
         }
     if failed:
