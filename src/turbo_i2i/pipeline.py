@@ -83,8 +83,7 @@ class Translator:
             generator.to(dtype)
             self.text_encoder.to(dtype)
         if compile:
-            for module in (generator.unet, *(m for vae in generator.vae.values() for m in (vae.encoder, vae.decoder))):
-                module.compile()
+            generator.compile_parts()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         # One call at a time: a call sets LoRA scales for its own r; concurrent callers (a web demo) must not mix.
         self._lock = threading.Lock()

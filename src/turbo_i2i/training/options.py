@@ -46,6 +46,8 @@ class TrainConfig:
             the frozen backbone is stored in the half precision; "auto": bf16 where the device computes it natively,
             else "no" (``loop.resolve_mixed_precision``).
         gradient_checkpointing: recompute UNet and VAE block activations in the backward pass.
+        compile: ``torch.compile`` the UNet and the VAE encoders/decoders (``OneStepGenerator.compile_parts``): the
+            first step compiles them (minutes at full size), later steps dispatch fewer, fused kernels.
         seed: seeds the init and every step's randomness.
         checkpoint_every, eval_every: in steps.
         num_eval: test items evaluated (all when 0).
@@ -79,6 +81,7 @@ class TrainConfig:
     disc: str = "clip"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False
     seed: int = 0
     checkpoint_every: int = 500
     eval_every: int = 500
@@ -156,6 +159,9 @@ class PairedTrainConfig(TrainConfig):
         if self.stochastic and self.gradient_checkpointing:
             # the recomputation in the backward pass would run at the trained strength, not at the step's r
             raise BadInputError("--stochastic cannot be combined with --gradient-checkpointing yet.")
+        if self.stochastic and self.compile:
+            # r is drawn anew each step and the compiled parts read it as a constant: every step would recompile
+            raise BadInputError("--stochastic cannot be combined with --compile yet.")
         if self.gradient_accumulation_steps < 1:
             steps = self.gradient_accumulation_steps
             raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")

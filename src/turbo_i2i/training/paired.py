@@ -169,6 +169,8 @@ class PairedTrainer(TrainerBase):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
+        if config.compile:
+            self.generator.compile_parts()
         if self.device.type == "cpu":
             use_math_attention(self.generator)
             use_math_attention(self.text_encoder)

@@ -191,6 +191,8 @@ class UnpairedTrainer(TrainerBase):
                 cast_frozen(self.discriminator, torch.bfloat16)
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
+        if config.compile:
+            self.generator.compile_parts()
         self.optimizer_g = make_optimizer(
             [p for p in self.generator.parameters() if p.requires_grad], config, config.use_8bit_adam
         )
