@@ -174,3 +174,14 @@ def test_a_bad_training_choice_exits_2_naming_the_choices(tmp_path, capsys, task
     option = flag[2:].replace("-", "_")
     assert code == 2 and f"Unknown {option} {value!r}; choose one of {choices}." in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--gradient-checkpointing", "--compile"])
+def test_stochastic_training_refuses_what_would_ignore_its_per_step_r(tmp_path, capsys, flag):
+    # checkpointing would recompute at the trained strength; compiled parts would recompile for every new r
+    out = tmp_path / "run"
+    args = ["train", "paired", "--dataset", str(tmp_path / "data"), "--output-dir", str(out), "--stochastic", flag]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and f"--stochastic cannot be combined with {flag} yet." in err, err
+    assert "Traceback" not in err and not out.exists()
