@@ -106,6 +106,21 @@ def test_translator_fast_fp32_matches_the_plain_path(tiny_model_dir):
     assert (to_unit(y_fast) - to_unit(y_plain)).abs().max() <= FP32_TOL
 
 
+def test_compiled_translator_gives_the_eager_images_and_compiles_once(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager = Translator.from_pretrained(tiny_model_dir)
+    compiled = Translator.from_pretrained(tiny_model_dir, compile=True)
+    images = [Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 256, (40, 48, 3)))) for i in range(2)]
+    first = compiled(images[0])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # the UNet, the VAE encoder and its decoder
+    for image, out in zip(images, [first, compiled(images[1])]):  # the same size again: no recompile
+        assert np.abs(pixels(eager(image)) - pixels(out)).max() <= 1 / 255 + 1e-9
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_translator_bf16_is_within_two_levels_on_average(tiny_model_dir):
     plain, fast = translators(tiny_model_dir, dtype=torch.bfloat16)
     assert fast.dtype == torch.bfloat16

@@ -435,9 +435,10 @@ class OneStepGenerator(nn.Module):
     def compile_parts(self) -> None:
         """``torch.compile`` the UNet and each direction's VAE encoder and decoder, in place.
 
-        The parts, not ``forward``: its checks and the LoRA strength it sets per call stay eager Python, so a call
-        with another direction or r does not recompile the networks. The first call of each part compiles it
-        (minutes at full size); later calls dispatch fewer, fused kernels.
+        The parts, not ``forward``, whose checks and per-call settings stay eager Python. The first call of each part
+        compiles it (minutes at full size), and so does each new input shape, train/eval mode or LoRA strength r (the
+        parts read r as a constant; torch.compile runs a part eagerly once it has recompiled too often); later calls
+        dispatch fewer, fused kernels.
         """
         for module in (self.unet, *(part for vae in self.vae.values() for part in (vae.encoder, vae.decoder))):
             module.compile()
