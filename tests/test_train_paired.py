@@ -199,3 +199,14 @@ def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_pat
     single = load_file(one / "rank0.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert max(float((rank0[k] - single[k]).abs().max()) for k in rank0) <= 1e-4
+
+
+def test_compile_option_compiles_the_generator_parts(dataset, tmp_path):
+    """--compile reaches the paired trainer's UNet and VAE parts (compiled in place, on their first call; what compiled
+    parts compute is tested on the unpaired trainer, which calls the same ``compile_parts``)."""
+    trainer = make_paired_trainer(dataset, tmp_path, compile=True)
+    vae = trainer.unwrapped.vae[trainer.unwrapped.config.default_direction]
+    parts = (trainer.unwrapped.unet, vae.encoder, vae.decoder)
+    assert all(part._compiled_call_impl is not None for part in parts)  # nn.Module.compile's in-place wrapper
+    eager = make_paired_trainer(dataset, tmp_path / "eager")
+    assert eager.unwrapped.unet._compiled_call_impl is None
