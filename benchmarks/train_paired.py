@@ -38,7 +38,6 @@ CASES = {
     "bf16": dict(mixed_precision="bf16", gradient_checkpointing=False),
     "bf16-ckpt": dict(mixed_precision="bf16", gradient_checkpointing=True),
 }
-GIB = 2**30
 
 
 def _write_pairs(root: Path, size: int) -> None:
@@ -66,7 +65,7 @@ def run_case(
         reference: the SD-Turbo config folder.
         steps: timed steps (the median is reported).
         warmup: untimed steps first (the first allocates the optimiser states; its memory counts).
-        profile: also profile one more step (``turbo_i2i.benchmark.profile_step``), after the timed ones.
+        profile: also profile one more step (``turbo_i2i.benchmark.measure_steps``), after the timed ones.
 
     Returns:
         the measurement.
@@ -74,7 +73,7 @@ def run_case(
     from accelerate import Accelerator
 
     from turbo_i2i.backbone import load_backbone
-    from turbo_i2i.benchmark import profile_step, random_backbone, time_steps
+    from turbo_i2i.benchmark import measure_steps, random_backbone
     from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
     from turbo_i2i.training.pretrained import load_clip, load_lpips, tiny_clip, tiny_lpips
 
@@ -96,16 +95,11 @@ def run_case(
         )
         trained = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
 
-        gpu_states: list = []
-        times, peak = time_steps(trainer.train_step, dev, warmup, steps, gpu_states)
-        result = dict(
-            case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
-            seconds_per_step=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
-            gpu_states=gpu_states,
-        )  # fmt: skip
-        if profile:
-            result["profile"] = profile_step(trainer.train_step, dev)
-    return result
+        measured = measure_steps(trainer.train_step, dev, warmup, steps, profile)
+    return dict(
+        case=case, size=size, device=str(dev), config=config, **CASES[case], trained_parameters=trained,
+        seconds_per_step=statistics.median(measured["seconds"]), **measured,
+    )  # fmt: skip
 
 
 def markdown(report: dict) -> str:

@@ -61,7 +61,6 @@ CASES = {
     ),
 }
 DEFAULT_CASES = ("public", "ours-fp32", "ours-bf16-ckpt")
-GIB = 2**30
 
 
 # --------------------------------------------------------------------------------------------------- one case (worker)
@@ -153,12 +152,12 @@ def run_case(
         case, size, device, config, reference: as for ``case_trainer``.
         iters: timed iterations (the median is reported).
         warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
-        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``), after the timed ones.
+        profile: also profile one more iteration (``turbo_i2i.benchmark.measure_steps``), after the timed ones.
 
     Returns:
         the measurement.
     """
-    from turbo_i2i.benchmark import profile_step, time_steps
+    from turbo_i2i.benchmark import measure_steps
 
     dev = torch.device(device)
     with case_trainer(case, size, device, config, reference) as trainer:
@@ -166,19 +165,14 @@ def run_case(
         trainer.generator.register_forward_pre_hook(lambda module, args: passes.append(1))
         trained = sum(p.numel() for p in trainer.generator.parameters() if p.requires_grad)
 
-        gpu_states: list = []
-        times, peak = time_steps(trainer.train_step, dev, warmup, iters, gpu_states)
-        result = dict(
+        measured = measure_steps(trainer.train_step, dev, warmup, iters, profile)
+        return dict(
             case=case, size=size, device=str(dev), config=config, **CASES[case],
-            passes_per_iteration=len(passes) // (warmup + iters), trained_parameters=trained,
+            passes_per_iteration=len(passes) // (warmup + iters + profile), trained_parameters=trained,
             subpixel_upsampling=not has_plain_upsamplers(case),
-            seconds_per_iteration=statistics.median(times), seconds=times, peak_memory_gib=peak / GIB,
-            gpu_states=gpu_states,
+            seconds_per_iteration=statistics.median(measured["seconds"]), **measured,
             memory_kind="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS during the iterations",
         )  # fmt: skip
-        if profile:
-            result["profile"] = profile_step(trainer.train_step, dev)
-        return result
 
 
 # ------------------------------------------------------------------------------------------------------ the whole run

@@ -423,6 +423,25 @@ def time_steps(
     return times, memory.peak
 
 
+def measure_steps(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, profile: bool) -> dict:
+    """What the training benchmarks record of a case's steps: ``time_steps`` (with the GPU's state after each timed
+    step) and, when asked, ``profile_step`` of one more step.
+
+    Args:
+        step, device, warmup, repeats: as for ``time_steps``.
+        profile: also profile one more step, after the timed ones.
+
+    Returns:
+        {"seconds", "peak_memory_gib", "gpu_states"} and, with ``profile``, "profile".
+    """
+    gpu_states: list = []
+    times, peak = time_steps(step, device, warmup, repeats, gpu_states)
+    measured = dict(seconds=times, peak_memory_gib=peak / 2**30, gpu_states=gpu_states)
+    if profile:
+        measured["profile"] = profile_step(step, device)
+    return measured
+
+
 GPU_STATE_FIELDS = ("clocks.sm", "temperature.gpu", "power.draw")
 
 
