@@ -2,18 +2,21 @@
 one export holds both directions, the frozen VAE is shared, the joint objective runs six generator passes (the public
 schedule eight), the discriminator step is isolated, only trainable weights change, bad data exit 2."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
-from trainers import CAPTION_A, CAPTION_B, make_unpaired, make_unpaired_trainer
+from trainers import CAPTION_A, CAPTION_B, make_unpaired, make_unpaired_trainer, train_three_steps
 
 from turbo_i2i.checkpoints import load_pretrained
 from turbo_i2i.cli import main
+from turbo_i2i.errors import BadInputError
 from turbo_i2i.evaluation import tiny_dino, tiny_inception
 from turbo_i2i.pipeline import Translator
-from turbo_i2i.training.loop import translation_metrics
+from turbo_i2i.training.loop import LOG_FILE, save_grid, translation_metrics
 from turbo_i2i.training.pretrained import tiny_lpips
 from turbo_i2i.training.unpaired import UnpairedTrainConfig, UnpairedTrainer
 
@@ -104,6 +107,62 @@ def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activati
     assert not any(v.requires_grad for v in images.values())
     # six passes' activations in one graph against at most two passes' at a time
     assert peak_segments < 0.5 * peak_one, (peak_segments, peak_one)
+
+
+def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):
+    """Data-parallel unpaired training (gloo on the CPU, launched the way Accelerate launches it): each rank trains on
+    its half of the batch and the gradients are averaged: the gradient of the first step is the one of a single
+    process with the doubled batch up to float summation order (no discriminator here: DiffAugment draws its
+    augmentations per call, so the halves would not see the batch's), and both ranks end with identical weights, with
+    and without two discriminators. (Weights are not compared with the single process's: Adam divides each gradient
+    by its own size, which turns summation-order noise in near-zero gradients into steps of the learning rate.)"""
+    rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "two", 1, processes=2)
+    (single,) = train_three_steps("unpaired", dataset, tmp_path / "one", 2)
+    own = rank0.pop("own_loss_g"), rank1.pop("own_loss_g")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    gradients = [k for k in rank0 if k.startswith("gradient.")]
+    assert len(gradients) == len(rank0) // 2  # every trained tensor has one
+    for key in gradients:
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-4 * float(single[key].abs().max()))
+    # the log holds the whole batch's loss: the mean of the processes' own (which differ: their images do)
+    logged = [json.loads(line)["loss_g"] for line in (tmp_path / "two" / LOG_FILE).read_text().splitlines()]
+    assert not torch.equal(*own)
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float32), (own[0] + own[1]) / 2)
+    rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "gan", 1, processes=2, disc="patchgan")
+    assert any(k.startswith("discriminator.") for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0 if k != "own_loss_g")
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_accumulated_batches_take_the_step_of_the_larger_batch(dataset, tmp_path):
+    """--gradient-accumulation-steps 2 at batch 1 takes the step one batch of 2 (the same two pairs) would: the same
+    gradient up to float summation order, the losses logged as the batches' means; D steps once per iteration."""
+
+    def first_step(trainer):
+        gradient, take_step = {}, trainer.optimizer_g.step
+
+        def step_recording_the_gradient(*args, **kwargs):
+            gradient.update({n: p.grad.clone() for n, p in trainer.generator.named_parameters() if p.grad is not None})
+            return take_step(*args, **kwargs)
+
+        trainer.optimizer_g.step = step_recording_the_gradient
+        return gradient, trainer.train_step()
+
+    options = dict(disc="none", max_grad_norm=0.0)
+    accumulated, logs = first_step(
+        make_unpaired_trainer(dataset, tmp_path / "k", gradient_accumulation_steps=2, **options)
+    )
+    batched, batch_logs = first_step(make_unpaired_trainer(dataset, tmp_path / "b", batch_size=2, **options))
+    assert accumulated.keys() == batched.keys() and batched
+    for name, expected in batched.items():
+        torch.testing.assert_close(accumulated[name], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert logs.keys() == batch_logs.keys()
+    assert all(logs[k] == pytest.approx(v, rel=1e-5) for k, v in batch_logs.items()), (logs, batch_logs)
+    with_d = make_unpaired_trainer(dataset, tmp_path / "d", gradient_accumulation_steps=2)
+    assert all(v == v for v in with_d.train_step().values())  # finite
+    assert {int(state["step"]) for state in with_d.optimizer_d.state.values()} == {1}
+    with pytest.raises(BadInputError, match="step-mode joint"):
+        make_unpaired_trainer(dataset, tmp_path / "s", gradient_accumulation_steps=2, step_mode="separate")
 
 
 def test_a_nan_in_a_segment_clears_the_gradients_and_skips_the_step(dataset, tmp_path):
@@ -219,11 +278,40 @@ def test_evaluation_scores_both_directions(dataset, tmp_path):
     trainer = make_unpaired_trainer(dataset, tmp_path, num_eval=0, disc="none", metrics=metrics)
     scores = trainer.evaluate()
     ((_, a),) = trainer.test_data.images("A")
+    ((_, b),) = trainer.test_data.images("B")
     with torch.no_grad():
-        rec_a = trainer.translate(trainer.translate(a[None], "a2b"), "b2a")
+        fake_b = trainer.translate(a[None], "a2b")
+        rec_a = trainer.translate(fake_b, "b2a")
+        fake_a = trainer.translate(b[None], "b2a")
+        rec_b = trainer.translate(fake_a, "a2b")
     assert scores["eval_cycle_l1_a"] == pytest.approx(float((rec_a - a[None]).abs().mean()), rel=1e-5)
     assert set(scores) == {"eval_cycle_l1_a", "eval_cycle_l1_b", "eval_a2b_dino_structure", "eval_b2a_dino_structure"}
     assert all(v >= 0 for v in scores.values()) and trainer.generator.training
+    # the grid: one row per test image (A, then B): input, translation, translation back; 2-pixel padding
+    grid = np.asarray(Image.open(tmp_path / "eval" / "step_0000000.png").convert("RGB")).astype(np.float32) / 255
+    size = a.shape[-1]
+    assert grid.shape == (2 * size + 3 * 2, 3 * size + 4 * 2, 3)
+    for row, images in enumerate(((a[None], fake_b, rec_a), (b[None], fake_a, rec_b))):
+        for column, image in enumerate(images):
+            top, left = 2 + row * (size + 2), 2 + column * (size + 2)
+            cell = grid[top : top + size, left : left + size]
+            expected = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy()
+            assert np.abs(cell - expected).max() <= 1 / 255 + 1e-6, (row, column)
+
+
+def test_the_grid_shows_images_of_other_sizes_at_the_first_ones_size(tmp_path):
+    """Test images may differ in size: each grid cell shows its image resized to the first image's size."""
+    rows = [
+        [torch.full((3, 8, 8), -1.0), torch.full((3, 8, 8), 1.0)],
+        [torch.zeros(3, 4, 6), torch.full((3, 16, 12), -1.0)],
+    ]
+    grid = np.asarray(Image.open(save_grid(rows, tmp_path / "grid.png")).convert("L")).astype(int)
+    assert grid.shape == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    cells = [[grid[2 + r * 10 : 10 + r * 10, 2 + c * 10 : 10 + c * 10] for c in range(2)] for r in range(2)]
+    assert [[(int(cell.min()), int(cell.max())) for cell in row] for row in cells] == [
+        [(0, 0), (255, 255)],
+        [(128, 128), (0, 0)],
+    ]
 
 
 def test_fid_metric_needs_two_images_per_set_and_separates_sets():

@@ -63,3 +63,24 @@ def build_trainer(task, tmp_path, **overrides):
         return make_paired_trainer(tmp_path / "data", tmp_path / "run", **overrides)
     make_unpaired(tmp_path / "data")
     return make_unpaired_trainer(tmp_path / "data", tmp_path / "run", **overrides)
+
+
+def train_three_steps(task, dataset, out, batch_size, processes=1, disc="none"):
+    """Three steps of ``distributed_train.py`` in ``processes`` CPU processes (gloo, launched the way Accelerate
+    launches them); returns each rank's trained weights, by rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).with_name("distributed_train.py")
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    Path(out).mkdir(parents=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    command = [*launch, str(script), task, str(dataset), str(out), str(batch_size), disc]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return [load_file(Path(out) / f"rank{rank}.safetensors") for rank in range(processes)]

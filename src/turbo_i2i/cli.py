@@ -365,9 +365,7 @@ def _train(args: argparse.Namespace) -> int:
         if not Path(options["dataset"]).is_dir():
             write_dataset(options["dataset"], **circles)
     trainer = PairedTrainer(PairedTrainConfig.from_dict(options))
-    logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
-    print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
-    return 0
+    return _run_training(trainer, args)
 
 
 def _train_unpaired(args: argparse.Namespace) -> int:
@@ -378,8 +376,14 @@ def _train_unpaired(args: argparse.Namespace) -> int:
     given = vars(args)
     options = {f.name: given[f.name] for f in fields(UnpairedTrainConfig) if given.get(f.name) is not None}
     trainer = UnpairedTrainer(UnpairedTrainConfig.from_dict(options))
+    return _run_training(trainer, args)
+
+
+def _run_training(trainer, args: argparse.Namespace) -> int:
+    """Run ``trainer`` (resumed / stopped as asked) and print the last step's values (once under data parallelism)."""
     logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
-    print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
+    if trainer.accelerator.is_main_process:
+        print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
     return 0
 
 

@@ -354,6 +354,54 @@ class TrainerBase:
             bad = self.accelerator.reduce(bad.reshape(1), reduction="sum")
         return not bool(bad.sum())
 
+    def average_over_processes(self, tensors: list[torch.Tensor], bucket_numel: int = 2**24) -> None:
+        """Average ``tensors`` over the data-parallel processes, in place (nothing in one process).
+
+        What DDP does for a trainer that builds its gradient in several backward passes (the unpaired joint step's
+        segments), where DDP would all-reduce in every pass and expect each parameter in each: called with the
+        gradients once they are complete, before clipping and the optimiser step; and with the running statistics of
+        BatchNorm layers, which DDP would send from the main process. The tensors are concatenated into buckets of
+        about ``bucket_numel`` elements, so a few collective calls move them instead of one per tensor.
+
+        Args:
+            tensors: floating-point tensors, the same shapes in the same order on every process (the processes run
+                the same graph, so a parameter without a gradient here has none anywhere).
+            bucket_numel: elements per all-reduce call.
+        """
+        world = self.accelerator.num_processes
+        if world == 1:
+            return
+        import torch.distributed as dist
+
+        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+        for tensor in tensors:
+            kind = buckets.setdefault((tensor.dtype, tensor.device), [[]])
+            if sum(t.numel() for t in kind[-1]) >= bucket_numel:
+                kind.append([])
+            kind[-1].append(tensor)
+        for bucket in (bucket for kind in buckets.values() for bucket in kind):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                tensor.copy_(part.view_as(tensor))
+
+    def mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """A step's logged values averaged over the data-parallel processes (each computed them on its share of the
+        batch), so the log shows the whole batch's losses; ``logs`` itself in one process.
+
+        Args:
+            logs: this process's values; every process has the same names.
+
+        Returns:
+            {name: mean over the processes}.
+        """
+        if self.accelerator.num_processes == 1:
+            return logs
+        names = sorted(logs)
+        values = torch.tensor([logs[k] for k in names], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(names, self.accelerator.reduce(values, reduction="mean").tolist()))
+
     def skip_update(self, logs: dict[str, float], what: str) -> dict[str, float]:
         """Drop this iteration's update after a non-finite ``what``: no optimiser step, gradients cleared.
 
@@ -603,12 +651,14 @@ class TrainerBase:
         bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < end:
             started = time.perf_counter()
-            logs = self.train_step()  # raises TrainingDivergedError after too many NaN/Inf steps in a row
+            # raises TrainingDivergedError after too many NaN/Inf steps in a row
+            logs = self.mean_over_processes(self.train_step())
             logs["seconds_per_step"] = time.perf_counter() - started
             logs["lr"] = self.scheduler_g.get_last_lr()[0]
             if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:
                 logs.update(self.evaluate())
-                bar.write(f"step {self.step} {_fmt(logs)}")
+                if main:
+                    bar.write(f"step {self.step} {_fmt(logs)}")
             self.log(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
@@ -642,7 +692,8 @@ def save_grid(rows: list[list[torch.Tensor]], path: str | Path) -> Path:
     """Save images in [-1, 1] as a grid, one row per list (e.g. input / output / target of each test pair).
 
     Args:
-        rows: lists of (3, H, W) tensors of one size.
+        rows: lists of (3, H, W) tensors, as many in each; an image of another size than the first is shown resized
+            to it (test images may differ in size).
         path: the PNG to write (folders are created).
 
     Returns:
@@ -652,7 +703,15 @@ def save_grid(rows: list[list[torch.Tensor]], path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = torch.stack([image.float().cpu() for row in rows for image in row])
+    size = rows[0][0].shape[-2:]
+
+    def cell(image: torch.Tensor) -> torch.Tensor:
+        image = image.float().cpu()
+        if image.shape[-2:] == size:
+            return image
+        return torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear", antialias=True)[0]
+
+    images = torch.stack([cell(image) for row in rows for image in row])
     save_image((images + 1) / 2, path, nrow=len(rows[0]), padding=2)
     return path
 

@@ -38,6 +38,8 @@ class TrainConfig:
         unet_lora_rank, vae_lora_rank: LoRA ranks.
         transform: training transform (see ``training.data``).
         batch_size: images per step (per process; per domain for unpaired runs).
+        gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
+            is ``batch_size * gradient_accumulation_steps * processes``).
         max_steps: optimiser steps to run.
         learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimisers (G and D).
         lambda_gan: weight of the adversarial term (0 turns it and the discriminator off).
@@ -71,6 +73,7 @@ class TrainConfig:
     vae_lora_rank: int = 4
     transform: str = "resize_512"
     batch_size: int = 4
+    gradient_accumulation_steps: int = 1
     max_steps: int = 10000
     learning_rate: float = 5e-6
     lr_scheduler: str = "constant"
@@ -108,6 +111,9 @@ class TrainConfig:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
         if self.max_bad_steps < 0:
             raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
+        if self.gradient_accumulation_steps < 1:
+            steps = self.gradient_accumulation_steps
+            raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -136,8 +142,6 @@ class PairedTrainConfig(TrainConfig):
             same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model for a sketch model.
         stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
             noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
-        gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
-            is ``batch_size * gradient_accumulation_steps * processes``).
         lambda_l2, lambda_lpips, lambda_clipsim: loss weights (0 turns a term and its network off).
         default_prompt: recorded as the exported model's default prompt.
 
@@ -148,7 +152,6 @@ class PairedTrainConfig(TrainConfig):
     train_all: bool = False
     from_model: str | None = None
     stochastic: bool = False
-    gradient_accumulation_steps: int = 1
     lambda_l2: float = 1.0
     lambda_lpips: float = 5.0
     lambda_clipsim: float = 5.0
@@ -162,9 +165,6 @@ class PairedTrainConfig(TrainConfig):
         if self.stochastic and self.compile:
             # r is drawn anew each step and the compiled parts read it as a constant: every step would recompile
             raise BadInputError("--stochastic cannot be combined with --compile yet.")
-        if self.gradient_accumulation_steps < 1:
-            steps = self.gradient_accumulation_steps
-            raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
 
 
 PRESETS: dict[str, dict] = {
@@ -242,3 +242,8 @@ class UnpairedTrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("step_mode", self.step_mode, STEP_MODES)
+        if self.step_mode == "separate" and self.gradient_accumulation_steps > 1:
+            # its three generator steps each update the weights the next one's translations are made with
+            raise BadInputError(
+                "--gradient-accumulation-steps needs --step-mode joint (the public schedule steps three times)."
+            )

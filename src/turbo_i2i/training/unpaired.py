@@ -54,6 +54,7 @@ from .loop import (
     channels_last_in_training,
     make_accelerator,
     resolve_mixed_precision,
+    save_grid,
     step_seed,
     step_without_update,
     train_in_half_precision,
@@ -109,12 +110,18 @@ def make_optimizer(params: list[torch.nn.Parameter], config: UnpairedTrainConfig
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
 
+def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients an optimiser's next step will use (of its parameters that have one), in parameter order."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
 class UnpairedTrainer(TrainerBase):
     """Runs, checkpoints, resumes, evaluates and exports an unpaired (CycleGAN-Turbo) training run.
 
     Args:
         config: the run's settings.
-        accelerator: an ``accelerate.Accelerator`` (one is made from the config when None); one process only.
+        accelerator: an ``accelerate.Accelerator`` (one is made from the config when None); under data parallelism
+            each process trains on its share of the batch and the gradients are averaged before each step.
         loss_networks: prebuilt (lpips_net, (clip_model, clip_tokenizer)) to use instead of loading pretrained ones
             (tests and benchmarks pass stand-ins).
         metrics: the evaluation metrics per direction (see ``Metrics``), logged as ``eval_<direction>_<name>``; None
@@ -135,10 +142,9 @@ class UnpairedTrainer(TrainerBase):
         metrics: Metrics | None = None,
         backbone: Backbone | None = None,
     ):
+        # Data parallel without a DDP wrapper: the joint step's gradient comes from several backward passes, so the
+        # processes average it once it is complete (``average_over_processes``), before each optimiser step.
         self.accelerator = accelerator or make_accelerator(config)  # precision: TrainerBase.autocast()
-        if self.accelerator.num_processes > 1:
-            # Six generator passes and two discriminators per step are not wired for DistributedDataParallel yet.
-            raise BadInputError("Unpaired training runs in one process; launch it without data parallelism.")
         self.device = self.accelerator.device
         config = self.config = resolve_mixed_precision(config, self.device)
         self.output_dir = Path(config.output_dir)
@@ -306,7 +312,9 @@ class UnpairedTrainer(TrainerBase):
         terms["loss_g"] = self._weighted(terms, tuple(terms))
         return terms, images
 
-    def joint_backward(self, real_a: torch.Tensor, real_b: torch.Tensor) -> tuple[dict, dict, str | None]:
+    def joint_backward(
+        self, real_a: torch.Tensor, real_b: torch.Tensor, scale: float = 1.0
+    ) -> tuple[dict, dict, str | None]:
         """The gradient of ``loss_g`` (as one backward pass over ``losses`` would give it) with at most two generator
         passes' activations alive at a time.
 
@@ -317,6 +325,8 @@ class UnpairedTrainer(TrainerBase):
         Args:
             real_a: domain A images (N, 3, H, W) in [-1, 1], on the device.
             real_b: domain B images.
+            scale: the gradient is the one of ``scale * loss_g`` (1 / k when k batches are accumulated), added to the
+                gradients already there; the returned terms are not scaled.
 
         Returns:
             (terms as in ``losses``, detached; images ``fake_b`` and ``fake_a``, detached; what was NaN/Inf, else
@@ -329,7 +339,7 @@ class UnpairedTrainer(TrainerBase):
             if not self.is_finite(loss):
                 self.optimizer_g.zero_grad(set_to_none=True)
                 return False
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss if scale == 1 else loss * scale)
             for key in keys:
                 terms[key] = terms[key].detach()
             return True
@@ -361,6 +371,7 @@ class UnpairedTrainer(TrainerBase):
             if not self.is_finite(loss):  # caught before its backward pass
                 return "generator loss"
             self.accelerator.backward(loss)
+        self.average_over_processes(gradients(self.optimizer_g))
         if self.config.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(
                 self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
@@ -372,21 +383,30 @@ class UnpairedTrainer(TrainerBase):
         self.optimizer_g.zero_grad(set_to_none=True)
         return None
 
-    def _discriminator_step(self, real_a: torch.Tensor, real_b: torch.Tensor, images: dict, logs: dict) -> str | None:
-        """One discriminator step; returns "discriminator loss" when it was NaN/Inf (the update then dropped)."""
+    def _discriminator_step(self, fakes: list[tuple], logs: dict) -> str | None:
+        """One discriminator step on each batch's (real_a, real_b, images) of the iteration, their gradients summed
+        (each loss divided by their number); returns "discriminator loss" when one was NaN/Inf (the update then
+        dropped)."""
         from .discriminators import discriminator_loss
 
         # The generator's GAN terms also left gradients on D's heads: D must learn from its own loss only.
         self.optimizer_d.zero_grad(set_to_none=True)
-        target = self.config.d_real_target
-        with self.autocast():
-            loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].detach().float(), target)
-            loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].detach().float(), target)
-        logs.update(loss_d_a=float(loss_d_a.detach()), loss_d_b=float(loss_d_b.detach()))
-        loss_d = 0.5 * (loss_d_a + loss_d_b)
-        bad = None if self.is_finite(loss_d) else "discriminator loss"
-        if bad is None:
+        target, k = self.config.d_real_target, len(fakes)
+        bad, totals = None, {"loss_d_a": 0.0, "loss_d_b": 0.0}
+        for real_a, real_b, images in fakes:
+            with self.autocast():
+                loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].float(), target)
+                loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].float(), target)
+            totals["loss_d_a"] += float(loss_d_a.detach()) / k
+            totals["loss_d_b"] += float(loss_d_b.detach()) / k
+            loss_d = 0.5 * (loss_d_a + loss_d_b) / k
+            if not self.is_finite(loss_d):
+                bad = "discriminator loss"
+                break
             self.accelerator.backward(loss_d)
+        logs.update(totals)
+        if bad is None:
+            self.average_over_processes(gradients(self.optimizer_d))
             self.optimizer_d.step()
             self.scheduler_d.step()
         else:
@@ -394,17 +414,38 @@ class UnpairedTrainer(TrainerBase):
         self.optimizer_d.zero_grad(set_to_none=True)
         return bad
 
+    def end_step(self, logs: dict[str, float], bad: str | None = None) -> dict[str, float]:
+        """``TrainerBase.end_step``, after averaging the discriminators' running statistics over the processes: a
+        PatchGAN's BatchNorms updated theirs from this process's images alone, in the GAN terms and the D step."""
+        if self.discriminator is not None:
+            self.average_over_processes([b for b in self.discriminator.buffers() if b.is_floating_point()])
+        return super().end_step(logs, bad)
+
     def train_step(self) -> dict[str, float]:
-        """One iteration: the generator step(s) of ``step_mode``, then one discriminator step."""
+        """One iteration: the generator step(s) of ``step_mode``, then one discriminator step.
+
+        With ``gradient_accumulation_steps`` k > 1 (joint mode) the generator's and D's gradients are summed over k
+        batches, each loss divided by k: one step on a k times larger batch, at the memory of one. The logged losses
+        are the batches' means.
+        """
         # Every random draw of the step (DiffAugment) comes from (seed, step): resuming replays it exactly.
         torch.manual_seed(step_seed(self.config.seed, self.step))
-        batch = self.batch(self.step)
-        real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
+        k = self.config.gradient_accumulation_steps
+        batches = [self.batch(self.step * k + micro) for micro in range(k)]
+        batches = [(batch["a"].to(self.device), batch["b"].to(self.device)) for batch in batches]
         if self.config.step_mode == "joint":
-            terms, images, bad = self.joint_backward(real_a, real_b)
+            logs, fakes, bad = {}, [], None
+            for real_a, real_b in batches:
+                terms, images, bad = self.joint_backward(real_a, real_b, scale=1 / k)
+                for name, value in terms.items():
+                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
+                if bad is not None:
+                    break
+                fakes.append((real_a, real_b, images))
             if bad is None:
                 bad = self._generator_step(None)
         else:
+            ((real_a, real_b),) = batches  # one batch: the options refuse accumulation with this schedule
             # A NaN/Inf in one of the three generator steps drops it and the rest of the iteration; the steps before
             # it were taken with finite losses and stay.
             terms, images = {}, {}
@@ -419,22 +460,26 @@ class UnpairedTrainer(TrainerBase):
                 self._identity(real_a, real_b, terms)
                 bad = self._generator_step(self._weighted(terms, ("loss_idt_a", "loss_idt_b")))
             terms["loss_g"] = self._weighted(terms, tuple(terms)).detach()
-        logs = {k: float(v.detach()) for k, v in terms.items()}
+            logs = {k: float(v.detach()) for k, v in terms.items()}
+            fakes = [(real_a, real_b, {name: image.detach() for name, image in images.items()})]
         if bad is not None:
             return self.skip_update(logs, bad)
         self.scheduler_g.step()  # once per iteration, whatever the number of generator steps
         if self.discriminator is not None:
-            bad = self._discriminator_step(real_a, real_b, images, logs)
+            bad = self._discriminator_step(fakes, logs)
         return self.end_step(logs, bad)
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean L1 of the cycle reconstructions of the test images, per direction, plus ``metrics`` if given.
+        """Mean L1 of the cycle reconstructions of the test images, per direction, plus ``metrics`` if given, and a
+        grid image.
 
         ``eval_cycle_l1_a`` is the mean |b2a(a2b(a)) - a| over test_A, ``eval_cycle_l1_b`` the same for test_B;
-        ``metrics`` sees each direction's inputs and outputs and the target domain's test images.
+        ``metrics`` sees each direction's inputs and outputs and the target domain's test images. The grid (rows:
+        input, translation, translation back, for the first four test images of A, then of B) goes to
+        ``output_dir/eval/step_*.png``.
 
         Returns:
             {name: value}; empty when the data set has no test split.
@@ -445,16 +490,22 @@ class UnpairedTrainer(TrainerBase):
         limit = self.config.num_eval or None
         test = {d: [image for _, image in self.test_data.images(d, limit)] for d in ("A", "B")}
         scores: dict[str, float] = {}
+        rows = []
         for source, target, forward, back in (("A", "B", "a2b", "b2a"), ("B", "A", "b2a", "a2b")):
             outputs, total = [], 0.0
             for image in test[source]:  # one at a time: test images may differ in size
                 x = image[None].to(self.device)
                 out = self.translate(x, forward)
-                total += float(F.l1_loss(self.translate(out, back).float(), x))
+                cycled = self.translate(out, back).float()
+                total += float(F.l1_loss(cycled, x))
                 outputs.append(out[0].float().cpu())
+                if len(outputs) <= 4:
+                    rows.append([image, outputs[-1], cycled[0].cpu()])
             scores[f"eval_cycle_l1_{source.lower()}"] = total / len(test[source])
             if self.metrics is not None:
                 extra = self.metrics(forward, test[source], outputs, test[target])
                 scores.update({f"eval_{forward}_{k}": float(v) for k, v in extra.items()})
         self.generator.train()
+        if self.accelerator.is_main_process:
+            save_grid(rows, self.output_dir / "eval" / f"step_{self.step:07d}.png")
         return scores
