@@ -80,7 +80,9 @@ def train_three_steps(task, dataset, out, batch_size, processes=1, disc="none"):
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     Path(out).mkdir(parents=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     command = [*launch, str(script), task, str(dataset), str(out), str(batch_size), disc]
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    # a time limit, so that a process left waiting in a collective call fails the test instead of hanging the suite
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return [load_file(Path(out) / f"rank{rank}.safetensors") for rank in range(processes)]
