@@ -273,6 +273,24 @@ def test_export_holds_both_directions_and_reloads_bit_exactly(straight_run):
     straight_run.generator.train()
 
 
+def test_a_run_can_start_from_an_unpaired_model_with_larger_ranks(dataset, straight_run, tmp_path):
+    """--from-model (e.g. an official unpaired model, fine-tuned on one's own sets): the new generator, with UNet LoRA
+    rank 8 where the source has 4, translates both ways exactly as the exported source model does."""
+    source = load_pretrained(straight_run.output_dir / "model")[0].eval()
+    trainer = make_unpaired_trainer(
+        dataset, tmp_path, disc="none", unet_lora_rank=8, from_model=str(straight_run.output_dir / "model")
+    )
+    assert trainer.generator.config.unet_lora_rank == 8 and source.config.unet_lora_rank == 4
+    trainer.generator.eval()
+    x = trainer.batch(0)["a"]
+    with torch.no_grad():
+        for direction in ("a2b", "b2a"):
+            expected = source(x, trainer.prompt_embeds[direction], direction)
+            torch.testing.assert_close(trainer.translate(x, direction), expected, rtol=0, atol=1e-5)
+    with pytest.raises(BadInputError, match="another task"):
+        make_unpaired_trainer(dataset, tmp_path / "paired", from_model="demo-circles", base_model="tiny-circles")
+
+
 def test_evaluation_scores_both_directions(dataset, tmp_path):
     metrics = translation_metrics(None, tiny_dino())
     trainer = make_unpaired_trainer(dataset, tmp_path, num_eval=0, disc="none", metrics=metrics)

@@ -47,6 +47,9 @@ class TrainConfig:
         mixed_precision: "no", "bf16" (or "fp16" for paired runs): trainable weights and optimiser state stay fp32,
             the frozen backbone is stored in the half precision; "auto": bf16 where the device computes it natively,
             else "no" (``loop.resolve_mixed_precision``).
+        from_model: start from this model's trained weights (a named model, model folder or official .pkl of the
+            same task on the same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model
+            for a sketch model, or an official unpaired model to fine-tune on one's own two sets.
         gradient_checkpointing: recompute UNet and VAE block activations in the backward pass.
         compile: ``torch.compile`` the UNet and the VAE encoders/decoders (``OneStepGenerator.compile_parts``): the
             first step compiles them (minutes at full size), later steps dispatch fewer, fused kernels.
@@ -83,6 +86,7 @@ class TrainConfig:
     lambda_gan: float = 0.5
     disc: str = "clip"
     mixed_precision: str = "no"
+    from_model: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -138,8 +142,6 @@ class PairedTrainConfig(TrainConfig):
     Args:
         dataset: a folder in the paired layout (train_A/, train_B/, train_prompts.json, test_*) or a .jsonl manifest.
         train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
-        from_model: start from this model's trained weights (a named model, model folder or official .pkl on the
-            same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model for a sketch model.
         stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
             noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
         lambda_l2, lambda_lpips, lambda_clipsim: loss weights (0 turns a term and its network off).
@@ -150,7 +152,6 @@ class PairedTrainConfig(TrainConfig):
     """
 
     train_all: bool = False
-    from_model: str | None = None
     stochastic: bool = False
     lambda_l2: float = 1.0
     lambda_lpips: float = 5.0

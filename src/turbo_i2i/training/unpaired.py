@@ -180,6 +180,10 @@ class UnpairedTrainer(TrainerBase):
                 for d, p in prompts.items()
             }
         del backbone  # the text encoder is not needed again: its memory goes back now (UNet and VAE live on)
+        if config.from_model:
+            from .warm_start import warm_start
+
+            warm_start(self.generator, config.from_model)
         self.generator.set_trainable(True)
         # The VAE decoders' upsamplers as sub-pixel convolutions (subpixel.py): 4/9 of their multiply-adds, forward and
         # backward, and the padded input kept for backward instead of the 4x larger upsampled one. Not the UNet's: at
