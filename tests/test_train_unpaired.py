@@ -317,6 +317,23 @@ def test_evaluation_scores_both_directions(dataset, tmp_path):
             assert np.abs(cell - expected).max() <= 1 / 255 + 1e-6, (row, column)
 
 
+def test_the_evaluation_grid_reaches_tensorboard(dataset, tmp_path):
+    """The grid written at an evaluation is also in TensorBoard's images (tag ``eval_grid``, at the step), pixel for
+    pixel."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_unpaired_trainer(dataset, tmp_path, disc="none", max_steps=2, eval_every=2, report_to="tensorboard")
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / tmp_path.name), size_guidance={"images": 0})  # the run's name: its folder
+    events.Reload()
+    (image,) = events.Images("eval_grid")
+    shown = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    assert image.step == 2
+    assert np.array_equal(shown, np.asarray(Image.open(tmp_path / "eval" / "step_0000002.png").convert("RGB")))
+
+
 def test_the_grid_shows_images_of_other_sizes_at_the_first_ones_size(tmp_path):
     """Test images may differ in size: each grid cell shows its image resized to the first image's size."""
     rows = [

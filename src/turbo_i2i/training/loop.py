@@ -670,6 +670,29 @@ class TrainerBase:
         self.accelerator.end_training()
         return logs
 
+    def save_eval_grid(self, rows: list[list[torch.Tensor]]) -> None:
+        """Write an evaluation's image grid (``save_grid``) to ``output_dir/eval/step_XXXXXXX.png`` and show it in the
+        run's trackers (TensorBoard's images tab, a W&B image) as ``eval_grid``; the main process only.
+
+        Args:
+            rows: the grid's rows of (3, H, W) images in [-1, 1].
+        """
+        if not self.accelerator.is_main_process:
+            return
+        path = save_grid(rows, self.output_dir / "eval" / f"step_{self.step:07d}.png")
+        trackers = {tracker.name: tracker for tracker in self.accelerator.trackers}
+        if not trackers:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as grid:
+            pixels = np.asarray(grid.convert("RGB"))
+        if "tensorboard" in trackers:
+            trackers["tensorboard"].log_images({"eval_grid": pixels[None]}, step=self.step, dataformats="NHWC")
+        if "wandb" in trackers:
+            trackers["wandb"].log_images({"eval_grid": [pixels]}, step=self.step)
+
     def log(self, values: dict[str, float]) -> None:
         """Record ``values`` at the current step: JSONL file (main process) and trackers."""
         self.accelerator.log(values, step=self.step)

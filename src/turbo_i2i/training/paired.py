@@ -36,7 +36,6 @@ from .loop import (
     channels_last_in_training,
     make_accelerator,
     resolve_mixed_precision,
-    save_grid,
     step_seed,
     step_without_update,
     train_in_half_precision,
@@ -391,7 +390,5 @@ class PairedTrainer(TrainerBase):
         if self.metrics is not None:
             extra = self.metrics("a2b", inputs, outputs, targets)
             scores.update({f"eval_{k}": float(v) for k, v in extra.items()})
-        if self.accelerator.is_main_process:
-            rows = [list(images) for images in zip(inputs[:4], outputs[:4], targets[:4])]
-            save_grid(rows, self.output_dir / "eval" / f"step_{self.step:07d}.png")
+        self.save_eval_grid([list(images) for images in zip(inputs[:4], outputs[:4], targets[:4])])
         return scores

@@ -54,7 +54,6 @@ from .loop import (
     channels_last_in_training,
     make_accelerator,
     resolve_mixed_precision,
-    save_grid,
     step_seed,
     step_without_update,
     train_in_half_precision,
@@ -510,6 +509,5 @@ class UnpairedTrainer(TrainerBase):
                 extra = self.metrics(forward, test[source], outputs, test[target])
                 scores.update({f"eval_{forward}_{k}": float(v) for k, v in extra.items()})
         self.generator.train()
-        if self.accelerator.is_main_process:
-            save_grid(rows, self.output_dir / "eval" / f"step_{self.step:07d}.png")
+        self.save_eval_grid(rows)
         return scores
