@@ -185,3 +185,28 @@ def test_stochastic_training_refuses_what_would_ignore_its_per_step_r(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and f"--stochastic cannot be combined with {flag} yet." in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("task", ["paired", "unpaired"])
+def test_every_training_flag_says_what_it_does_and_its_default(task, capsys):
+    """The flags' help comes from the config docstrings (written once, beside the fields): every option has one, a
+    recipe's own description and default win over the shared ones."""
+    from dataclasses import fields
+
+    from turbo_i2i.training.options import PairedTrainConfig, UnpairedTrainConfig, option_help
+
+    config = PairedTrainConfig if task == "paired" else UnpairedTrainConfig
+    descriptions = option_help(config)
+    assert all(descriptions.get(f.name) for f in fields(config) if f.name != "extra")
+    with pytest.raises(SystemExit) as done:
+        main(["train", task, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--gradient-accumulation-steps GRADIENT_ACCUMULATION_STEPS batches whose gradients are summed into one"
+        " optimiser step (the effective batch is batch_size * gradient_accumulation_steps * processes). (default: 1)"
+    ) in text
+    learning_rate = "(default: 5e-06)" if task == "paired" else "(default: 1e-05)"
+    assert f"for the generator and the discriminator. {learning_rate} --lr-scheduler" in text
+    layout = "in the paired layout" if task == "paired" else "in the unpaired layout"
+    assert f"--dataset DATASET a folder {layout}" in text

@@ -74,19 +74,28 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser, config_class, optional: tuple[str, ...] = ()) -> None:
-    """One flag per field of a training config dataclass (``--max-steps`` for ``max_steps``); None = the default."""
+    """One flag per field of a training config dataclass (``--max-steps`` for ``max_steps``); None = the default.
+
+    The help text is the field's description in the config's docstring (``option_help``) and its default.
+    """
     from dataclasses import MISSING, fields
 
+    from .training.options import option_help
+
+    descriptions = option_help(config_class)
     for f in fields(config_class):
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = descriptions[f.name].replace("%", "%%")  # argparse formats help with %
+        if f.default not in (MISSING, None):
+            text += f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             required = f.default is MISSING and f.name not in optional
-            p.add_argument(flag, type=kind, default=None, required=required)
+            p.add_argument(flag, type=kind, default=None, required=required, help=text)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

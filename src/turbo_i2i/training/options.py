@@ -6,6 +6,7 @@ option) without loading torch and diffusers: ``turbo-i2i --help`` and the comman
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 
 from ..errors import BadInputError
@@ -19,6 +20,38 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     """Raise ``BadInputError`` naming the option and its choices unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise BadInputError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+
+
+def option_help(config_class: type) -> dict[str, str]:
+    """What each option of a config dataclass means, from the "Args:" sections of its docstring and its bases' (a
+    subclass's own description wins): the command line's help text, written once, beside the fields.
+
+    Args:
+        config_class: ``PairedTrainConfig`` or ``UnpairedTrainConfig`` (any class documenting its fields as
+            ``name: text`` or ``name_a, name_b: text`` entries, continued on more deeply indented lines).
+
+    Returns:
+        {field name: description on one line}.
+    """
+    descriptions: dict[str, str] = {}
+    for cls in reversed(config_class.__mro__):
+        lines = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
+        entries: list[list[str]] = []
+        inside = False
+        for line in lines:
+            if line.strip() == "Args:":
+                inside = True
+            elif inside and line.startswith(" " * 8) and entries:
+                entries[-1].append(line.strip())
+            elif inside and line.startswith(" " * 4) and ":" in line:
+                entries.append([line.strip()])
+            elif inside:
+                inside = False
+        for entry in entries:
+            names, text = " ".join(entry).split(":", 1)
+            for name in names.split(","):
+                descriptions[name.strip()] = text.strip().replace("``", "")
+    return descriptions
 
 
 def metric_names(eval_metrics: str) -> tuple[str, ...]:
@@ -35,13 +68,15 @@ class TrainConfig:
         dataset: the data set folder (see the trainer's data module).
         output_dir: run folder: checkpoints/, the exported model/, logs.jsonl and eval images.
         base_model: backbone hub id, folder or built-in name.
-        unet_lora_rank, vae_lora_rank: LoRA ranks.
+        unet_lora_rank, vae_lora_rank: ranks of the UNet's and the VAE's LoRA adapters.
         transform: training transform (see ``training.data``).
         batch_size: images per step (per process; per domain for unpaired runs).
         gradient_accumulation_steps: batches whose gradients are summed into one optimiser step (the effective batch
             is ``batch_size * gradient_accumulation_steps * processes``).
         max_steps: optimiser steps to run.
-        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: the optimisers (G and D).
+        learning_rate, lr_scheduler, lr_warmup_steps, adam_weight_decay, max_grad_norm: AdamW's learning rate, its
+            schedule (a diffusers scheduler name: constant, linear, cosine, ...) and warm-up steps, weight decay, and
+            the norm gradients are clipped to (0: no clipping); for the generator and the discriminator.
         lambda_gan: weight of the adversarial term (0 turns it and the discriminator off).
         disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
         mixed_precision: "no", "bf16" (or "fp16" for paired runs): trainable weights and optimiser state stay fp32,
@@ -54,7 +89,7 @@ class TrainConfig:
         compile: ``torch.compile`` the UNet and the VAE encoders/decoders (``OneStepGenerator.compile_parts``): the
             first step compiles them (minutes at full size), later steps dispatch fewer, fused kernels.
         seed: seeds the init and every step's randomness.
-        checkpoint_every, eval_every: in steps.
+        checkpoint_every, eval_every: steps between checkpoints, between evaluations.
         num_eval: test items evaluated (all when 0).
         eval_metrics: comma-separated metrics beyond the trainer's own: "fid" (clean-fid of the outputs against the
             target test images; needs 2+ of them) and "dino_structure" (DINO ViT-B/8 distance of input and output);
@@ -144,7 +179,8 @@ class PairedTrainConfig(TrainConfig):
         train_all: train every backbone weight (the paper's "random init" setting) instead of adapters only.
         stochastic: train the r-blended model (conv_in, LoRA strength and skips follow r, the input is blended with
             noise; r is drawn uniformly in [0, 1] each step); evaluation runs at r = 1.
-        lambda_l2, lambda_lpips, lambda_clipsim: loss weights (0 turns a term and its network off).
+        lambda_l2, lambda_lpips, lambda_clipsim: weights of the L2, LPIPS and CLIP-similarity loss terms (0 turns a
+            term and its network off).
         default_prompt: recorded as the exported model's default prompt.
 
     ``num_eval`` test pairs are scored with L2, LPIPS and CLIP-sim besides ``eval_metrics``; the first four are also
@@ -214,7 +250,8 @@ class UnpairedTrainConfig(TrainConfig):
         dataset: a folder in the unpaired layout (train_A/, train_B/, fixed_prompt_a.txt, fixed_prompt_b.txt, test_*).
         eval_transform: transform of the test images (deterministic).
         use_8bit_adam: bitsandbytes' 8-bit AdamW for the generator (needs ``bitsandbytes``).
-        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips: loss weights (see the module).
+        lambda_cycle, lambda_cycle_lpips, lambda_idt, lambda_idt_lpips: weights of the L1 and LPIPS parts of the
+            cycle and identity terms (see training.unpaired).
         d_real_target: label of real images for D ("multilevel_sigmoid" of the public recipe: 1).
         step_mode: "joint" (one generator step, six passes) or "separate" (the public three steps, eight passes).
 
