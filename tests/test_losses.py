@@ -117,6 +117,24 @@ def test_lpips_loss_keeps_the_net_frozen_in_train_mode():
     assert all(p.grad is None for p in loss.parameters())
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_lpips_loss_is_computed_in_fp32_under_a_trainers_autocast(half):
+    """LPIPS normalises feature maps by their root sum of squares, which overflows fp16: under the trainers' autocast
+    the loss is still the fp32 one (the tiny stand-in gave NaN in fp16 before), with an fp32 gradient."""
+    loss = LPIPSLoss(tiny_lpips())
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = loss(x, y)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    with torch.autocast("cpu", dtype=half):
+        value = loss(x.to(half), y.to(half))
+    (grad,) = torch.autograd.grad(value, x)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    torch.testing.assert_close(value, expected, rtol=1e-2, atol=1e-3)  # the inputs were rounded to ``half``
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), expected_grad.flatten(), dim=0) > 0.99
+
+
 def test_clipsim_loss_range_and_gradient(clip_and_tokenizer):
     loss = CLIPSimLoss(*clip_and_tokenizer)
     x = images(n=3, size=48).requires_grad_()  # not CLIP's 64 px: the loss resizes

@@ -83,9 +83,13 @@ class LPIPSLoss(nn.Module):
             target: ground-truth images of the same shape.
 
         Returns:
-            a scalar, differentiable w.r.t. ``output``.
+            a scalar (fp32), differentiable w.r.t. ``output``.
         """
-        return self.net(output, target).mean()
+        # In fp32 whatever autocast the trainer runs: LPIPS divides each feature map by its root sum of squares, which
+        # overflows fp16's range (65504) for large activations (on the CPU autocast keeps sums in fp16: the tiny
+        # stand-in network gave NaN), so fp16 training would silently lose the term.
+        with torch.autocast(output.device.type, enabled=False):
+            return self.net(output.float(), target.float()).mean()
 
 
 class CLIPSimLoss(nn.Module):
