@@ -160,7 +160,7 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     "task,flag,value,choices",
     [
         ("paired", "--mixed-precision", "fp8", "no, bf16, fp16, auto"),
-        ("unpaired", "--mixed-precision", "fp16", "no, bf16, auto"),  # no gradient scaler in the unpaired trainer
+        ("unpaired", "--mixed-precision", "fp8", "no, bf16, fp16, auto"),
         ("paired", "--disc", "stylegan", "clip, patchgan, none"),
         ("unpaired", "--disc", "stylegan", "clip, patchgan, none"),
         ("unpaired", "--step-mode", "both", "joint, separate"),

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -184,6 +185,16 @@ def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_pat
     trained = [k for k in rank0 if not k.startswith(("gradient.", "own_"))]
     assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
     assert max(float((rank0[k] - single[k]).abs().max()) for k in trained) <= 1e-4
+
+
+def test_fp16_training_scales_the_loss_and_keeps_every_term_finite(dataset, tmp_path):
+    """fp16 (frozen weights in fp16, a gradient scaler): the LPIPS term stays finite (it is computed in fp32), and
+    the scaler lowers its scale after overflowing gradients, skipping those updates itself, not counted as faults."""
+    trainer = make_paired_trainer(dataset, tmp_path, mixed_precision="fp16", max_steps=4, eval_every=1000)
+    logs = trainer.train()
+    frozen = {p.dtype for n, p in trainer.unwrapped.named_parameters() if not trainer.unwrapped.is_trained(n)}
+    assert frozen == {torch.float16} and trainer.scaler.get_scale() < 2.0**16
+    assert logs["skipped_steps"] == 0 and all(math.isfinite(v) for v in logs.values()), logs
 
 
 def test_compile_option_compiles_the_generator_parts(dataset, tmp_path):

@@ -201,7 +201,7 @@ def test_generator_step_leaves_d_alone_and_only_trainable_weights_change(dataset
     assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_directions_share_one_frozen_vae_and_trainable_weights_stay_fp32(dataset, tmp_path, precision):
     trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision=precision, gradient_checkpointing=True)
     a2b = dict(trainer.generator.vae["a2b"].named_parameters(remove_duplicate=False))
@@ -211,13 +211,13 @@ def test_directions_share_one_frozen_vae_and_trainable_weights_stay_fp32(dataset
     assert len(frozen) > 20 and all(a2b[n].data_ptr() == b2a[n].data_ptr() for n in frozen)
     trained = [n for n in a2b if a2b[n].requires_grad]
     assert trained and all(a2b[n].data_ptr() != b2a[n].data_ptr() for n in trained)
-    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     assert all(a2b[n].dtype == half for n in frozen) and all(a2b[n].dtype == torch.float32 for n in trained)
     convs = [p for p in trainer.generator.parameters() if p.ndim == 4 and p.shape[-1] == 3]
-    # channels-last on the CPU in bf16 only (channels_last_in_training); the shared weights are converted once
-    assert {p.is_contiguous(memory_format=torch.channels_last) for p in convs} == {precision == "bf16"}
+    # channels-last on the CPU in half precision only (channels_last_in_training); shared weights are converted once
+    assert {p.is_contiguous(memory_format=torch.channels_last) for p in convs} == {precision != "no"}
     assert not hasattr(trainer, "text_encoder") and trainer.prompt_embeds["a2b"].shape[:2] == (1, 77)
-    logs = trainer.train_step()  # bf16 autocast over bf16 frozen and fp32 trainable weights, checkpointed blocks
+    logs = trainer.train_step()  # autocast over half-precision frozen and fp32 trainable weights, checkpointed blocks
     assert np.isfinite(logs["loss_g"]) and all(
         p.dtype == torch.float32 for p in trainer.optimizer_g.param_groups[0]["params"]
     )
@@ -247,6 +247,22 @@ def test_stop_and_resume_equals_straight_run(dataset, straight_run, tmp_path, on
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     d_a, d_b = straight_run.discriminator.state_dict(), resumed.discriminator.state_dict()
     assert all(torch.allclose(d_a[k].float(), d_b[k].float(), atol=1e-6) for k in d_a)
+
+
+def test_fp16_scales_the_loss_and_resumes_exactly(dataset, tmp_path, one_thread):
+    """fp16 training: the scaler lowers its scale after overflowing gradients and skips those updates itself (not
+    counted as faults), and the scale is part of the checkpoint, so stop-and-resume equals the straight run."""
+    straight = make_unpaired_trainer(dataset, tmp_path / "straight", mixed_precision="fp16")
+    logs = straight.train()
+    assert straight.scaler.is_enabled() and straight.scaler.get_scale() < 2.0**16  # the initial scale overflowed
+    assert logs["skipped_steps"] == 0 and all(np.isfinite(v) for v in logs.values())
+    first = make_unpaired_trainer(dataset, tmp_path / "run", mixed_precision="fp16")
+    first.train(stop_at=2)
+    resumed = make_unpaired_trainer(dataset, tmp_path / "run", mixed_precision="fp16")
+    resumed.train(resume=True)
+    assert resumed.step == 4 and resumed.scaler.get_scale() == straight.scaler.get_scale()
+    a, b = straight.generator.trained_state_dict(), resumed.generator.trained_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
 def test_export_holds_both_directions_and_reloads_bit_exactly(straight_run):

@@ -111,6 +111,20 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def loss_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
+    """The gradient scaler of a run: enabled under fp16, whose narrow range needs loss scaling (bf16 has fp32's range
+    and does not); disabled, its calls pass values through unchanged.
+
+    Args:
+        device: where the run trains.
+        mixed_precision: the run's resolved ``mixed_precision``.
+
+    Returns:
+        a ``torch.amp.GradScaler``.
+    """
+    return torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+
 def resolve_mixed_precision(config, device: torch.device):
     """The run config with ``mixed_precision="auto"`` replaced by what it means on ``device``.
 
@@ -275,6 +289,7 @@ class TrainerBase:
 
     collate_fn = staticmethod(lambda items: items)  # replaced by the data set's collate function
     config: object
+    scaler: torch.amp.GradScaler  # ``loss_scaler``: enabled for fp16 only
     step: int
     skipped_steps: int = 0  # steps whose update was dropped for a NaN/Inf, over the whole run
     bad_steps_in_row: int = 0
@@ -473,6 +488,8 @@ class TrainerBase:
         states = {"optimizer_g": self.optimizer_g, "scheduler_g": self.scheduler_g}
         if self.discriminator is not None:
             states.update(optimizer_d=self.optimizer_d, scheduler_d=self.scheduler_d)
+        if self.scaler.is_enabled():  # the loss scale is part of an exact resume in fp16
+            states["scaler"] = self.scaler
         return states
 
     def save_checkpoint(self) -> Path:

@@ -14,6 +14,7 @@ from ..errors import BadInputError
 EVAL_METRICS = ("fid", "dino_structure")
 DISC_KINDS = ("clip", "patchgan", "none")
 STEP_MODES = ("joint", "separate")
+MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -79,9 +80,9 @@ class TrainConfig:
             the norm gradients are clipped to (0: no clipping); for the generator and the discriminator.
         lambda_gan: weight of the adversarial term (0 turns it and the discriminator off).
         disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
-        mixed_precision: "no", "bf16" (or "fp16" for paired runs): trainable weights and optimiser state stay fp32,
-            the frozen backbone is stored in the half precision; "auto": bf16 where the device computes it natively,
-            else "no" (``loop.resolve_mixed_precision``).
+        mixed_precision: "no", "bf16" or "fp16" (with loss scaling): trainable weights and optimiser state stay
+            fp32, the frozen backbone is stored in the half precision; "auto": bf16 where the device computes it
+            natively, else "no" (``loop.resolve_mixed_precision``).
         from_model: start from this model's trained weights (a named model, model folder or official .pkl of the
             same task on the same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model
             for a sketch model, or an official unpaired model to fine-tune on one's own two sets.
@@ -139,11 +140,8 @@ class TrainConfig:
     dino_path: str | None = None
     extra: dict = field(default_factory=dict)
 
-    # the ``mixed_precision`` values the recipe's trainer implements (not a field: no flag, not saved)
-    mixed_precision_choices = ("no", "bf16", "fp16", "auto")
-
     def __post_init__(self) -> None:
-        check_choice("mixed_precision", self.mixed_precision, self.mixed_precision_choices)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("disc", self.disc, DISC_KINDS)
         unknown = set(self.metric_names) - set(EVAL_METRICS)
         if unknown:
@@ -255,8 +253,7 @@ class UnpairedTrainConfig(TrainConfig):
         d_real_target: label of real images for D ("multilevel_sigmoid" of the public recipe: 1).
         step_mode: "joint" (one generator step, six passes) or "separate" (the public three steps, eight passes).
 
-    ``mixed_precision`` is "no", "bf16" or "auto" here; ``num_eval`` counts test images per domain, scored with the
-    cycle L1 besides ``eval_metrics``.
+    ``num_eval`` counts test images per domain, scored with the cycle L1 besides ``eval_metrics``.
     """
 
     unet_lora_rank: int = 128
@@ -274,8 +271,6 @@ class UnpairedTrainConfig(TrainConfig):
     lambda_idt_lpips: float = 1.0
     d_real_target: float = 1.0
     step_mode: str = "joint"
-
-    mixed_precision_choices = ("no", "bf16", "auto")  # no fp16: this trainer has no gradient scaler
 
     def __post_init__(self) -> None:
         super().__post_init__()

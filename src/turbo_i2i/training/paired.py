@@ -34,6 +34,7 @@ from .loop import (
     Metrics,
     TrainerBase,
     channels_last_in_training,
+    loss_scaler,
     make_accelerator,
     resolve_mixed_precision,
     step_seed,
@@ -164,8 +165,7 @@ class PairedTrainer(TrainerBase):
             train_in_half_precision(self.generator, HALF_PRECISION[config.mixed_precision])
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)
-        # fp16's narrow range needs loss scaling; bf16 has fp32's range and does not
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        self.scaler = loss_scaler(self.device, config.mixed_precision)
         if config.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
         if config.compile:
@@ -337,12 +337,6 @@ class PairedTrainer(TrainerBase):
             step_without_update(self.scheduler_d)
         self.optimizer_d.zero_grad(set_to_none=True)
         return bad
-
-    def _states(self) -> dict:
-        states = super()._states()
-        if self.scaler.is_enabled():  # the loss scale is part of an exact resume in fp16
-            states["scaler"] = self.scaler
-        return states
 
     @property
     def _text_encoder_to_save(self):

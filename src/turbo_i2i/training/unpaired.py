@@ -27,8 +27,9 @@ Step modes:
 
 Then one discriminator step on ``0.5 * (loss_d_a + loss_d_b)``, D_A on real b vs. fake_b and D_B on real a vs. fake_a
 (the fakes of the iteration, detached), after clearing the gradients the generator's GAN terms left on the
-discriminators. Memory: trainable weights stay fp32 under bf16 autocast while the frozen backbone is stored in bf16
-and bf16 activations stay bf16 through its GroupNorms and LoRA layers (``loop.train_in_half_precision``); gradient
+discriminators. Memory: trainable weights stay fp32 under bf16 / fp16 autocast while the frozen backbone is stored in
+that half precision and half-precision activations stay so through its GroupNorms and LoRA layers
+(``loop.train_in_half_precision``; fp16 adds a gradient scaler, ``loop.loss_scaler``); gradient
 checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the text encoder is freed once
 the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
 """
@@ -48,10 +49,12 @@ from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
 from .loop import (
+    HALF_PRECISION,
     Metrics,
     TrainerBase,
     cast_frozen,
     channels_last_in_training,
+    loss_scaler,
     make_accelerator,
     resolve_mixed_precision,
     step_seed,
@@ -194,10 +197,12 @@ class UnpairedTrainer(TrainerBase):
         self.generator.train()
         self.lpips, clip = self._loss_networks(loss_networks)
         self.discriminator = self._discriminators(clip)
-        if config.mixed_precision == "bf16":
-            train_in_half_precision(self.generator, torch.bfloat16)
+        half = HALF_PRECISION.get(config.mixed_precision)
+        if half is not None:
+            train_in_half_precision(self.generator, half)
             if self.discriminator is not None:
-                cast_frozen(self.discriminator, torch.bfloat16)
+                cast_frozen(self.discriminator, half)
+        self.scaler = loss_scaler(self.device, config.mixed_precision)
         if channels_last_in_training(self.device, config.mixed_precision):
             self.generator.to(memory_format=torch.channels_last)  # in place: shared frozen weights stay shared
         if config.compile:
@@ -342,7 +347,7 @@ class UnpairedTrainer(TrainerBase):
             if not self.is_finite(loss):
                 self.optimizer_g.zero_grad(set_to_none=True)
                 return False
-            self.accelerator.backward(loss if scale == 1 else loss * scale)
+            self.accelerator.backward(self.scaler.scale(loss if scale == 1 else loss * scale))
             for key in keys:
                 terms[key] = terms[key].detach()
             return True
@@ -369,20 +374,23 @@ class UnpairedTrainer(TrainerBase):
 
     def _generator_step(self, loss: torch.Tensor | None) -> str | None:
         """Backward (unless ``loss`` is None: its gradients are in place already) and one optimiser step; returns
-        what was NaN/Inf (the step then not taken), else None."""
+        what was NaN/Inf (the step then not taken), else None. Under fp16 the gradients are scaled: they are
+        unscaled before clipping, and the scaler skips a step whose gradients overflowed (routine, not a fault)."""
         if loss is not None:
             if not self.is_finite(loss):  # caught before its backward pass
                 return "generator loss"
-            self.accelerator.backward(loss)
-        self.average_over_processes(gradients(self.optimizer_g))
+            self.accelerator.backward(self.scaler.scale(loss))
+        self.average_over_processes(gradients(self.optimizer_g))  # an overflow on any process reaches all
         if self.config.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
             norm = self.accelerator.clip_grad_norm_(
                 self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
             )
-            if not self.is_finite(norm):
+            if not self.scaler.is_enabled() and not self.is_finite(norm):
                 self.optimizer_g.zero_grad(set_to_none=True)
                 return "generator gradient"
-        self.optimizer_g.step()
+        self.scaler.step(self.optimizer_g)
+        self.scaler.update()  # per generator step: the public schedule takes three, each unscaled once
         self.optimizer_g.zero_grad(set_to_none=True)
         return None
 
@@ -406,11 +414,12 @@ class UnpairedTrainer(TrainerBase):
             if not self.is_finite(loss_d):
                 bad = "discriminator loss"
                 break
-            self.accelerator.backward(loss_d)
+            self.accelerator.backward(self.scaler.scale(loss_d))
         logs.update(totals)
         if bad is None:
             self.average_over_processes(gradients(self.optimizer_d))
-            self.optimizer_d.step()
+            self.scaler.step(self.optimizer_d)  # under fp16: unscaled, or skipped after an overflow
+            self.scaler.update()
             self.scheduler_d.step()
         else:
             step_without_update(self.scheduler_d)  # the LR is a function of the step number
