@@ -472,7 +472,7 @@ class UnpairedTrainer(TrainerBase):
                 self._identity(real_a, real_b, terms)
                 bad = self._generator_step(self._weighted(terms, ("loss_idt_a", "loss_idt_b")))
             terms["loss_g"] = self._weighted(terms, tuple(terms)).detach()
-            logs = {k: float(v.detach()) for k, v in terms.items()}
+            logs = {name: float(value.detach()) for name, value in terms.items()}
             fakes = [(real_a, real_b, {name: image.detach() for name, image in images.items()})]
         if bad is not None:
             return self.skip_update(logs, bad)
