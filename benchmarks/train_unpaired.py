@@ -11,13 +11,13 @@ which only grows within a process, is the case's own on the CPU):
   upsampling in the VAE decoders (the same function with 4/9 of the multiply-adds, ``turbo_i2i.subpixel``); fp32;
 - ``ours-bf16-ckpt``: the joint objective under bf16 autocast with fp32 trainable weights and the frozen backbone
   stored in bf16 (channels-last memory on the CPU), gradient checkpointing of the UNet and VAE blocks;
-- ``ours-bf16``, ``ours-bf16-nhwc``, ``ours-bf16-plain``, ``ours-bf16-compile``, ``ours-fp32-compile`` and
-  ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what checkpointing costs and
-  saves); the same with the generator in channels-last memory where the trainer does not choose it
-  (``training.loop.channels_last_in_training``: on GPUs); the same with the VAE decoders' upsamplers as defined (what
-  sub-pixel upsampling saves); bf16 and fp32 with ``compile`` (the UNet and VAE parts under ``torch.compile``; give
-  them ``--warmup 1`` or more: the first step compiles, minutes at full size); and bf16 + checkpointing with 8-bit
-  AdamW (needs bitsandbytes).
+- ``ours-bf16``, ``ours-bf16-nhwc``, ``ours-bf16-plain``, ``ours-bf16-compile``, ``ours-fp32-compile``,
+  ``ours-fp16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
+  checkpointing costs and saves); the same with the generator in channels-last memory where the trainer does not
+  choose it (``training.loop.channels_last_in_training``: on GPUs); the same with the VAE decoders' upsamplers as
+  defined (what sub-pixel upsampling saves); bf16 and fp32 with ``compile`` (the UNet and VAE parts under
+  ``torch.compile``; give them ``--warmup 1`` or more: the first step compiles, minutes at full size); fp16 with loss
+  scaling (for GPUs without bf16); and bf16 + checkpointing with 8-bit AdamW (needs bitsandbytes).
 
 All use the unpaired recipe's adapters (UNet LoRA rank 128, alpha 128; VAE LoRA rank 4 per direction, both
 directions on one frozen VAE), batch 1, two PatchGAN discriminators (the paper's vision-aided CLIP discriminators need
@@ -56,6 +56,7 @@ CASES = {
     "ours-bf16-plain": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False),
     "ours-bf16-compile": dict(step_mode="joint", mixed_precision="bf16", gradient_checkpointing=False, compile=True),
     "ours-fp32-compile": dict(step_mode="joint", mixed_precision="no", gradient_checkpointing=False, compile=True),
+    "ours-fp16": dict(step_mode="joint", mixed_precision="fp16", gradient_checkpointing=False),
     "ours-bf16-ckpt-8bit": dict(
         step_mode="joint", mixed_precision="bf16", gradient_checkpointing=True, use_8bit_adam=True
     ),
@@ -182,10 +183,12 @@ def markdown(report: dict) -> str:
     """The results as a markdown table, with the ratios to the public schedule at the same size."""
     from turbo_i2i.benchmark import rounds_note, seconds_cell
 
+    tiny = report["config"] == "tiny"  # its stand-ins: case_trainer
+    lpips, rank = ("a tiny stand-in", 8) if tiny else ("random VGG16 trunk", 128)
     lines = [
         f"Unpaired training, {report['config']} architecture with random weights, batch 1, on {report['machine']}."
-        f" Memory: {report['memory_kind']}. Discriminators: PatchGAN (no CLIP weights needed); LPIPS: random VGG16"
-        f" trunk; UNet LoRA rank 128, VAE LoRA rank 4. Median of {report['steps']} iterations after"
+        f" Memory: {report['memory_kind']}. Discriminators: PatchGAN (no CLIP weights needed); LPIPS: {lpips};"
+        f" UNet LoRA rank {rank}, VAE LoRA rank 4. Median of {report['steps']} iterations after"
         f" {report['warmup']} warm-up.{rounds_note(report)}",
         "",
         "| size | schedule | generator passes / it | s / it | peak memory (GiB) | memory vs public | time vs public |",

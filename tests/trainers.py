@@ -67,7 +67,7 @@ def build_trainer(task, tmp_path, **overrides):
 
 def train_three_steps(task, dataset, out, batch_size, processes=1, disc="none"):
     """Three steps of ``distributed_train.py`` in ``processes`` CPU processes (gloo, launched the way Accelerate
-    launches them); returns each rank's trained weights, by rank."""
+    launches them); returns what each rank saved (weights, first gradient, own losses: see that script), by rank."""
     import os
     import subprocess
     import sys
