@@ -178,6 +178,18 @@ def test_clipsim_loss_caches_caption_embeddings(clip_and_tokenizer, monkeypatch)
     assert encoded == [1, 1]
 
 
+def test_a_caption_embedding_does_not_depend_on_the_captions_encoded_with_it(clip_and_tokenizer):
+    """Each caption is encoded on its own: in one batch the text tower rounds differently (1 float32 ulp), so the
+    cached value would depend on the run's history and a resumed run (empty cache) would drift from an uninterrupted
+    one."""
+    model, tokenizer = clip_and_tokenizer
+    captions = ["a cat", "a dog on a sofa", "three red apples", "a long caption about a small blue boat at sea"]
+    together = CLIPSimLoss(model, tokenizer).caption_embeddings(captions, torch.device("cpu"))
+    for i, caption in enumerate(captions):
+        alone = CLIPSimLoss(model, tokenizer).caption_embeddings([caption], torch.device("cpu"))
+        assert torch.equal(alone[0], together[i]), caption
+
+
 def test_clipsim_loss_cache_is_bounded(clip_and_tokenizer):
     loss = CLIPSimLoss(*clip_and_tokenizer, cache_size=2)
     for caption in ("one", "two", "three"):

@@ -129,11 +129,12 @@ class CLIPSimLoss(nn.Module):
         Returns:
             (N, embed_dim) float32.
         """
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            tokens = self.tokenizer(missing).to(device)
-            for caption, embedding in zip(missing, self.clip.encode_text(tokens, normalize=True).float()):
-                self._cache[caption] = embedding
+        # One caption per call: in a batch, the text tower's matrix products round differently with the batch size
+        # (1 float32 ulp), so a caption's embedding would depend on which others happened to be missing with it, and
+        # a resumed run (empty cache) would drift from the uninterrupted one. Each caption is encoded once per run.
+        for caption in dict.fromkeys(c for c in captions if c not in self._cache):
+            tokens = self.tokenizer([caption]).to(device)
+            self._cache[caption] = self.clip.encode_text(tokens, normalize=True).float()[0]
         for caption in captions:
             self._cache.move_to_end(caption)
         embeddings = torch.stack([self._cache[c].to(device) for c in captions])
