@@ -177,12 +177,16 @@ def test_demo_preset_recipe_still_learns(tmp_path):
 
 def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):
     """Data-parallel training (gloo on the CPU, launched the way Accelerate launches it) is real: both ranks end with
-    identical weights, equal to one process with the doubled batch up to float summation order."""
+    identical weights, equal to one process with the doubled batch up to float summation order; the log shows the
+    whole batch's losses."""
     rank0, rank1 = train_three_steps("paired", dataset, tmp_path / "two", 2, processes=2)
     (single,) = train_three_steps("paired", dataset, tmp_path / "one", 4)
     trained = [k for k in rank0 if not k.startswith(("gradient.", "own_"))]
     assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
     assert max(float((rank0[k] - single[k]).abs().max()) for k in trained) <= 1e-4
+    # the log holds the whole batch's loss: the mean of the processes' own
+    logged = [json.loads(line)["loss_g"] for line in (tmp_path / "two" / LOG_FILE).read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(logged), (rank0["own_loss_g"] + rank1["own_loss_g"]) / 2)
 
 
 def test_fp16_training_scales_the_loss_and_keeps_every_term_finite(dataset, tmp_path):
