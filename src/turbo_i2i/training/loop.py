@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -331,6 +331,13 @@ class TrainerBase:
             self.train_data.set_epoch(epoch)
             items.append(self.train_data[int(orders[epoch][offset])])
         return self.collate_fn(items)
+
+    def micro_batches(self) -> Iterator[dict]:
+        """The batches of the current step, loaded one at a time: ``gradient_accumulation_steps`` consecutive ones of
+        the data order (one without accumulation), so the data order is a function of the step whatever k is."""
+        k = self.config.gradient_accumulation_steps
+        for micro in range(k):
+            yield self.batch(self.step * k + micro)
 
     @property
     def unwrapped(self) -> OneStepGenerator:

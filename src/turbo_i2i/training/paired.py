@@ -280,8 +280,7 @@ class PairedTrainer(TrainerBase):
         k = self.config.gradient_accumulation_steps
         logs: dict[str, float] = {}
         fakes = []  # (real target, detached output) of each batch, for D's step
-        for micro in range(k):
-            batch = self.batch(self.step * k + micro)
+        for micro, batch in enumerate(self.micro_batches()):
             terms = self.losses(batch)
             for name, value in terms.items():
                 if name.startswith("loss"):

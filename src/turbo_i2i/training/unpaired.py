@@ -443,11 +443,10 @@ class UnpairedTrainer(TrainerBase):
         # Every random draw of the step (DiffAugment) comes from (seed, step): resuming replays it exactly.
         torch.manual_seed(step_seed(self.config.seed, self.step))
         k = self.config.gradient_accumulation_steps
-        batches = [self.batch(self.step * k + micro) for micro in range(k)]
-        batches = [(batch["a"].to(self.device), batch["b"].to(self.device)) for batch in batches]
         if self.config.step_mode == "joint":
             logs, fakes, bad = {}, [], None
-            for real_a, real_b in batches:
+            for batch in self.micro_batches():
+                real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
                 terms, images, bad = self.joint_backward(real_a, real_b, scale=1 / k)
                 for name, value in terms.items():
                     logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
@@ -457,7 +456,8 @@ class UnpairedTrainer(TrainerBase):
             if bad is None:
                 bad = self._generator_step(None)
         else:
-            ((real_a, real_b),) = batches  # one batch: the options refuse accumulation with this schedule
+            (batch,) = self.micro_batches()  # one batch: the options refuse accumulation with this schedule
+            real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
             # A NaN/Inf in one of the three generator steps drops it and the rest of the iteration; the steps before
             # it were taken with finite losses and stay.
             terms, images = {}, {}
