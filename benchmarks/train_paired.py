@@ -65,7 +65,8 @@ def run_case(
         reference: the SD-Turbo config folder.
         steps: timed steps (the median is reported).
         warmup: untimed steps first (the first allocates the optimiser states; its memory counts).
-        profile: also profile one more step (``turbo_i2i.benchmark.measure_steps``), after the timed ones.
+        profile: also profile one more step (``turbo_i2i.benchmark.profile_step``, through ``measure_steps``),
+        after the timed ones.
 
     Returns:
         the measurement.

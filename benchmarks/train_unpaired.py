@@ -153,7 +153,8 @@ def run_case(
         case, size, device, config, reference: as for ``case_trainer``.
         iters: timed iterations (the median is reported).
         warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
-        profile: also profile one more iteration (``turbo_i2i.benchmark.measure_steps``), after the timed ones.
+        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``, through ``measure_steps``),
+        after the timed ones.
 
     Returns:
         the measurement.
