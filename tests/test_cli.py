@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from turbo_i2i.cli import main
+from turbo_i2i.cli import build_parser, main
 
 
 def write_picture(path, size=(32, 32), seed=0):
@@ -95,6 +95,18 @@ def test_bad_input_exits_2_with_a_message(run, tmp_path, setup, args, message):
     code, err = run(*[a.format(tmp=tmp_path) for a in args], "--output", tmp_path / "out.png")
     assert code == 2 and (message in err or message in err.lower()), err
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("command", ["translate", "bench"])
+def test_compile_takes_an_optional_torch_compile_mode(command, capsys):
+    base = [command, "--input", "a.png", "--output", "b.png"] if command == "translate" else [command]
+    parser = build_parser()
+    assert parser.parse_args(base).compile is False
+    assert parser.parse_args([*base, "--compile"]).compile is True
+    assert parser.parse_args([*base, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([*base, "--compile", "fast"])
+    assert stop.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_unknown_model_lists_known_names(tmp_path, capsys):

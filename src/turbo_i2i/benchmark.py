@@ -253,7 +253,7 @@ def run_benchmark(
     batches: tuple[int, ...] = (1, 4),
     modes: tuple[str, ...] = ("baseline", "fast"),
     precision: torch.dtype | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     repeats: int = 3,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -266,7 +266,8 @@ def run_benchmark(
         batches: images per call.
         modes: "baseline" and/or "fast".
         precision: the fast mode's weight dtype (default: ``default_precision(device)``).
-        compile: compile the fast mode's UNet and VAE (warm-up calls absorb the compile time).
+        compile: compile the fast mode's generator pass: True or a ``torch.compile`` mode (warm-up calls absorb the
+            compile time).
         repeats: timed calls per case (one untimed warm-up call before).
         progress: called with a line per measurement.
 
@@ -756,11 +757,18 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _compiled(compile: bool | str) -> str:
+    """How the report's ``compile`` setting reads in its table's caption."""
+    if not compile:
+        return ""
+    return " + torch.compile" + ("" if compile in (True, "default") else f' (mode "{compile}")')
+
+
 def markdown_table(report: dict) -> str:
     """The report's results as a markdown table (seconds per image, memory, share of the machine's peak)."""
     lines = [
         f"Machine: {report['machine']}; fast path in {report['fast_precision']}"
-        f"{' + torch.compile' if report['compile'] else ''}; median of {report['repeats']} interleaved calls;"
+        f"{_compiled(report['compile'])}; median of {report['repeats']} interleaved calls;"
         f" memory: {report['memory']}.",
         "",
         "| mode | size | batch | dtype | s/image (median) | s/image (min) | images/s | peak memory GiB | TFLOP/s |"

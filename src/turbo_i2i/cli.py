@@ -15,6 +15,7 @@ from .cpu_memory import reuse_freed_memory
 from .errors import BadInputError, TurboI2IError
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 logger = logging.getLogger("turbo_i2i")
 
 
@@ -41,7 +42,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (pays off on big folders)")
+    _add_compile(p, "torch.compile the translation (pays off on big folders and videos)")
     p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
     p.add_argument(
         "--tile", type=int, metavar="PIXELS",
@@ -49,6 +50,13 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and a stopped video's frames)")
     p.add_argument("--resume", action="store_true", help="videos: continue a stopped run from the frames it wrote")
+
+
+def _add_compile(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--compile", nargs="?", const=True, default=False, metavar="MODE", choices=COMPILE_MODES,
+        help=f"{what}; MODE is torch.compile's (reduce-overhead: CUDA graphs on GPUs; default: default)",
+    )  # fmt: skip
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -162,7 +170,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=("baseline", "fast"), default=["baseline", "fast"])
     p.add_argument("--precision", choices=DTYPES, help="the fast mode's dtype (default: bf16 where native)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast mode")
+    _add_compile(p, "torch.compile the fast mode")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case, interleaved (default 3)")
     p.add_argument("--out", type=Path, help="write the report here: OUT.json and OUT.md")
 

@@ -49,7 +49,8 @@ class Translator:
         fast: merge LoRA into the base weights (at the model's default r), sub-pixel upsampling (``subpixel.py``),
             channels-last memory on GPU and in half precision on CPU, and on GPU ``torch.backends.cudnn.benchmark``.
         dtype: cast weights to this dtype (after merging, so merged weights round once); None keeps them.
-        compile: ``torch.compile`` the UNet and the VAE encoders/decoders.
+        compile: ``torch.compile`` the whole generator pass as one function: True, or a ``torch.compile`` mode
+            ("default", "reduce-overhead": CUDA graphs on GPUs, "max-autotune", ...).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class Translator:
         max_pixels: int = pre.MAX_PIXELS,
         fast: bool = True,
         dtype: torch.dtype | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         self.generator = generator.eval()
         self.tokenizer = backbone.tokenizer
@@ -82,8 +83,12 @@ class Translator:
             warn_if_emulated(self.device, dtype, f"dtype {dtype_name(dtype)}")
             generator.to(dtype)
             self.text_encoder.to(dtype)
+        # One function for the whole pass, not its parts: the VAE encoder's skips then never leave the compiled graph,
+        # which CUDA graphs ("reduce-overhead") need (compiled apart, the UNet's graph overwrote the encoder's
+        # outputs before the decoder read them). A call's output is read before the next call, as CUDA graphs need.
+        self._forward = generator
         if compile:
-            generator.compile_parts()
+            self._forward = torch.compile(generator, mode="default" if compile is True else compile)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         # One call at a time: a call sets LoRA scales for its own r; concurrent callers (a web demo) must not mix.
         self._lock = threading.Lock()
@@ -95,7 +100,7 @@ class Translator:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         fast: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         base_model: str | os.PathLike | None = None,
     ) -> Translator:
         """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
@@ -106,7 +111,8 @@ class Translator:
             dtype: weight dtype (float32 by default; bfloat16/float16 for speed, see the README's performance table).
             fast: merge LoRA into the base weights, sub-pixel upsampling, and channels-last memory where it is
                 faster (same results up to float rounding).
-            compile: compile the UNet and VAE with ``torch.compile`` (slow first call, faster later ones).
+            compile: ``torch.compile`` the generator pass: True or a mode, as for ``Translator`` (slow first call,
+                faster later ones).
             base_model: the backbone to load the model on (a hub id or local diffusers folder) instead of the one its
                 config names; needed for a model trained on a local backbone folder (see ``registry.load_model``).
 
@@ -247,7 +253,7 @@ class Translator:
                     e = torch.cat([embeds[i] for i in chunk])
                     # 4. one UNet evaluation, decoded with the skips
                     translate = partial(
-                        self.generator, prompt_embeds=e, direction=direction, r=r,
+                        self._forward, prompt_embeds=e, direction=direction, r=r,
                         sample_posterior=sample_posterior, generator=rng,
                     )  # fmt: skip
                     with torch.no_grad():
