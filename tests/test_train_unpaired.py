@@ -62,8 +62,9 @@ def test_joint_runs_six_generator_passes_and_separate_eight(dataset, tmp_path):
     assert joint.scheduler_g.last_epoch == separate.scheduler_g.last_epoch == 1
 
 
-def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activations(dataset, tmp_path):
-    trainer = make_unpaired_trainer(dataset, tmp_path)
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activations(dataset, tmp_path, precision):
+    trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision=precision)
     batch = trainer.batch(0)
     trained = [(n, p) for n, p in trainer.generator.named_parameters() if p.requires_grad]
 
@@ -107,6 +108,38 @@ def test_joint_gradient_in_segments_equals_one_backward_and_holds_fewer_activati
     assert not any(v.requires_grad for v in images.values())
     # six passes' activations in one graph against at most two passes' at a time
     assert peak_segments < 0.5 * peak_one, (peak_segments, peak_one)
+
+
+def test_half_precision_casts_each_trainable_weight_once_and_backward_runs_without_autocast(dataset, tmp_path):
+    """bf16: one autocast spans the six passes, so autocast's cache casts each fp32 trainable weight once per
+    iteration (not once per pass); the backward passes run with autocast off, so the fp32 parts (LPIPS) are
+    differentiated in fp32 as they were computed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision="bf16")
+    batch = trainer.batch(0)
+    # the VAE upsamplers' LoRA weights are cast as the sub-pixel kernels made from them (subpixel.py), not directly
+    trained = {id(p) for n, p in trainer.generator.named_parameters() if p.requires_grad and "upsamplers" not in n}
+    casts: dict[int, int] = {}
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in trained:  # fp32 weight -> bf16
+                casts[id(args[0])] = casts.get(id(args[0]), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    autocast_in_backward = []
+
+    def watch_backward(module, inputs, loss):
+        loss.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
+
+    handle = trainer.lpips.register_forward_hook(watch_backward)
+    with CountCasts():
+        _, _, bad = trainer.joint_backward(batch["a"], batch["b"])
+    handle.remove()
+    assert bad is None
+    assert casts.keys() == trained and set(casts.values()) == {1}
+    assert len(autocast_in_backward) == 4 and not any(autocast_in_backward)  # the cycle and identity terms
 
 
 def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):

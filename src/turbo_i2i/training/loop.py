@@ -305,6 +305,11 @@ class TrainerBase:
         dtype = HALF_PRECISION.get(self.config.mixed_precision)
         return torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype is not None)
 
+    def without_autocast(self) -> torch.autocast:
+        """Autocast off, e.g. for a backward pass inside an autocast region: the autograd engine runs the backward
+        operators under the autocast state of the ``backward()`` call, not of their forward operators."""
+        return torch.autocast(self.accelerator.device.type, enabled=False)
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
         """The config's learning-rate schedule for ``optimizer`` (stepped once per iteration)."""
         from diffusers.optimization import get_scheduler

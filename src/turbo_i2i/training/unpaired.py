@@ -347,27 +347,34 @@ class UnpairedTrainer(TrainerBase):
             if not self.is_finite(loss):
                 self.optimizer_g.zero_grad(set_to_none=True)
                 return False
-            self.accelerator.backward(self.scaler.scale(loss if scale == 1 else loss * scale))
+            with self.without_autocast():
+                self.accelerator.backward(self.scaler.scale(loss if scale == 1 else loss * scale))
             for key in keys:
                 terms[key] = terms[key].detach()
             return True
 
-        for real, forward, back, side in ((real_a, "a2b", "b2a", "a"), (real_b, "b2a", "a2b", "b")):
-            fake = self.translate(real, forward)
-            leaf = fake.detach().requires_grad_()
-            images["fake_b" if side == "a" else "fake_a"] = leaf
-            terms[f"loss_cycle_{side}"] = self._cycle_term(real, leaf, back)
-            if self.discriminator is not None:
-                terms[f"loss_gan_{side}"] = self._gan_term(leaf, side)
-            keys = tuple(k for k in (f"loss_cycle_{side}", f"loss_gan_{side}") if k in terms)
-            if not backward(self._weighted(terms, keys), keys):
-                return terms, images, "generator loss"
-            fake.backward(leaf.grad)  # the leaf's gradient, through the pass that made it
-        for real, direction, side in ((real_b, "a2b", "a"), (real_a, "b2a", "b")):
-            key = f"loss_idt_{side}"
-            terms[key] = self._identity_term(real, direction)
-            if not backward(terms[key], (key,)):
-                return terms, images, "generator loss"
+        # One autocast around the six passes (each pass also enters its own): autocast caches its casts of the
+        # trainable fp32 weights until the outermost autocast exits, so each LoRA weight is cast to half precision
+        # once per iteration instead of once per pass (the UNet's adapters serve all six passes). The backward
+        # passes run outside it: under autocast they would also run the fp32 parts (LPIPS) in half precision.
+        with self.autocast():
+            for real, forward, back, side in ((real_a, "a2b", "b2a", "a"), (real_b, "b2a", "a2b", "b")):
+                fake = self.translate(real, forward)
+                leaf = fake.detach().requires_grad_()
+                images["fake_b" if side == "a" else "fake_a"] = leaf
+                terms[f"loss_cycle_{side}"] = self._cycle_term(real, leaf, back)
+                if self.discriminator is not None:
+                    terms[f"loss_gan_{side}"] = self._gan_term(leaf, side)
+                keys = tuple(k for k in (f"loss_cycle_{side}", f"loss_gan_{side}") if k in terms)
+                if not backward(self._weighted(terms, keys), keys):
+                    return terms, images, "generator loss"
+                with self.without_autocast():
+                    fake.backward(leaf.grad)  # the leaf's gradient, through the pass that made it
+            for real, direction, side in ((real_b, "a2b", "a"), (real_a, "b2a", "b")):
+                key = f"loss_idt_{side}"
+                terms[key] = self._identity_term(real, direction)
+                if not backward(terms[key], (key,)):
+                    return terms, images, "generator loss"
         terms["loss_g"] = self._weighted(terms, tuple(terms))
         images = {k: v.detach() for k, v in images.items()}
         return terms, images, None
