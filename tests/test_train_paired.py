@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
-from trainers import make_paired_trainer, train_three_steps
+from trainers import check_shared_evaluation, make_paired_trainer, train_three_steps
 
 from turbo_i2i.cli import main
 from turbo_i2i.pipeline import Translator
@@ -175,12 +175,15 @@ def test_demo_preset_recipe_still_learns(tmp_path):
     assert min(losses[-5:]) < 0.75 * losses[0], losses
 
 
-def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     """Data-parallel training (gloo on the CPU, launched the way Accelerate launches it) is real: both ranks end with
     identical weights, equal to one process with the doubled batch up to float summation order; the log shows the
-    whole batch's losses."""
+    whole batch's losses; the evaluation is shared between the processes."""
+    dataset = tmp_path / "data"
+    write_dataset(dataset, n=10, seed=3, size=32, test_fraction=0.3)  # three test pairs to share
     rank0, rank1 = train_three_steps("paired", dataset, tmp_path / "two", 2, processes=2)
     (single,) = train_three_steps("paired", dataset, tmp_path / "one", 4)
+    check_shared_evaluation(rank0, rank1, single)
     trained = [k for k in rank0 if not k.startswith(("gradient.", "own_"))]
     assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
     assert max(float((rank0[k] - single[k]).abs().max()) for k in trained) <= 1e-4

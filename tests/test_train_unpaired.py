@@ -9,7 +9,14 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
-from trainers import CAPTION_A, CAPTION_B, make_unpaired, make_unpaired_trainer, train_three_steps
+from trainers import (
+    CAPTION_A,
+    CAPTION_B,
+    check_shared_evaluation,
+    make_unpaired,
+    make_unpaired_trainer,
+    train_three_steps,
+)
 
 from turbo_i2i.checkpoints import load_pretrained
 from turbo_i2i.cli import main
@@ -142,15 +149,18 @@ def test_half_precision_casts_each_trainable_weight_once_and_backward_runs_witho
     assert len(autocast_in_backward) == 4 and not any(autocast_in_backward)  # the cycle and identity terms
 
 
-def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     """Data-parallel unpaired training (gloo on the CPU, launched the way Accelerate launches it): each rank trains on
     its half of the batch and the gradients are averaged: the gradient of the first step is the one of a single
     process with the doubled batch up to float summation order (no discriminator here: DiffAugment draws its
     augmentations per call, so the halves would not see the batch's), and both ranks end with identical weights, with
-    and without two discriminators. (Weights are not compared with the single process's: Adam divides each gradient
-    by its own size, which turns summation-order noise in near-zero gradients into steps of the learning rate.)"""
+    and without two discriminators; the evaluation is shared between the processes. (Weights are not compared with
+    the single process's: Adam divides each gradient by its own size, which turns summation-order noise in near-zero
+    gradients into steps of the learning rate.)"""
+    dataset = make_unpaired(tmp_path / "data", test_fraction=0.3)  # three test images per domain to share
     rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "two", 1, processes=2)
     (single,) = train_three_steps("unpaired", dataset, tmp_path / "one", 2)
+    check_shared_evaluation(rank0, rank1, single)
     own = rank0.pop("own_loss_g"), rank1.pop("own_loss_g")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     gradients = [k for k in rank0 if k.startswith("gradient.")]
@@ -163,7 +173,8 @@ def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_pat
     torch.testing.assert_close(torch.tensor(logged, dtype=torch.float32), (own[0] + own[1]) / 2)
     rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "gan", 1, processes=2, disc="patchgan")
     assert any(k.startswith("discriminator.") for k in rank0)
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0 if k != "own_loss_g")
+    trained = [k for k in rank0 if not k.startswith(("own_", "eval", "metric_"))]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

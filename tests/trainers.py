@@ -30,9 +30,9 @@ def make_paired_trainer(dataset, out, **overrides):
     )
 
 
-def make_unpaired(root, n=10, size=32, drop_b=2, keep_test=True):
+def make_unpaired(root, n=10, size=32, drop_b=2, keep_test=True, test_fraction=0.1):
     """Circle outlines as domain A, filled shapes as domain B, unpaired (B has fewer images; a caption per domain)."""
-    write_dataset(root, n=n, seed=3, size=size)
+    write_dataset(root, n=n, seed=3, size=size, test_fraction=test_fraction)
     for path in root.glob("*_prompts.json"):
         path.unlink()
     for path in sorted((root / "train_B").iterdir())[:drop_b]:
@@ -86,3 +86,23 @@ def train_three_steps(task, dataset, out, batch_size, processes=1, disc="none"):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [load_file(Path(out) / f"rank{rank}.safetensors") for rank in range(processes)]
+
+
+def check_shared_evaluation(rank0, rank1, single):
+    """The evaluation ``distributed_train.py`` ran before training, in two processes against one: the ranks
+    translated the test images once between them, both got the single process's scores (up to float rounding), and
+    the metrics ran on the main process only, on every output in order. Pops the evaluation's entries."""
+    import torch
+
+    passes = [int(r.pop("eval_passes")) for r in (rank0, rank1, single)]  # images through the generator
+    assert passes[0] + passes[1] == passes[2] and passes[1] <= passes[0] <= 2 * passes[1], passes  # strided shares
+    seen = {k: single.pop(k) for k in list(single) if k.startswith("metric_outputs.")}
+    assert seen and not any(k.startswith("metric_outputs.") for k in rank1)
+    for key, means in seen.items():
+        torch.testing.assert_close(rank0.pop(key), means, rtol=1e-5, atol=1e-5)
+    scores = [{k: r.pop(k) for k in list(r) if k.startswith("eval.")} for r in (rank0, rank1, single)]
+    assert scores[0].keys() == scores[2].keys() and scores[1].keys() < scores[0].keys()  # no metric on rank 1
+    for key, value in scores[2].items():
+        torch.testing.assert_close(scores[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        if key in scores[1]:
+            assert torch.equal(scores[1][key], scores[0][key]), key

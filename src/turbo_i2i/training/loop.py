@@ -429,6 +429,35 @@ class TrainerBase:
         values = torch.tensor([logs[k] for k in names], dtype=torch.float64, device=self.accelerator.device)
         return dict(zip(names, self.accelerator.reduce(values, reduction="mean").tolist()))
 
+    def my_share(self, n: int) -> range:
+        """The indices of ``n`` evaluation items this process handles: every ``num_processes``-th, from its rank, so
+        data-parallel processes translate the test images once between them (all of them in one process).
+
+        Args:
+            n: the number of items.
+
+        Returns:
+            this process's indices, ascending.
+        """
+        return range(self.accelerator.process_index, n, self.accelerator.num_processes)
+
+    def gather_shares(self, results: list) -> list:
+        """Every process's results for its ``my_share`` of the items, in the items' order, on every process.
+
+        Args:
+            results: this process's results, one per index of its share, in that order (picklable: CPU tensors).
+
+        Returns:
+            the results of all items; ``results`` itself in one process.
+        """
+        world = self.accelerator.num_processes
+        if world == 1:
+            return results
+        from accelerate.utils import gather_object
+
+        shares = gather_object([results])  # one list per process, by rank
+        return [shares[i % world][i // world] for i in range(sum(map(len, shares)))]
+
     def skip_update(self, logs: dict[str, float], what: str) -> dict[str, float]:
         """Drop this iteration's update after a non-finite ``what``: no optimiser step, gradients cleared.
 

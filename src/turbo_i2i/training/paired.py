@@ -353,6 +353,8 @@ class PairedTrainer(TrainerBase):
         """L2, LPIPS and CLIP-sim (those the run has) and ``metrics`` on the test split, plus a grid image.
 
         The grid (rows: input, output, target of the first four test pairs) goes to ``output_dir/eval/step_*.png``.
+        Data-parallel processes translate a share of the pairs each; the main process computes ``metrics`` on all of
+        them (the others' scores lack those names).
 
         Returns:
             {name: value}; empty when the data set has no test split.
@@ -361,10 +363,12 @@ class PairedTrainer(TrainerBase):
             return {}
         generator = self.unwrapped.eval()
         n = len(self.test_data) if self.config.num_eval == 0 else min(self.config.num_eval, len(self.test_data))
-        totals: dict[str, float] = {}
-        inputs, outputs, targets = [], [], []
-        for start in range(0, n, self.config.batch_size):
-            batch = collate([self.test_data[i] for i in range(start, min(n, start + self.config.batch_size))])
+        names = ["eval_l2"] + ["eval_lpips"] * (self.lpips is not None) + ["eval_clipsim"] * (self.clipsim is not None)
+        totals = dict.fromkeys(names, 0.0)  # score -> sum over this process's images (its share may be empty)
+        triples = []  # (input, output, target) of each of this process's images
+        share = list(self.my_share(n))
+        for start in range(0, len(share), self.config.batch_size):
+            batch = collate([self.test_data[i] for i in share[start : start + self.config.batch_size]])
             x, y = batch["input"].to(self.device), batch["target"].to(self.device)
             with self.autocast():
                 out = generator(x, self.encode(batch["prompt"])).float()
@@ -374,13 +378,14 @@ class PairedTrainer(TrainerBase):
             if self.clipsim is not None:
                 scores["eval_clipsim"] = self.clipsim(out, batch["prompt"])
             for k, v in scores.items():  # batch means, weighted by batch size
-                totals[k] = totals.get(k, 0.0) + float(v) * len(x)
-            inputs += list(x.cpu() * 2 - 1 if self.unwrapped.config.input_range == "0,1" else x.cpu())
-            outputs += list(out.cpu())
-            targets += list(y.cpu())
+                totals[k] += float(v) * len(x)
+            inputs = x.cpu() * 2 - 1 if self.unwrapped.config.input_range == "0,1" else x.cpu()
+            triples += zip(inputs, out.cpu(), y.cpu())
         generator.train()
-        scores = {k: v / n for k, v in totals.items()}
-        if self.metrics is not None:
+        # the processes' mean of the sums, times their number: the sum over all n images
+        scores = {k: v * self.accelerator.num_processes / n for k, v in self.mean_over_processes(totals).items()}
+        inputs, outputs, targets = (list(images) for images in zip(*self.gather_shares(triples)))
+        if self.metrics is not None and self.accelerator.is_main_process:  # logged by the main process only
             extra = self.metrics("a2b", inputs, outputs, targets)
             scores.update({f"eval_{k}": float(v) for k, v in extra.items()})
         self.save_eval_grid([list(images) for images in zip(inputs[:4], outputs[:4], targets[:4])])

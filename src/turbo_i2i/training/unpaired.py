@@ -498,7 +498,8 @@ class UnpairedTrainer(TrainerBase):
         ``eval_cycle_l1_a`` is the mean |b2a(a2b(a)) - a| over test_A, ``eval_cycle_l1_b`` the same for test_B;
         ``metrics`` sees each direction's inputs and outputs and the target domain's test images. The grid (rows:
         input, translation, translation back, for the first four test images of A, then of B) goes to
-        ``output_dir/eval/step_*.png``.
+        ``output_dir/eval/step_*.png``. Data-parallel processes translate a share of the images each; the main
+        process computes ``metrics`` on all of them (the others' scores lack those names).
 
         Returns:
             {name: value}; empty when the data set has no test split.
@@ -511,18 +512,17 @@ class UnpairedTrainer(TrainerBase):
         scores: dict[str, float] = {}
         rows = []
         for source, target, forward, back in (("A", "B", "a2b", "b2a"), ("B", "A", "b2a", "a2b")):
-            outputs, total = [], 0.0
-            for image in test[source]:  # one at a time: test images may differ in size
-                x = image[None].to(self.device)
+            images, results = test[source], []  # (output, cycle L1, image translated back for the grid's first four)
+            for i in self.my_share(len(images)):  # one at a time: test images may differ in size
+                x = images[i][None].to(self.device)
                 out = self.translate(x, forward)
                 cycled = self.translate(out, back).float()
-                total += float(F.l1_loss(cycled, x))
-                outputs.append(out[0].float().cpu())
-                if len(outputs) <= 4:
-                    rows.append([image, outputs[-1], cycled[0].cpu()])
-            scores[f"eval_cycle_l1_{source.lower()}"] = total / len(test[source])
-            if self.metrics is not None:
-                extra = self.metrics(forward, test[source], outputs, test[target])
+                results.append((out[0].float().cpu(), float(F.l1_loss(cycled, x)), cycled[0].cpu() if i < 4 else None))
+            results = self.gather_shares(results)
+            scores[f"eval_cycle_l1_{source.lower()}"] = sum(r[1] for r in results) / len(images)
+            rows += [[images[i], results[i][0], results[i][2]] for i in range(min(4, len(images)))]
+            if self.metrics is not None and self.accelerator.is_main_process:  # logged by the main process only
+                extra = self.metrics(forward, images, [r[0] for r in results], test[target])
                 scores.update({f"eval_{forward}_{k}": float(v) for k, v in extra.items()})
         self.generator.train()
         self.save_eval_grid(rows)
