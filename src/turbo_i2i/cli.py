@@ -42,7 +42,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
-    _add_compile(p, "torch.compile the translation (pays off on big folders and videos)")
+    _add_compile(p, "torch.compile the translation (GPUs, big folders and videos: the first call compiles)")
     p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
     p.add_argument(
         "--tile", type=int, metavar="PIXELS",
@@ -55,7 +55,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
 def _add_compile(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--compile", nargs="?", const=True, default=False, metavar="MODE", choices=COMPILE_MODES,
-        help=f"{what}; MODE is torch.compile's (reduce-overhead: CUDA graphs on GPUs; default: default)",
+        help=f"{what}; MODE, torch.compile's: {', '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs on GPUs; "
+        "no MODE: default)",
     )  # fmt: skip
 
 
