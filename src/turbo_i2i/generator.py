@@ -433,12 +433,13 @@ class OneStepGenerator(nn.Module):
             return clamp_image(vae.decode(x0 / vae.scaling_factor, skips, gamma=1.0 if r is None else r))
 
     def compile_parts(self) -> None:
-        """``torch.compile`` the UNet and each direction's VAE encoder and decoder, in place.
+        """``torch.compile`` the UNet and each direction's VAE encoder and decoder, in place (training's --compile).
 
-        The parts, not ``forward``, whose checks and per-call settings stay eager Python. The first call of each part
-        compiles it (minutes at full size), and so does each new input shape, train/eval mode or LoRA strength r (the
-        parts read r as a constant; torch.compile runs a part eagerly once it has recompiled too often); later calls
-        dispatch fewer, fused kernels.
+        The parts, not ``forward``: both directions' passes then share the UNet's graphs, and checks and per-call
+        settings stay eager Python (the ``Translator`` compiles the whole pass instead, for CUDA graphs). The first
+        call of each part compiles it (minutes at full size), and so does each new input shape, train/eval mode or
+        LoRA strength r (the parts read r as a constant; torch.compile runs a part eagerly once it has recompiled too
+        often); later calls dispatch fewer, fused kernels.
         """
         for module in (self.unet, *(part for vae in self.vae.values() for part in (vae.encoder, vae.decoder))):
             module.compile()
