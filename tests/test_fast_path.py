@@ -125,10 +125,20 @@ def test_compiled_translator_gives_the_eager_images_from_one_graph(tiny_model_di
 
 @pytest.mark.parametrize("compile,mode", [(True, "default"), ("max-autotune", "max-autotune")])
 def test_compile_true_or_a_mode_reaches_torch_compile(tiny_model_dir, monkeypatch, compile, mode):
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append((model, kwargs)) or model)
+    """The mode reaches torch.compile, and translations (``__call__`` and ``forward``, which the benchmark's
+    equivalence check uses) go through what it returned."""
+    compiled, passes = [], []
+
+    def fake_compile(model, **kwargs):
+        compiled.append((model, kwargs))
+        return lambda *args, **kw: passes.append(len(args[0])) or model(*args, **kw)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     translator = Translator.from_pretrained(tiny_model_dir, compile=compile)
-    assert calls == [(translator.generator, {"mode": mode})]
+    assert compiled == [(translator.generator, {"mode": mode})]
+    translator([Image.new("RGB", (16, 16))] * 2)
+    translator.forward(torch.zeros(1, 3, 16, 16), translator.encode_prompt("a red circle on a blue background"))
+    assert passes == [2, 1]
 
 
 def test_translator_bf16_is_within_two_levels_on_average(tiny_model_dir):

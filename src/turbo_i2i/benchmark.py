@@ -383,7 +383,7 @@ def _equivalence(
         generator.to(memory_format=torch.contiguous_format)
     layout = torch.channels_last if translator.channels_last else torch.contiguous_format
     x_fast = x.to(translator.dtype).contiguous(memory_format=layout)
-    fast = translator.generator(x_fast, translator.encode_prompt(PROMPT)).float()
+    fast = translator.forward(x_fast, translator.encode_prompt(PROMPT)).float()  # compiled, if it compiles
 
     def diff(a: torch.Tensor) -> dict[str, float]:
         d = (a.float() - reference).abs() / 2  # [-1, 1] -> [0, 1] pixel units

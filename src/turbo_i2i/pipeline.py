@@ -136,6 +136,21 @@ class Translator:
     def dtype(self) -> torch.dtype:
         return next(self.generator.parameters()).dtype
 
+    def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One generator pass on a prepared batch, compiled when the ``Translator`` compiles (``__call__`` prepares
+        the batch and calls this).
+
+        Args:
+            x: images (N, 3, H, W) in the model's input range, in the ``Translator``'s dtype and memory format.
+            prompt_embeds: from ``encode_prompt``.
+            **kwargs: the rest of ``OneStepGenerator.forward``'s arguments (direction, r, noise, ...).
+
+        Returns:
+            images (N, 3, H, W) in [-1, 1]; under CUDA graphs (compile="reduce-overhead") in the graphs' memory, which
+            the next call overwrites: copy what you keep.
+        """
+        return self._forward(x, prompt_embeds, **kwargs)
+
     # --- recipe steps --------------------------------------------------------------------------------------------
 
     def _resolve_prompt(self, prompt: str | None, direction: str) -> str:
@@ -253,7 +268,7 @@ class Translator:
                     e = torch.cat([embeds[i] for i in chunk])
                     # 4. one UNet evaluation, decoded with the skips
                     translate = partial(
-                        self._forward, prompt_embeds=e, direction=direction, r=r,
+                        self.forward, prompt_embeds=e, direction=direction, r=r,
                         sample_posterior=sample_posterior, generator=rng,
                     )  # fmt: skip
                     with torch.no_grad():
