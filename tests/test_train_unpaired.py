@@ -149,7 +149,7 @@ def test_half_precision_casts_each_trainable_weight_once_and_backward_runs_witho
     assert len(autocast_in_backward) == 4 and not any(autocast_in_backward)  # the cycle and identity terms
 
 
-def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):
     """Data-parallel unpaired training (gloo on the CPU, launched the way Accelerate launches it): each rank trains on
     its half of the batch and the gradients are averaged: the gradient of the first step is the one of a single
     process with the doubled batch up to float summation order (no discriminator here: DiffAugment draws its
@@ -157,9 +157,9 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     and without two discriminators; the evaluation is shared between the processes. (Weights are not compared with
     the single process's: Adam divides each gradient by its own size, which turns summation-order noise in near-zero
     gradients into steps of the learning rate.)"""
-    dataset = make_unpaired(tmp_path / "data", test_fraction=0.3)  # three test images per domain to share
-    rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "two", 1, processes=2)
-    (single,) = train_three_steps("unpaired", dataset, tmp_path / "one", 2)
+    shared = make_unpaired(tmp_path / "data", test_fraction=0.3)  # three test images per domain to share
+    rank0, rank1 = train_three_steps("unpaired", shared, tmp_path / "two", 1, processes=2)
+    (single,) = train_three_steps("unpaired", shared, tmp_path / "one", 2)
     check_shared_evaluation(rank0, rank1, single)
     own = rank0.pop("own_loss_g"), rank1.pop("own_loss_g")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -171,7 +171,10 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     logged = [json.loads(line)["loss_g"] for line in (tmp_path / "two" / LOG_FILE).read_text().splitlines()]
     assert not torch.equal(*own)
     torch.testing.assert_close(torch.tensor(logged, dtype=torch.float32), (own[0] + own[1]) / 2)
+    # one test image per domain: rank 1's share of the evaluation is empty, and it still gets the scores
     rank0, rank1 = train_three_steps("unpaired", dataset, tmp_path / "gan", 1, processes=2, disc="patchgan")
+    assert [int(rank0["eval_passes"]), int(rank1["eval_passes"])] == [4, 0]
+    assert all(torch.equal(rank0[k], v) for k, v in rank1.items() if k.startswith("eval."))
     assert any(k.startswith("discriminator.") for k in rank0)
     trained = [k for k in rank0 if not k.startswith(("own_", "eval", "metric_"))]
     assert all(torch.equal(rank0[k], rank1[k]) for k in trained)
