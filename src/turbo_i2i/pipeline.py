@@ -51,7 +51,7 @@ class Translator:
         dtype: cast weights to this dtype (after merging, so merged weights round once); None keeps them.
         compile: ``torch.compile`` the whole generator pass as one function: True, or a ``torch.compile`` mode
             ("default", "reduce-overhead": CUDA graphs on GPUs, "max-autotune", ...). The first call compiles, and so
-            does each new image size and each new ``r`` of a stochastic model (minutes at full size).
+            do new image sizes and each new ``r`` of a stochastic model (minutes at full size).
     """
 
     def __init__(
