@@ -139,7 +139,7 @@ class Translator:
 
     def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
         """One generator pass on a prepared batch, compiled when the ``Translator`` compiles (``__call__`` prepares
-        the batch and calls this).
+        the batch and calls this). Unlike ``__call__`` it takes no lock: one caller at a time.
 
         Args:
             x: images (N, 3, H, W) in the model's input range, in the ``Translator``'s dtype and memory format.
