@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -194,9 +195,13 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
 
 def test_fp16_training_scales_the_loss_and_keeps_every_term_finite(dataset, tmp_path):
     """fp16 (frozen weights in fp16, a gradient scaler): the LPIPS term stays finite (it is computed in fp32), and
-    the scaler lowers its scale after overflowing gradients, skipping those updates itself, not counted as faults."""
+    the scaler lowers its scale after overflowing gradients, skipping those updates itself, not counted as faults,
+    and without PyTorch's warning about a scheduler stepping before its optimiser (the LR follows the step number)."""
     trainer = make_paired_trainer(dataset, tmp_path, mixed_precision="fp16", max_steps=4, eval_every=1000)
-    logs = trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logs = trainer.train()
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     frozen = {p.dtype for n, p in trainer.unwrapped.named_parameters() if not trainer.unwrapped.is_trained(n)}
     assert frozen == {torch.float16} and trainer.scaler.get_scale() < 2.0**16
     assert logs["skipped_steps"] == 0 and all(math.isfinite(v) for v in logs.values()), logs

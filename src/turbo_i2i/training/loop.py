@@ -84,11 +84,12 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
 
 
-def step_without_update(scheduler) -> None:
-    """Step an LR scheduler for an iteration whose optimiser update was skipped (a NaN/Inf step).
+def step_scheduler(scheduler) -> None:
+    """Step an LR scheduler once per iteration, whether or not its optimiser updated (a NaN/Inf step, or an fp16 step
+    whose overflowing gradients the ``GradScaler`` skipped).
 
-    PyTorch warns when a scheduler steps before its optimiser ever has; here that order is intended: the learning
-    rate follows the step number, whatever updates were skipped.
+    PyTorch warns when a scheduler steps before its optimiser ever has (fp16's first step often overflows); here that
+    order is intended: the learning rate follows the step number, whatever updates were skipped.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -474,7 +475,7 @@ class TrainerBase:
             if name.startswith("optimizer"):
                 stateful.zero_grad(set_to_none=True)
             elif name.startswith("scheduler"):
-                step_without_update(stateful)
+                step_scheduler(stateful)
         return self.end_step(logs, bad=what)
 
     def end_step(self, logs: dict[str, float], bad: str | None = None) -> dict[str, float]:

@@ -37,8 +37,8 @@ from .loop import (
     loss_scaler,
     make_accelerator,
     resolve_mixed_precision,
+    step_scheduler,
     step_seed,
-    step_without_update,
     train_in_half_precision,
     use_math_attention,
 )
@@ -300,7 +300,7 @@ class PairedTrainer(TrainerBase):
             if not self.scaler.is_enabled() and not self.is_finite(norm):
                 return self.skip_update(logs, "generator gradient")
         self.scaler.step(self.optimizer_g)
-        self.scheduler_g.step()
+        step_scheduler(self.scheduler_g)
         self.optimizer_g.zero_grad(set_to_none=True)
         bad = None
         if self.discriminator is not None:
@@ -331,9 +331,7 @@ class PairedTrainer(TrainerBase):
         logs["loss_d"] = total
         if bad is None:
             self.scaler.step(self.optimizer_d)
-            self.scheduler_d.step()
-        else:
-            step_without_update(self.scheduler_d)
+        step_scheduler(self.scheduler_d)  # the LR is a function of the step number
         self.optimizer_d.zero_grad(set_to_none=True)
         return bad
 

@@ -57,8 +57,8 @@ from .loop import (
     loss_scaler,
     make_accelerator,
     resolve_mixed_precision,
+    step_scheduler,
     step_seed,
-    step_without_update,
     train_in_half_precision,
 )
 from .options import UnpairedTrainConfig
@@ -427,9 +427,7 @@ class UnpairedTrainer(TrainerBase):
             self.average_over_processes(gradients(self.optimizer_d))
             self.scaler.step(self.optimizer_d)  # under fp16: unscaled, or skipped after an overflow
             self.scaler.update()
-            self.scheduler_d.step()
-        else:
-            step_without_update(self.scheduler_d)  # the LR is a function of the step number
+        step_scheduler(self.scheduler_d)  # the LR is a function of the step number
         self.optimizer_d.zero_grad(set_to_none=True)
         return bad
 
@@ -483,7 +481,7 @@ class UnpairedTrainer(TrainerBase):
             fakes = [(real_a, real_b, {name: image.detach() for name, image in images.items()})]
         if bad is not None:
             return self.skip_update(logs, bad)
-        self.scheduler_g.step()  # once per iteration, whatever the number of generator steps
+        step_scheduler(self.scheduler_g)  # once per iteration, whatever the number of generator steps
         if self.discriminator is not None:
             bad = self._discriminator_step(fakes, logs)
         return self.end_step(logs, bad)
