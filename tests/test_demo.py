@@ -139,6 +139,16 @@ def test_live_mode_follows_the_measured_speed(tiny_model_dir, monkeypatch):
     assert backend.is_fast(str(tiny_model_dir)) is False  # timed once, compared with the current limit
 
 
+def test_a_model_without_a_default_caption_is_timed_too(tmp_path):
+    """The official edge and sketch models have no default caption: picking one times it with a placeholder (it
+    used to raise "no default prompt", so the page showed an error and kept the previous model's r)."""
+    generator, _ = make_generator(stochastic=True, trained_seed=2, default_r=0.4)
+    ref = str(save_pretrained(generator, tmp_path / "no-caption"))
+    backend = DemoBackend()
+    assert backend.translator(ref).config.prompts == {}
+    assert backend.is_fast(ref) in (True, False) and backend._seconds[ref] > 0
+
+
 def test_concurrent_users_each_get_their_own_prompt_r_and_seed(stochastic_dir):
     """Eight users at once on one shared stochastic model, each with its own prompt, r and seed, get exactly what
     each would get alone: the Translator takes them per call and runs one call at a time."""

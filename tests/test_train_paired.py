@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
-from trainers import check_shared_evaluation, make_paired_trainer, train_three_steps
+from trainers import WeightCasts, check_shared_evaluation, make_paired_trainer, train_three_steps, trained_weights
 
 from turbo_i2i.cli import main
 from turbo_i2i.pipeline import Translator
@@ -205,6 +205,28 @@ def test_fp16_training_scales_the_loss_and_keeps_every_term_finite(dataset, tmp_
     frozen = {p.dtype for n, p in trainer.unwrapped.named_parameters() if not trainer.unwrapped.is_trained(n)}
     assert frozen == {torch.float16} and trainer.scaler.get_scale() < 2.0**16
     assert logs["skipped_steps"] == 0 and all(math.isfinite(v) for v in logs.values()), logs
+
+
+def test_accumulated_batches_cast_each_trainable_weight_once_and_backward_runs_without_autocast(dataset, tmp_path):
+    """bf16 with two accumulated batches: one autocast spans both, so autocast's cache casts each fp32 trainable
+    weight once per iteration (the discriminator's once in the generator's step, for the GAN term, and once in its
+    own), and the backward passes run with autocast off (LPIPS is differentiated in fp32, as it was computed)."""
+    trainer = make_paired_trainer(dataset, tmp_path, mixed_precision="bf16", gradient_accumulation_steps=2)
+    generator, discriminator = trained_weights(trainer.unwrapped), trained_weights(trainer.discriminator)
+    autocast_in_backward = []
+
+    def watch_backward(module, inputs, loss):
+        loss.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
+
+    handle = trainer.lpips.register_forward_hook(watch_backward)
+    with WeightCasts({**generator, **discriminator}) as counter:
+        logs = trainer.train_step()
+    handle.remove()
+    assert logs["skipped_steps"] == 0
+    assert {counter.casts.get(name) for name in generator} == {1}
+    cast = {name: n for name, n in counter.casts.items() if name in discriminator}  # BatchNorm runs in fp32
+    assert {name for name, p in discriminator.items() if p.ndim == 4} <= cast.keys() and set(cast.values()) == {2}
+    assert autocast_in_backward == [False, False]  # one LPIPS term per batch
 
 
 def test_compile_option_compiles_the_generator_parts(dataset, tmp_path):

@@ -13,10 +13,12 @@ from PIL import Image
 from trainers import (
     CAPTION_A,
     CAPTION_B,
+    WeightCasts,
     check_shared_evaluation,
     make_unpaired,
     make_unpaired_trainer,
     train_three_steps,
+    trained_weights,
 )
 
 from turbo_i2i.checkpoints import load_pretrained
@@ -122,32 +124,34 @@ def test_half_precision_casts_each_trainable_weight_once_and_backward_runs_witho
     """bf16: one autocast spans the six passes, so autocast's cache casts each fp32 trainable weight once per
     iteration (not once per pass); the backward passes run with autocast off, so the fp32 parts (LPIPS) are
     differentiated in fp32 as they were computed."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision="bf16")
     batch = trainer.batch(0)
-    # the VAE upsamplers' LoRA weights are cast as the sub-pixel kernels made from them (subpixel.py), not directly
-    trained = {id(p) for n, p in trainer.generator.named_parameters() if p.requires_grad and "upsamplers" not in n}
-    casts: dict[int, int] = {}
-
-    class CountCasts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and id(args[0]) in trained:  # fp32 weight -> bf16
-                casts[id(args[0])] = casts.get(id(args[0]), 0) + 1
-            return func(*args, **(kwargs or {}))
-
+    trained = trained_weights(trainer.generator)
     autocast_in_backward = []
 
     def watch_backward(module, inputs, loss):
         loss.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
 
     handle = trainer.lpips.register_forward_hook(watch_backward)
-    with CountCasts():
+    with WeightCasts(trained) as counter:
         _, _, bad = trainer.joint_backward(batch["a"], batch["b"])
     handle.remove()
     assert bad is None
-    assert casts.keys() == trained and set(casts.values()) == {1}
+    assert counter.casts.keys() == trained.keys() and set(counter.casts.values()) == {1}
     assert len(autocast_in_backward) == 4 and not any(autocast_in_backward)  # the cycle and identity terms
+
+
+def test_accumulated_batches_cast_each_trainable_weight_once_per_step(dataset, tmp_path):
+    """With two accumulated batches, one autocast spans both: the generator's weights are cast once per iteration,
+    the discriminators' once in the generator's step (the GAN terms) and once in their own."""
+    trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision="bf16", gradient_accumulation_steps=2)
+    generator, discriminators = trained_weights(trainer.generator), trained_weights(trainer.discriminator)
+    with WeightCasts({**generator, **discriminators}) as counter:
+        logs = trainer.train_step()
+    assert logs["skipped_steps"] == 0
+    assert {counter.casts.get(name) for name in generator} == {1}
+    cast = {name: n for name, n in counter.casts.items() if name in discriminators}  # BatchNorm runs in fp32
+    assert {name for name, p in discriminators.items() if p.ndim == 4} <= cast.keys() and set(cast.values()) == {2}
 
 
 def test_two_processes_match_one_process_with_the_doubled_batch(dataset, tmp_path):

@@ -4,6 +4,7 @@ evaluation networks: no download)."""
 import shutil
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from turbo_i2i.evaluation import tiny_inception
 from turbo_i2i.training.circles import write_dataset
@@ -106,3 +107,25 @@ def check_shared_evaluation(rank0, rank1, single):
         torch.testing.assert_close(scores[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
         if key in scores[1]:
             assert torch.equal(scores[1][key], scores[0][key]), key
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts, per tensor, the dtype casts (``aten._to_copy``) of ``weights`` (e.g. fp32 trainable weights -> bf16
+    under autocast) while active: ``casts[name]`` is how often the weight of that name was cast."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = {id(w): name for name, w in weights.items()}
+        self.casts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.names:
+            name = self.names[id(args[0])]
+            self.casts[name] = self.casts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def trained_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s trainable parameters by name, less the VAE upsamplers' (cast as the sub-pixel kernels made from
+    them, ``subpixel.py``, not directly)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad and "upsamplers" not in n}

@@ -280,17 +280,21 @@ class PairedTrainer(TrainerBase):
         k = self.config.gradient_accumulation_steps
         logs: dict[str, float] = {}
         fakes = []  # (real target, detached output) of each batch, for D's step
-        for micro, batch in enumerate(self.micro_batches()):
-            terms = self.losses(batch)
-            for name, value in terms.items():
-                if name.startswith("loss"):
-                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
-            # A NaN/Inf loss is caught before its backward pass: the whole iteration's update is dropped.
-            if not self.is_finite(terms["loss_g"]):
-                return self.skip_update(logs, "generator loss")
-            with self._sync_on(self.model, micro == k - 1):
-                self.accelerator.backward(self.scaler.scale(terms["loss_g"] / k))
-            fakes.append((batch["target"].to(self.device), terms["output"].detach().float()))
+        # One autocast around the k batches (``losses`` also enters its own): autocast caches its casts of the fp32
+        # trainable weights until the outermost autocast exits, so each is cast to half precision once per iteration,
+        # not once per batch. The backward passes run outside it, as the fp32 parts (LPIPS) were computed in fp32.
+        with self.autocast():
+            for micro, batch in enumerate(self.micro_batches()):
+                terms = self.losses(batch)
+                for name, value in terms.items():
+                    if name.startswith("loss"):
+                        logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
+                # A NaN/Inf loss is caught before its backward pass: the whole iteration's update is dropped.
+                if not self.is_finite(terms["loss_g"]):
+                    return self.skip_update(logs, "generator loss")
+                with self._sync_on(self.model, micro == k - 1), self.without_autocast():
+                    self.accelerator.backward(self.scaler.scale(terms["loss_g"] / k))
+                fakes.append((batch["target"].to(self.device), terms["output"].detach().float()))
         if self.config.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
             norm = self.accelerator.clip_grad_norm_(
@@ -319,15 +323,15 @@ class PairedTrainer(TrainerBase):
         # The generator's GAN term also left gradients on D's heads: D must learn from its own loss only.
         self.optimizer_d.zero_grad(set_to_none=True)
         bad, total = None, 0.0
-        for i, (real, fake) in enumerate(fakes):
-            with self.autocast():
+        with self.autocast():  # one for all batches, as in the generator's step: D's weights are cast once
+            for i, (real, fake) in enumerate(fakes):
                 loss_d = discriminator_loss(self.discriminator, real, fake) / len(fakes)
-            total += float(loss_d.detach())
-            if not self.is_finite(loss_d):  # only D's update is dropped: G's was applied with a finite loss
-                bad = "discriminator loss"
-                break
-            with self._sync_on(self.discriminator, i == len(fakes) - 1):
-                self.accelerator.backward(self.scaler.scale(loss_d))
+                total += float(loss_d.detach())
+                if not self.is_finite(loss_d):  # only D's update is dropped: G's was applied with a finite loss
+                    bad = "discriminator loss"
+                    break
+                with self._sync_on(self.discriminator, i == len(fakes) - 1), self.without_autocast():
+                    self.accelerator.backward(self.scaler.scale(loss_d))
         logs["loss_d"] = total
         if bad is None:
             self.scaler.step(self.optimizer_d)

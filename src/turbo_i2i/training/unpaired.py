@@ -411,17 +411,18 @@ class UnpairedTrainer(TrainerBase):
         self.optimizer_d.zero_grad(set_to_none=True)
         target, k = self.config.d_real_target, len(fakes)
         bad, totals = None, {"loss_d_a": 0.0, "loss_d_b": 0.0}
-        for real_a, real_b, images in fakes:
-            with self.autocast():
+        with self.autocast():  # one for all batches, as in the generator's step: D's weights are cast once
+            for real_a, real_b, images in fakes:
                 loss_d_a = discriminator_loss(self.discriminator["a"], real_b, images["fake_b"].float(), target)
                 loss_d_b = discriminator_loss(self.discriminator["b"], real_a, images["fake_a"].float(), target)
-            totals["loss_d_a"] += float(loss_d_a.detach()) / k
-            totals["loss_d_b"] += float(loss_d_b.detach()) / k
-            loss_d = 0.5 * (loss_d_a + loss_d_b) / k
-            if not self.is_finite(loss_d):
-                bad = "discriminator loss"
-                break
-            self.accelerator.backward(self.scaler.scale(loss_d))
+                totals["loss_d_a"] += float(loss_d_a.detach()) / k
+                totals["loss_d_b"] += float(loss_d_b.detach()) / k
+                loss_d = 0.5 * (loss_d_a + loss_d_b) / k
+                if not self.is_finite(loss_d):
+                    bad = "discriminator loss"
+                    break
+                with self.without_autocast():
+                    self.accelerator.backward(self.scaler.scale(loss_d))
         logs.update(totals)
         if bad is None:
             self.average_over_processes(gradients(self.optimizer_d))
@@ -450,14 +451,15 @@ class UnpairedTrainer(TrainerBase):
         k = self.config.gradient_accumulation_steps
         if self.config.step_mode == "joint":
             logs, fakes, bad = {}, [], None
-            for batch in self.micro_batches():
-                real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
-                terms, images, bad = self.joint_backward(real_a, real_b, scale=1 / k)
-                for name, value in terms.items():
-                    logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
-                if bad is not None:
-                    break
-                fakes.append((real_a, real_b, images))
+            with self.autocast():  # around the k batches too: each trainable weight is cast once per iteration
+                for batch in self.micro_batches():
+                    real_a, real_b = batch["a"].to(self.device), batch["b"].to(self.device)
+                    terms, images, bad = self.joint_backward(real_a, real_b, scale=1 / k)
+                    for name, value in terms.items():
+                        logs[name] = logs.get(name, 0.0) + float(value.detach()) / k
+                    if bad is not None:
+                        break
+                    fakes.append((real_a, real_b, images))
             if bad is None:
                 bad = self._generator_step(None)
         else:
