@@ -84,6 +84,25 @@ def test_a_model_of_another_task_or_shape_is_refused(dataset, tmp_path):
         trainer(dataset, tmp_path / "run2", from_model=str(folder), unet_lora_rank=8)
 
 
+def test_a_model_trained_from_scratch_brings_its_own_text_encoder(dataset, tmp_path):
+    """The built-in demo model was trained from scratch (every weight, its text encoder too): a --train-all run
+    starting from it gets its text encoder as well, so it computes what the source computes; a run of adapters only is
+    refused, and saving such a model without its text encoder is refused (it would reload with another one)."""
+    from turbo_i2i.checkpoints import save_pretrained
+    from turbo_i2i.registry import load_model
+
+    source, backbone = load_model("demo-circles")
+    run = trainer(dataset, tmp_path / "run", base_model="tiny-circles", train_all=True, from_model="demo-circles")
+    own, got = backbone.text_encoder.state_dict(), run.text_encoder.state_dict()
+    assert own.keys() == got.keys() and all(torch.equal(own[k], got[k]) for k in own)
+    e = embed(backbone)
+    torch.testing.assert_close(outputs(run.unwrapped, e), outputs(source, e), rtol=0, atol=1e-5)
+    with pytest.raises(BadInputError, match="add --train-all"):
+        trainer(dataset, tmp_path / "adapters", base_model="tiny-circles", from_model="demo-circles")
+    with pytest.raises(ValueError, match="pass its text_encoder"):
+        save_pretrained(source, tmp_path / "resaved")
+
+
 def test_stochastic_with_gradient_checkpointing_is_refused(dataset, tmp_path):
     with pytest.raises(BadInputError, match="gradient-checkpointing"):
         trainer(dataset, tmp_path, stochastic=True, gradient_checkpointing=True)

@@ -67,12 +67,18 @@ def save_pretrained(
     Args:
         generator: the model to save.
         folder: destination folder (created if needed).
-        text_encoder: also save these text-encoder weights (models trained from scratch on a built-in backbone
-            keep their whole backbone, so that a change in a library's weight init can never alter them).
+        text_encoder: also save these text-encoder weights; required for models trained from scratch
+            (``train_all``), which keep their whole backbone, so that a change in a library's weight init can never
+            alter them (for a loaded one: the text encoder of the backbone ``load_pretrained`` returned with it).
 
     Returns:
         the folder.
+
+    Raises:
+        ValueError: a ``train_all`` model without its text encoder (it would reload with another one).
     """
+    if generator.config.train_all and text_encoder is None:
+        raise ValueError("This model was trained from scratch (train_all): pass its text_encoder to save it with it.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     generator.config.save(folder / CONFIG_NAME)

@@ -152,7 +152,7 @@ class PairedTrainer(TrainerBase):
         if config.from_model:
             from .warm_start import warm_start
 
-            warm_start(self.generator, config.from_model)
+            warm_start(self.generator, config.from_model, self.text_encoder)
         self.generator.set_trainable(True)
         # The VAE decoders' upsamplers as sub-pixel convolutions (subpixel.py): 4/9 of their multiply-adds, forward and
         # backward, and the padded input kept for backward instead of the 4x larger upsampled one. Not the UNet's: at

@@ -88,19 +88,44 @@ def fit_trained_tensors(
     return fitted
 
 
-def warm_start(generator: OneStepGenerator, model: str | os.PathLike) -> None:
+def warm_start(
+    generator: OneStepGenerator, model: str | os.PathLike, text_encoder: torch.nn.Module | None = None
+) -> None:
     """Load ``model``'s trained weights into ``generator`` (see ``fit_trained_tensors``), in place.
+
+    A model trained from scratch (``train_all``) also carries its own text encoder, which is loaded into
+    ``text_encoder``: without it the new run would start from another caption embedding than the source's.
 
     Args:
         generator: the freshly built generator of the new run.
         model: a named model, a model folder, an official ``.pkl`` file or a hub id (as ``Translator`` takes).
+        text_encoder: the new run's text encoder (needed when ``model`` was trained from scratch).
+
+    Raises:
+        BadInputError: the source is of another task, was trained from scratch and the new run is not (or the
+            reverse), or its tensors do not fit (``fit_trained_tensors``).
     """
     from ..registry import load_model
 
-    source, _ = load_model(model, base_model=generator.config.base_model)
+    source, source_backbone = load_model(model, base_model=generator.config.base_model)
+    if source.config.task != generator.config.task:
+        raise BadInputError(
+            f"{model} is a {source.config.task} model, made for another task than this run's"
+            f" ({generator.config.task}): start from a {generator.config.task} model."
+        )
+    if source.config.train_all != generator.config.train_all:
+        trained = "every weight (--train-all)" if source.config.train_all else "adapters only"
+        raise BadInputError(
+            f"{model} was trained with {trained}; a run starting from it must be too"
+            f" ({'add' if source.config.train_all else 'drop'} --train-all)."
+        )
     fitted = fit_trained_tensors(source.trained_state_dict(), _scalings(source), generator)
     expected = {n for n, _ in generator.named_parameters() if generator.is_trained(n)}
     left = expected - set(fitted)
     if left:
         logger.warning("%d trained tensors are not in %s and keep their initial values", len(left), model)
     generator.load_trained_state_dict(fitted, allow_missing=frozenset(left))
+    if source.config.train_all:
+        if text_encoder is None:
+            raise ValueError(f"{model} was trained from scratch: pass the run's text_encoder to load its own into.")
+        text_encoder.load_state_dict(source_backbone.text_encoder.state_dict())
