@@ -176,6 +176,13 @@ def test_a_reader_that_stops_early_gets_no_traceback():
         ("paired", "--disc", "stylegan", "clip, patchgan, none"),
         ("unpaired", "--disc", "stylegan", "clip, patchgan, none"),
         ("unpaired", "--step-mode", "both", "joint, separate"),
+        (
+            "paired",
+            "--lr-scheduler",
+            "bogus",
+            "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+        ),
+        ("unpaired", "--report-to", "bogus", "tensorboard, wandb, none"),
     ],
 )
 def test_a_bad_training_choice_exits_2_naming_the_choices(tmp_path, capsys, task, flag, value, choices):
@@ -186,6 +193,40 @@ def test_a_bad_training_choice_exits_2_naming_the_choices(tmp_path, capsys, task
     option = flag[2:].replace("-", "_")
     assert code == 2 and f"Unknown {option} {value!r}; choose one of {choices}." in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "task,flag,value,message",
+    [
+        ("paired", "--learning-rate", "-1", "--learning-rate must be more than 0, got -1.0."),
+        ("unpaired", "--learning-rate", "0", "--learning-rate must be more than 0, got 0.0."),
+        ("paired", "--adam-weight-decay", "-1", "--adam-weight-decay must be 0 or more, got -1.0."),
+        ("paired", "--max-steps", "0", "--max-steps must be at least 1, got 0."),
+        ("unpaired", "--batch-size", "0", "--batch-size must be at least 1, got 0."),
+        ("paired", "--eval-every", "0", "--eval-every must be at least 1, got 0."),
+        ("paired", "--checkpoint-every", "0", "--checkpoint-every must be at least 1, got 0."),
+        ("unpaired", "--keep-checkpoints", "0", "--keep-checkpoints must be at least 1, got 0."),
+        ("paired", "--num-eval", "-1", "--num-eval must be 0 or more, got -1."),
+        ("unpaired", "--lambda-cycle", "-1", "--lambda-cycle must be 0 or more, got -1.0."),
+    ],
+)
+def test_an_out_of_range_training_number_exits_2_naming_the_option(tmp_path, capsys, task, flag, value, message):
+    # refused by the config before anything loads: PyTorch's own errors came as tracebacks, a negative evaluation
+    # count only at the first evaluation (after training, losing its checkpoint), and 0 steps exported an untrained
+    # model
+    out = tmp_path / "run"
+    code = main(["train", task, "--dataset", str(tmp_path / "data"), "--output-dir", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_the_offered_lr_schedulers_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    from turbo_i2i.training.options import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
 
 
 @pytest.mark.parametrize("flag", ["--gradient-checkpointing", "--compile"])

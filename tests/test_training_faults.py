@@ -366,3 +366,41 @@ def test_faults_on_one_process_stop_or_skip_on_all(dataset, tmp_path):
     assert reports[1]["raised"] == f"The main process could not write {folder}; see its message."
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+# --- a run folder used again -----------------------------------------------------------------------------------------
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_changes_nothing(dataset, tmp_path, capsys):
+    """Without --resume, a second run in the same --output-dir used to rotate the first run's checkpoints away,
+    replace its model and append to its log."""
+    run = tmp_path / "run"
+    assert main(train_args(dataset, run, "--max-steps", "3")) == 0
+    before = digest(run)
+    code = main(train_args(dataset, run, "--max-steps", "2", "--learning-rate", "5e-4"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "already holds a training run (checkpoints up to step_0000003, an exported model/, logs.jsonl)" in err
+    assert "Continue it with --resume" in err and "nothing there was changed" in err
+    assert digest(run) == before
+
+
+def test_a_resume_sets_aside_what_a_run_beyond_its_checkpoint_left(dataset, tmp_path):
+    """Resuming from an older checkpoint (or after a crash past the last one): the newer checkpoints, the model they
+    exported and the log lines of later steps move to superseded/, so --resume latest, the checkpoint rotation and
+    the log all follow the resumed run alone, and nothing is deleted."""
+    run = tmp_path / "run"
+    make_trainer(dataset, run, max_steps=4, checkpoint_every=2, keep_checkpoints=2).train()
+    model = digest(run / "model")
+    with open(run / loop.LOG_FILE, "a") as log:
+        log.write('{"step": 5, "loss')  # a line cut short by a crash
+    resumed = make_trainer(dataset, run, max_steps=4, checkpoint_every=1, keep_checkpoints=2)
+    resumed.train(resume=run / "checkpoints" / "step_0000002", stop_at=3)
+    assert [p.name for p in checkpoints_of(run)] == ["step_0000002", "step_0000003"]
+    assert [json.loads(line)["step"] for line in (run / loop.LOG_FILE).read_text().splitlines()] == [1, 2, 3]
+    (aside,) = (run / "superseded").iterdir()
+    assert aside.name.startswith("after_step_0000002_")
+    assert [p.name for p in (aside / "checkpoints").iterdir()] == ["step_0000004"]
+    assert digest(aside / "model") == model and not (run / "model").exists()
+    lines = (aside / loop.LOG_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines[:2]] == [3, 4] and lines[2:] == ['{"step": 5, "loss']

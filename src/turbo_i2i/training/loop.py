@@ -651,6 +651,52 @@ class TrainerBase:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def check_unused_output_dir(self) -> None:
+        """Refuse to start a new run in a folder that holds one: its checkpoints would be rotated away, its model
+        replaced and its log mixed with the new one's.
+
+        Raises:
+            BadInputError: ``output_dir`` holds checkpoints, an exported model or a log; names them (nothing changed).
+        """
+        latest = self.latest_checkpoint()
+        held = [f"checkpoints up to {latest.name}"] if latest is not None else []
+        held += ["an exported model/"] if (self.output_dir / "model").exists() else []
+        held += [LOG_FILE] if (self.output_dir / LOG_FILE).exists() else []
+        if held:
+            raise BadInputError(
+                f"{self.output_dir} already holds a training run ({', '.join(held)}). Continue it with --resume, or"
+                f" start a new one in another --output-dir; nothing there was changed."
+            )
+
+    def set_aside_what_follows(self) -> None:
+        """After a resume at ``self.step``, move what a run beyond that step left (newer checkpoints, their exported
+        model, log lines of later steps) into ``output_dir/superseded/``, so that neither ``--resume latest`` nor the
+        checkpoint rotation mixes it with this run, the log reads as one run, and nothing is deleted.
+        """
+        later = [c for c in self.checkpoints() if int(c.name.removeprefix("step_")) > self.step]
+        log = self.output_dir / LOG_FILE
+        kept, after = [], []
+        for line in log.read_text().splitlines(keepends=True) if log.is_file() else []:
+            (after if _logged_step(line) > self.step else kept).append(line)
+        model = self.output_dir / "model"
+        if not later and not after:
+            return
+        aside = self.output_dir / "superseded" / f"after_step_{self.step:07d}_{time.strftime('%Y%m%d-%H%M%S')}"
+        (aside / "checkpoints").mkdir(parents=True)
+        for checkpoint in later:
+            os.replace(checkpoint, aside / "checkpoints" / checkpoint.name)
+        if later and model.exists():  # exported by the run that went beyond this step
+            os.replace(model, aside / "model")
+        if after:
+            (aside / LOG_FILE).write_text("".join(after))
+            partial = log.with_name(f".{LOG_FILE}.partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, log)
+        logger.warning(
+            "%d newer checkpoints and %d log lines after step %d (a run beyond this checkpoint) were moved to %s",
+            len(later), len(after), self.step, aside,
+        )  # fmt: skip
+
     # --- export and the run loop ---------------------------------------------------------------------------------
 
     def export(self) -> Path:
@@ -687,15 +733,21 @@ class TrainerBase:
         trackers (TensorBoard by default); a progress bar shows the running losses.
 
         Args:
-            resume: False; True or "latest" (the newest checkpoint of this run, if there is one); or a checkpoint
-                folder.
+            resume: False (a new run: ``output_dir`` must not hold one); True or "latest" (the newest checkpoint
+                of this run, if there is one); or a checkpoint folder. What a run beyond the checkpoint left is set
+                aside (``set_aside_what_follows``).
             stop_at: stop early at this step (the run can be resumed later).
 
         Returns:
             the last step's losses and the last evaluation.
+
+        Raises:
+            BadInputError: a new run in a folder that holds one, a bad checkpoint, or ``stop_at`` below 1.
         """
         from tqdm import tqdm
 
+        if stop_at is not None and stop_at < 1:
+            raise BadInputError(f"--stop-at must be at least 1, got {stop_at}.")
         if resume:
             folder = self.latest_checkpoint() if resume is True or resume == "latest" else Path(resume)
             if folder is None:
@@ -703,6 +755,11 @@ class TrainerBase:
             else:
                 self.load_checkpoint(folder)
                 logger.warning("resumed from %s (step %d)", folder, self.step)
+            if self.accelerator.is_main_process:
+                self.set_aside_what_follows()
+            self.accelerator.wait_for_everyone()
+        elif self.step == 0:  # a new run (a trainer that has trained goes on with its own run)
+            self.check_unused_output_dir()
         end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
         main = self.accelerator.is_main_process
         self.accelerator.init_trackers(self.output_dir.name, config=_flat(asdict(self.config)))
@@ -804,6 +861,15 @@ def make_accelerator(config):
 
     report_to = None if config.report_to == "none" else config.report_to
     return Accelerator(log_with=report_to, project_dir=config.output_dir)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``logs.jsonl`` line; infinite for a line cut short (a crash mid-write), which a resume sets
+    aside with the rest of what followed its checkpoint."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _flat(config: dict) -> dict:

@@ -15,6 +15,13 @@ EVAL_METRICS = ("fid", "dino_structure")
 DISC_KINDS = ("clip", "patchgan", "none")
 STEP_MODES = ("joint", "separate")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
+# diffusers' schedulers that need no option beyond the warm-up and step counts (``diffusers.optimization``)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "none")
+# options that count something and need at least one of it, and options that may be 0 but not negative
+AT_LEAST_ONE = ("unet_lora_rank", "vae_lora_rank", "batch_size", "gradient_accumulation_steps", "max_steps",
+                "checkpoint_every", "eval_every", "keep_checkpoints")  # fmt: skip
+NOT_NEGATIVE = ("lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "num_eval", "max_bad_steps")
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -143,14 +150,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("disc", self.disc, DISC_KINDS)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_choice("report_to", self.report_to, REPORT_TO)
         unknown = set(self.metric_names) - set(EVAL_METRICS)
         if unknown:
             raise BadInputError(f"Unknown eval metric(s) {sorted(unknown)}; choose from {', '.join(EVAL_METRICS)}.")
-        if self.max_bad_steps < 0:
-            raise BadInputError(f"max_bad_steps must be 0 or more, got {self.max_bad_steps}.")
-        if self.gradient_accumulation_steps < 1:
-            steps = self.gradient_accumulation_steps
-            raise BadInputError(f"gradient_accumulation_steps must be at least 1, got {steps}.")
+        # Checked here, before any model loads: these would otherwise fail in PyTorch, or (an evaluation count)
+        # only at the first evaluation, after training, or be silently read as something else (0 steps).
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        lambdas = tuple(f.name for f in fields(self) if f.name.startswith("lambda_"))
+        for name in NOT_NEGATIVE + lambdas:
+            if getattr(self, name) < 0:
+                raise BadInputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise BadInputError(f"--learning-rate must be more than 0, got {self.learning_rate}.")
 
     @property
     def metric_names(self) -> tuple[str, ...]:
