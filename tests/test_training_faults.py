@@ -404,3 +404,21 @@ def test_a_resume_sets_aside_what_a_run_beyond_its_checkpoint_left(dataset, tmp_
     assert digest(aside / "model") == model and not (run / "model").exists()
     lines = (aside / loop.LOG_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines[:2]] == [3, 4] and lines[2:] == ['{"step": 5, "loss']
+
+
+def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
+    """Options the checkpoint's contents depend on must match (they used to fail as a "damaged" checkpoint, or be
+    ignored: --disc none threw the saved discriminator away); other changes go on with a warning naming them."""
+    run = tmp_path / "run"
+    assert main(train_args(dataset, run, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    before = digest(run)
+    code = main(train_args(dataset, run, "--resume", "--disc", "none", "--unet-lora-rank", "4"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"Cannot resume from {run / 'checkpoints' / 'step_0000003'} with other options" in err
+    assert "--unet-lora-rank 4 (the checkpoint's: 8)" in err and "--disc none (the checkpoint's: patchgan)" in err
+    assert digest(run) == before
+    code = main(train_args(dataset, run, "--resume", "--max-steps", "4", "--learning-rate", "5e-4"))
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming with changed options: learning_rate 0.001 -> 0.0005" in err

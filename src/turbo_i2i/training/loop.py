@@ -39,6 +39,12 @@ LOG_FILE = "logs.jsonl"
 # torch.save's zip writer, which reports a short write as a RuntimeError ("unexpected pos ...").
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
+# options a checkpoint's contents depend on (with the discriminator and fp16 loss scaling: ``check_resumable_config``)
+STRUCTURAL_OPTIONS = ("base_model", "unet_lora_rank", "vae_lora_rank", "train_all", "stochastic", "disc")
+# options of a run's length, saving, evaluation and logging, which a resume may change freely
+BOOKKEEPING_OPTIONS = ("output_dir", "max_steps", "checkpoint_every", "eval_every", "num_eval", "eval_metrics",
+                       "keep_checkpoints", "max_bad_steps", "report_to", "skip_bad", "lpips_path", "clip_path",
+                       "inception_path", "dino_path", "from_model", "compile", "extra")  # fmt: skip
 
 # metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
 # of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
@@ -619,6 +625,7 @@ class TrainerBase:
             raise BadInputError(f"{folder} is not a training checkpoint ({TRAINER_STATE} missing).")
         try:
             trainer_state = json.loads(state_file.read_text())
+            self.check_resumable_config(trainer_state.get("config", {}), folder)
             self.step = int(trainer_state["step"])
             # absent in checkpoints written before skipped steps were counted
             self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
@@ -639,6 +646,45 @@ class TrainerBase:
                 f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else '-'})."
                 f" Pass an older checkpoint with --resume PATH."
             ) from error
+
+    def check_resumable_config(self, saved: dict, folder: Path) -> None:
+        """Compare this run's options with those a checkpoint was written with (``saved``).
+
+        Options that change what the checkpoint holds (the model's shape, the discriminator, the fp16 loss scale)
+        must match; other changes (learning rate, batch size, data, ...) are allowed and listed in a warning, as the
+        run then differs from an uninterrupted one. Options of the run's bookkeeping (length, saving, evaluation,
+        logging) are not compared.
+
+        Raises:
+            BadInputError: a structural option differs; names each with both values.
+        """
+        if not saved:  # a checkpoint from before options were saved with it
+            return
+        now = asdict(self.config)
+
+        def contents(config: dict) -> dict:  # what the checkpoint's contents depend on
+            d_on = config.get("disc", "none") != "none" and config.get("lambda_gan", 0) > 0
+            shape = {k: config.get(k) for k in STRUCTURAL_OPTIONS}
+            shape["disc"] = shape["disc"] if d_on else "none"
+            return {**shape, "fp16": config.get("mixed_precision") == "fp16"}
+
+        was, is_ = contents(saved), contents(now)
+        differ = [f"--{k.replace('_', '-')} {is_[k]} (the checkpoint's: {was[k]})" for k in STRUCTURAL_OPTIONS
+                  if was[k] != is_[k]]  # fmt: skip
+        if was["fp16"] != is_["fp16"]:  # the loss scale is saved under fp16 only
+            differ.append(f"--mixed-precision {now['mixed_precision']} (the checkpoint's: {saved['mixed_precision']})")
+        if differ:
+            raise BadInputError(
+                f"Cannot resume from {folder} with other options than it was written with: {', '.join(differ)}."
+                f" Pass the checkpoint's values, or start a new run in another --output-dir."
+            )
+        changed = [
+            f"{k} {saved[k]!r} -> {v!r}"
+            for k, v in now.items()
+            if k in saved and saved[k] != v and k not in BOOKKEEPING_OPTIONS and k not in STRUCTURAL_OPTIONS
+        ]
+        if changed:
+            logger.warning("resuming with changed options: %s (unlike an uninterrupted run)", ", ".join(changed))
 
     def checkpoints(self) -> list[Path]:
         """This run's complete checkpoints, oldest first."""
