@@ -196,6 +196,29 @@ def test_unknown_transform_lists_the_names(circles):
     for bad in ("resize_0", "random_crop", "resize_99999"):
         with pytest.raises(BadInputError):
             build_transform(bad)
+    with pytest.raises(BadInputError, match="'resize_30': the sides must be multiples of 8, e.g. resize_32"):
+        build_transform("resize_30")  # the VAE's 8x8 blocks: it used to fail inside the model at the first step
+
+
+def test_sizes_the_model_cannot_take_or_batch_are_refused_before_training(circles):
+    """no_resize keeps each image's size: one that is no multiple of 8 is a problem of that pair (it used to fail
+    inside the model, at the step that drew it), and sizes that differ cannot share a batch (it used to fail at the
+    first step that batched two of them)."""
+    from turbo_i2i.training.data import check_batchable
+
+    (name,) = sorted(p.name for p in (circles / "train_A").iterdir())[:1]
+    for folder in ("train_A", "train_B"):
+        Image.new("RGB", (30, 30)).save(circles / folder / name)
+    with pytest.raises(BadInputError, match=f"input train_A/{name} is 30x30: training needs sides that are multiples"):
+        PairedDataset(circles, transform="no_resize")
+    assert len(PairedDataset(circles, transform="resize_32").sizes) == 1  # resized: one size, batchable
+    for folder in ("train_A", "train_B"):
+        Image.new("RGB", (40, 40)).save(circles / folder / name)
+    data = PairedDataset(circles, transform="no_resize")
+    assert data.sizes == {(32, 32), (40, 40)}
+    check_batchable(data, 1)
+    with pytest.raises(BadInputError, match="2 sizes after --transform no_resize \\(32x32, 40x40\\).*--batch-size 1"):
+        check_batchable(data, 2)
     with pytest.raises(BadInputError, match="split"):
         PairedDataset(circles, split="validation")
 

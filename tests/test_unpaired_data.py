@@ -116,3 +116,12 @@ def test_random_transform_differs_per_item_and_epoch_only_by_seed(tmp_path):
     again = UnpairedDataset(root, transform="resize_286_randomcrop_256x256_hflip", seed=1)
     again.set_epoch(2)
     assert ds[3]["a"].shape == (3, 256, 256) and torch.equal(ds[3]["a"], again[3]["a"])
+
+
+def test_an_image_size_the_model_cannot_take_is_a_problem_of_that_image(tmp_path):
+    root = write_unpaired(tmp_path / "d")
+    Image.new("RGB", (20, 16)).save(root / "train_B" / "001.png")
+    with pytest.raises(BadInputError, match="train_B/001.png is 20x16: training needs sides that are multiples of 8"):
+        UnpairedDataset(root, transform="no_resize")
+    data = UnpairedDataset(root, transform="no_resize", skip_bad=True)
+    assert len(data.files["B"]) == 2 and data.sizes == {(16, 16)}

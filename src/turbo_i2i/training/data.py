@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -101,6 +102,30 @@ class PairTransform:
         input_image, target_image = self.apply([input_image, target_image], generator)
         return input_image, target_image
 
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) ``apply`` makes of an image of ``size`` (width, height)."""
+        if self.resize is not None:
+            size = self.resize
+        if self.shorter_side is not None:
+            size = _shorter_side_size(size, self.shorter_side)
+        if self.center_crop is not None:
+            size = (self.center_crop, self.center_crop)
+        if self.random_crop is not None:
+            size = self.random_crop
+        return size
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Why an image of ``size`` cannot be trained on after this transform, or None: the generator needs sides
+        that are multiples of 8 (the VAE works on 8x8 pixel blocks); training does not pad as translation does."""
+        width, height = self.output_size(size)
+        if width % 8 == 0 and height % 8 == 0:
+            return None
+        made = "" if (width, height) == tuple(size) else f", which {self.name} makes {width}x{height}"
+        return (
+            f"is {size[0]}x{size[1]}{made}: training needs sides that are multiples of 8; use a resizing transform"
+            f" such as resize_512"
+        )
+
     def apply(self, images: list[Image.Image], generator: torch.Generator) -> list[Image.Image]:
         """Transform images of one size identically (one crop box, one flip); unpaired data passes a single image.
 
@@ -156,6 +181,9 @@ def build_transform(name: str) -> PairTransform:
     height = int(match.group(2) or width)
     if not (1 <= width <= _MAX_SIDE and 1 <= height <= _MAX_SIDE):
         raise BadInputError(f"Transform {name!r}: the size must be between 1 and {_MAX_SIDE} pixels.")
+    if width % 8 or height % 8:  # the VAE works on 8x8 pixel blocks
+        nearest = f"resize_{(width + 7) // 8 * 8}"
+        raise BadInputError(f"Transform {name!r}: the sides must be multiples of 8, e.g. {nearest}.")
     return PairTransform(name, resize=(width, height))
 
 
@@ -244,6 +272,7 @@ class _Candidate:
     target_label: str = ""
     prefix: str = ""
     problems: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None  # (width, height) after the transform
 
     def problem(self, message: str) -> None:
         """Record a problem of this pair."""
@@ -435,8 +464,9 @@ def _manifest_path(candidate: _Candidate, entry: dict, key: str, base: Path) -> 
     return path if path.is_absolute() else base / path
 
 
-def _check_images(candidate: _Candidate) -> None:
-    """Decode both images of a candidate (as training will) and record unreadable files and size mismatches."""
+def _check_images(candidate: _Candidate, transform: PairTransform) -> None:
+    """Decode both images of a candidate (as training will) and record unreadable files, size mismatches and sizes
+    the model cannot take after ``transform``; the pair's size after it goes to ``candidate.size``."""
     sizes = {}
     for role, path in (("input", candidate.input), ("target", candidate.target)):
         if path is None:
@@ -451,6 +481,11 @@ def _check_images(candidate: _Candidate) -> None:
             f"input {candidate.input_label} is {iw}x{ih} but target {candidate.target_label} is {tw}x{th}; "
             "a pair must have one size"
         )
+    elif "input" in sizes:
+        problem = transform.size_problem(sizes["input"])
+        if problem is not None:
+            candidate.problem(f"input {candidate.input_label} {problem}")
+        candidate.size = transform.output_size(sizes["input"])
 
 
 def format_problems(source: object, problems: Sequence[str], limit: int = MAX_LISTED_PROBLEMS) -> str:
@@ -572,9 +607,10 @@ class PairedDataset(Dataset):
         candidates, problems = self._scan()
         with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
             # list() waits for every check; map keeps the candidates' order, so messages are deterministic.
-            list(pool.map(_check_images, candidates))
+            list(pool.map(partial(_check_images, transform=self.transform), candidates))
         self.problems = problems + [problem for candidate in candidates for problem in candidate.problems]
         self.pairs = tuple(candidate.record() for candidate in candidates if candidate.ok)
+        self.sizes = {candidate.size for candidate in candidates if candidate.ok}
         self._report(len(candidates), skip_bad)
 
     def _scan(self) -> tuple[list[_Candidate], list[str]]:
@@ -630,6 +666,25 @@ class PairedDataset(Dataset):
             "prompt": record.prompt,
             "name": record.name,
         }
+
+
+def check_batchable(dataset, batch_size: int) -> None:
+    """Refuse, before training, images that ``collate`` could not batch at some later step.
+
+    Args:
+        dataset: a paired or unpaired data set (its ``sizes`` after its ``transform``).
+        batch_size: images per batch.
+
+    Raises:
+        BadInputError: more than one image size with ``batch_size`` > 1; names the sizes.
+    """
+    if batch_size > 1 and len(dataset.sizes) > 1:
+        sizes = sorted(dataset.sizes)
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:5]) + (f" and {len(sizes) - 5} more" if len(sizes) > 5 else "")
+        raise BadInputError(
+            f"The training images have {len(sizes)} sizes after --transform {dataset.transform.name} ({shown}), and a"
+            f" batch holds one size; use a resizing transform such as resize_512, or --batch-size 1."
+        )
 
 
 def collate(batch: Sequence[dict]) -> dict:

@@ -28,7 +28,7 @@ from ..checkpoints import build_generator
 from ..config import GeneratorConfig
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
-from .data import PairedDataset, collate
+from .data import PairedDataset, check_batchable, collate
 from .loop import (
     HALF_PRECISION,
     Metrics,
@@ -126,6 +126,7 @@ class PairedTrainer(TrainerBase):
         self.train_data = PairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
         )
+        check_batchable(self.train_data, config.batch_size)
         self.test_data = self._test_split()
         if metrics is None and self.test_data is not None and metric_names(config.eval_metrics):
             metrics = self.load_metrics()  # at start-up, so a missing network fails now, not after hours

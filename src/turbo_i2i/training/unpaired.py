@@ -48,6 +48,7 @@ from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
+from .data import check_batchable
 from .loop import (
     HALF_PRECISION,
     Metrics,
@@ -153,6 +154,7 @@ class UnpairedTrainer(TrainerBase):
         self.train_data = UnpairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
         )
+        check_batchable(self.train_data, config.batch_size)
         self.test_data = None
         if has_split(config.dataset, "test"):
             self.test_data = UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)

@@ -28,7 +28,15 @@ from torch.utils.data import Dataset
 
 from ..errors import BadInputError
 from ..preprocess import IMAGE_EXTENSIONS, load_image, pil_to_tensor
-from .data import _CHECK_THREADS, SPLITS, _list_folder, build_transform, report_problems, sample_generator
+from .data import (
+    _CHECK_THREADS,
+    SPLITS,
+    PairTransform,
+    _list_folder,
+    build_transform,
+    report_problems,
+    sample_generator,
+)
 
 DOMAINS = ("A", "B")
 CAPTION_FILES = {"A": "fixed_prompt_a.txt", "B": "fixed_prompt_b.txt"}
@@ -61,13 +69,15 @@ def read_caption(path: Path, problems: list[str]) -> str | None:
     return caption
 
 
-def _image_problem(path: Path, label: str) -> str | None:
-    """Why an image cannot be used (decoded as training will decode it), or None."""
+def _check_image(path: Path, label: str, transform: PairTransform) -> tuple[str | None, tuple[int, int] | None]:
+    """Why an image cannot be used (decoded as training will decode it, its size after ``transform``), or None;
+    and its size after the transform."""
     try:
-        load_image(path)
+        size = load_image(path).size
     except BadInputError as exc:
-        return f"{label}: {exc}"
-    return None
+        return f"{label}: {exc}", None
+    problem = transform.size_problem(size)
+    return (None if problem is None else f"{label} {problem}"), transform.output_size(size)
 
 
 def has_split(root: str | os.PathLike, split: str) -> bool:
@@ -133,8 +143,10 @@ class UnpairedDataset(Dataset):
         checks = [(d, name, path) for d in DOMAINS for name, path in (found[d] or {}).items()]
         with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
             # map keeps the order of the files, so messages are deterministic.
-            image_problems = list(pool.map(lambda c: _image_problem(c[2], f"{split}_{c[0]}/{c[1]}"), checks))
+            results = list(pool.map(lambda c: _check_image(c[2], f"{split}_{c[0]}/{c[1]}", self.transform), checks))
+        image_problems = [problem for problem, _ in results]
         bad = {(d, name) for (d, name, _), problem in zip(checks, image_problems) if problem is not None}
+        self.sizes = {size for problem, size in results if problem is None}
         self.files = {d: tuple(p for name, p in (found[d] or {}).items() if (d, name) not in bad) for d in DOMAINS}
         self.captions = {d: c for d, c in captions.items() if c is not None}
         self.problems = structural + [p for p in image_problems if p is not None]
