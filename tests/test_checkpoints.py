@@ -171,3 +171,18 @@ def test_convert_official_to_our_format(tmp_path):
         assert torch.equal(ours(x, embed(backbone), "b2a"), theirs(x, embed(backbone), "b2a"))
     with pytest.raises(BadInputError, match="already exists"):
         convert_official(tmp_path / "official.pkl", out, "tiny")
+
+
+def test_an_official_file_loaded_by_path_keeps_its_named_models_defaults(tmp_path):
+    """A hand-downloaded official file under its published name gets what its named model adds to it (the file does
+    not carry them): the sketch model's r = 0.4 and sketch input; under another name, nothing is guessed."""
+    from turbo_i2i.registry import MODELS, load_model
+
+    unet, vae = _tiny_parts()
+    state = official_paired(unet, vae, stochastic=True)
+    torch.save(state, tmp_path / MODELS["sketch_to_image_stochastic"].file)
+    torch.save(state, tmp_path / "renamed.pkl")
+    named, _ = load_model(tmp_path / MODELS["sketch_to_image_stochastic"].file, base_model="tiny")
+    assert named.config.default_r == 0.4 and named.config.preprocess == "sketch"
+    renamed, _ = load_model(tmp_path / "renamed.pkl", base_model="tiny")
+    assert renamed.config.default_r is None and renamed.config.preprocess is None

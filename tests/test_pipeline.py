@@ -66,6 +66,9 @@ def test_default_prompt_and_bad_prompts(translator, caplog):
     assert "longer than 77 tokens" in caplog.text
     with pytest.raises(BadInputError, match="2 prompts for 1 images"):
         translator([image], prompt=["a", "b"])
+    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # 0-255 bytes: would be clamped to black/white
+    with pytest.raises(BadInputError, match="floats in \\[0, 1\\], not torch.uint8: divide by 255"):
+        translator(tensor)
 
 
 def test_model_without_default_prompt_asks_for_one(tmp_path):
@@ -107,6 +110,28 @@ def test_unpaired_directions(tmp_path):
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(BadInputError, match="demo-circles.*edge_to_image"):
         Translator.from_pretrained("no-such-model")
+
+
+@pytest.mark.parametrize("answer", ["no such repository", "offline"])
+def test_a_missing_folder_that_looks_like_a_hub_id_is_named_as_both(monkeypatch, answer):
+    """ "runs/edges" (a folder that is not there) is also a valid hub id: when the hub says there is no such
+    repository it is bad input (exit 2), and either message says no local folder has that name."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from turbo_i2i.errors import TurboI2IError
+
+    def hub(*args, **kwargs):
+        if answer == "offline":
+            raise LocalEntryNotFoundError("offline")
+        missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its own __init__ wants an HTTP response
+        Exception.__init__(missing, "404")
+        raise missing
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(TurboI2IError, match="runs/edges.*no local folder") as caught:
+        Translator.from_pretrained("runs/edges")
+    assert isinstance(caught.value, BadInputError) == (answer == "no such repository")
 
 
 def test_gigapixel_header_is_refused_before_decoding(translator):

@@ -40,6 +40,14 @@ def test_translator_warns_when_its_dtype_is_emulated(native, caplog):
         assert "Use float32" in warnings[0]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_loaded_model_warns_in_either_path(native, tiny_model_dir, caplog, fast):
+    """fast=False loads the weights in the dtype directly (no cast in the Translator): it warns all the same."""
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        Translator.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, fast=fast)
+    assert len(emulation_warnings(caplog)) == (0 if native else 1)
+
+
 def test_translator_in_float32_never_warns(monkeypatch, caplog):
     monkeypatch.setattr(precision, "_cpu_computes_natively", lambda dtype: False)
     generator, backbone = make_generator()

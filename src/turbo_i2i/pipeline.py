@@ -123,7 +123,10 @@ class Translator:
         generator, backbone = load_model(
             name_or_path, device=device, dtype=torch.float32 if fast else dtype, base_model=base_model
         )
-        return cls(generator, backbone, fast=fast, dtype=dtype if fast else None, compile=compile)
+        translator = cls(generator, backbone, fast=fast, dtype=dtype if fast else None, compile=compile)
+        if not fast:  # loaded in dtype already; the fast path warns as it casts
+            warn_if_emulated(translator.device, dtype, f"dtype {dtype_name(dtype)}")
+        return translator
 
     @property
     def config(self) -> GeneratorConfig:
@@ -185,6 +188,8 @@ class Translator:
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise BadInputError(f"A tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}.")
+            if not image.is_floating_point():  # 0-255 values would be clamped to black and white
+                raise BadInputError(f"A tensor image must hold floats in [0, 1], not {image.dtype}: divide by 255.")
             image = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         rgb = pre.load_image_or_pil(image, max_pixels=self.max_pixels)
         if edges == "canny":

@@ -136,7 +136,10 @@ def load_model(
     if path.is_dir():
         return load_pretrained(path, device, dtype, base_model=base_model)
     if path.is_file() and path.suffix == ".pkl":
-        return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype)
+        # an official file downloaded by hand keeps its named model's defaults (default r, sketch input, captions)
+        named = next((m for m in MODELS.values() if m.file == path.name), None)
+        overrides = named.overrides if named is not None else {}
+        return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype, **overrides)
     if not path.exists() and ref.count("/") == 1 and not ref.startswith((".", "/")):
         return load_pretrained(_hub_snapshot(check_hub_id(ref, "Model")), device, dtype, base_model=base_model)
     raise BadInputError(
@@ -150,10 +153,18 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     check_hub_id(repo_id, "Model")  # again here: nothing reaches the cache or the network unvalidated
 
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))
-    except Exception as error:  # offline, not found, gated: all mean "cannot get it now"
+    except RepositoryNotFoundError as error:  # the hub answered: there is no such model
+        raise BadInputError(
+            f"Unknown model {repo_id!r}: no local folder of that name, and no such repository on the hub."
+            f" Named models: {', '.join(MODELS)}."
+        ) from error
+    except Exception as error:  # offline, gated, network: "cannot get it now"
         raise TurboI2IError(
-            f"Could not get model {repo_id!r} from the hub or its cache ({type(error).__name__}). Pass a local model"
-            f" folder instead, or download it where a network is available. Named models: {', '.join(MODELS)}."
+            f"Could not get model {repo_id!r} from the hub or its cache ({type(error).__name__}); there is no local"
+            f" folder of that name either. Pass a local model folder instead, or download it where a network is"
+            f" available. Named models: {', '.join(MODELS)}."
         ) from error
