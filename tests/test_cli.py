@@ -263,3 +263,73 @@ def test_every_training_flag_says_what_it_does_and_its_default(task, capsys):
     assert f"for the generator and the discriminator. {learning_rate} --lr-scheduler" in text
     layout = "in the paired layout" if task == "paired" else "in the unpaired layout"
     assert f"--dataset DATASET a folder {layout}" in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["translate", "--input", "x.png", "--output", "y.png", "--seed", "99999999999999999999"],
+            "between 0 and 2**63",
+        ),
+        (["translate", "--input", "x.png", "--output", "y.png", "--device", "bogus"], "'bogus' is not a torch device"),
+        (["eval", "--outputs", "o", "--references", "r", "--device", "cuda:7"], "'cuda:7': this machine has"),
+        (["demo", "--port", "70000"], "a port must be between 1 and 65535"),
+    ],
+)
+def test_an_impossible_number_or_device_is_a_usage_error(args, message, capsys):
+    """Checked when the command line is read (exit 2, before anything is written; a seed too large for torch used
+    to fail at the first image, after a video's frame folder was made)."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_the_input_itself_is_never_the_output(run, tmp_path):
+    source = write_picture(tmp_path / "in.png")
+    before = source.read_bytes()
+    code, err = run("--input", source, "--output", source, "--overwrite")
+    assert code == 2 and "is the input itself" in err
+    code, err = run("--input", tmp_path, "--output", tmp_path)  # a folder into itself
+    assert code == 2 and "is the input itself" in err and "holds no images" not in err
+    assert source.read_bytes() == before
+
+
+def test_an_existing_scores_file_is_never_replaced(tmp_path, capsys):
+    outputs, references = tmp_path / "outs", tmp_path / "refs"
+    for folder in (outputs, references):
+        folder.mkdir()
+        write_picture(folder / "0001.png")
+    scored = outputs / "0001.png"
+    before = scored.read_bytes()
+    args = ["eval", "--outputs", str(outputs), "--references", str(references), "--no-fid", "--no-lpips"]
+    assert main([*args, "--json", str(scored)]) == 2
+    assert "already exists; pick another --json" in capsys.readouterr().err and scored.read_bytes() == before
+    assert main([*args, "--json", str(tmp_path / "scores.json")]) == 0
+    assert main([*args, "--unpaired"]) == 2  # no reference per image, no set metric: nothing would be measured
+    assert "Nothing to compute" in capsys.readouterr().err
+
+
+def test_an_unknown_demo_model_is_refused_before_serving(capsys, monkeypatch):
+    from turbo_i2i.demo import app
+
+    monkeypatch.setattr(app, "launch_app", lambda **kwargs: pytest.fail("served an unknown model"))
+    assert main(["demo", "--model", "no-such-model"]) == 2
+    assert "Unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_convert_into_a_place_it_cannot_write_exits_2_and_leaves_nothing(tmp_path, capsys):
+    import torch
+    from official_format import official_paired
+
+    from turbo_i2i.backbone import load_backbone
+
+    backbone = load_backbone("tiny")
+    torch.save(official_paired(backbone.unet, backbone.vae), tmp_path / "official.pkl")
+    (tmp_path / "file.txt").write_text("in the way")
+    out = tmp_path / "file.txt" / "model"
+    code = main(["convert", "--input", str(tmp_path / "official.pkl"), "--output", str(out), "--base-model", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"Cannot write {out}" in err and "Traceback" not in err, err
+    assert (tmp_path / "file.txt").read_text() == "in the way"

@@ -69,6 +69,14 @@ def test_default_prompt_and_bad_prompts(translator, caplog):
     tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # 0-255 bytes: would be clamped to black/white
     with pytest.raises(BadInputError, match="floats in \\[0, 1\\], not torch.uint8: divide by 255"):
         translator(tensor)
+    with pytest.raises(BadInputError, match="batch_size must be at least 1, got 0"):
+        translator([image], batch_size=0)  # -1 used to return [None]
+    with pytest.raises(BadInputError, match="between 0 and 2\\*\\*63 - 1"):
+        translator(image, seed=10**20)
+    with pytest.raises(BadInputError, match="prompt must be a string or a list of strings, got int"):
+        translator(image, prompt=5)
+    with pytest.raises(BadInputError, match="A prompt must be a string, got int"):
+        translator([image], prompt=[5])
 
 
 def test_model_without_default_prompt_asks_for_one(tmp_path):

@@ -77,6 +77,25 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, writ
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "converted").exists()
 
 
+@pytest.mark.parametrize("net", ["lpips", "clip"])
+def test_a_loss_network_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys, net):
+    """--lpips-path / --clip-path take a local weights file: a pickle with code is refused with a message (it used to
+    end in an UnpicklingError traceback), and nothing runs."""
+    marker = tmp_path / "ran"
+    torch.save(evil_state(marker), tmp_path / "evil.pth")
+    for folder in ("outs", "refs"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (16, 16)).save(tmp_path / folder / "0.png")
+    args = ["eval", "--outputs", str(tmp_path / "outs"), "--references", str(tmp_path / "refs"), "--no-fid"]
+    if net == "clip":
+        (tmp_path / "prompts.json").write_text('{"0": "a square"}')
+        args += ["--no-lpips", "--prompts", str(tmp_path / "prompts.json")]
+    assert main([*args, f"--{net}-path", str(tmp_path / "evil.pth")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "evil.pth") in err and "Traceback" not in err, err
+    assert not marker.exists()
+
+
 OFFICIAL_BASE = {"rank_unet": 8, "rank_vae": 4, "unet_lora_target_modules": ["conv"], "vae_lora_target_modules": ["x"]}
 OFFICIAL_CASES = {
     "rank is a list": ({"rank_unet": [8], "state_dict_unet": {}, "state_dict_vae": {}}, "rank_unet|list"),

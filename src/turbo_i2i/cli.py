@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,42 @@ from .errors import BadInputError, TurboI2IError
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 logger = logging.getLogger("turbo_i2i")
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed torch's generators take (0 to 2**63 - 1)."""
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be between 0 and 2**63 - 1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (1-65535)."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port must be between 1 and 65535, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (a GPU asked for where there is none is named here, not in
+    a PyTorch traceback)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from error
+    available = {
+        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": int(torch.backends.mps.is_available()),
+    }
+    if device.type in available and (device.index or 0) >= available[device.type]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {available[device.type] or 'no'} {device.type} device(s)"
+        )
+    return text
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +68,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--direction", choices=("a2b", "b2a"), help="unpaired models: which way to translate")
     p.add_argument("--r", type=float, help="stochastic models: faithfulness to the input in [0, 1]")
     p.add_argument(
-        "--seed", type=int,
+        "--seed", type=_seed,
         help="seed of the noise map; the same seed gives the same image (videos: default 0, one map for all frames)",
     )  # fmt: skip
     p.add_argument(
@@ -40,7 +77,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--canny-low", type=int, default=100, help="Canny low threshold, 0-255 (default 100)")
     p.add_argument("--canny-high", type=int, default=200, help="Canny high threshold, 0-255 (default 200)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (bfloat16: see Performance)")
     _add_compile(p, "torch.compile the translation (GPUs, big folders and videos: the first call compiles)")
     p.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass (default 4)")
@@ -64,9 +101,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="web demo: draw or upload, get the translated picture (local only by default)")
     p.add_argument("--model", default="demo-circles", help="the model picked when the page opens")
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--port", type=_port, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off unless given)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision")
 
 
@@ -153,7 +190,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="LPIPS-VGG (default on)")
     p.add_argument("--unpaired", action="store_true", help="folders as sets: no name matching, no L2/LPIPS")
     p.add_argument("--json", help="also write the scores (and per-image values) to this file")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="images per FID forward pass (default 16)")
     for net, what in (("lpips", "VGG16 trunk .pth"), ("clip", "open_clip ViT-B-32"), ("inception", "FID Inception"),
                       ("dino", "DINO ViT-B/8")):  # fmt: skip
@@ -166,7 +203,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--reference", type=Path,
         help="folder of SD-Turbo configs (default: shared/reference/sd-turbo-architecture here or one level up)",
     )  # fmt: skip
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=_device, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=("baseline", "fast"), default=["baseline", "fast"])
@@ -209,6 +246,8 @@ def _translate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     folder, video = source.is_dir(), source.is_file() and is_video(source)
+    if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
+        raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
     if folder:
         if target.exists() and not target.is_dir():
             raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
@@ -227,6 +266,8 @@ def _translate(args: argparse.Namespace) -> int:
             )
     elif target.is_dir():
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
+        if target.resolve() == source.resolve():
+            raise BadInputError(f"--output {target} would be the input itself; write the translation elsewhere.")
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     translator = Translator.from_pretrained(
@@ -309,11 +350,16 @@ def _demo(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise TurboI2IError("The demo needs Gradio, which is not installed: pip install 'turbo-i2i[demo]'.")
     from .demo.app import launch_app
+    from .registry import check_reference
 
+    check_reference(args.model)  # an unknown model fails here, not later in the browser
     where = f"http://{args.host}:{args.port or 7860}" + ("" if args.port else " (or the next free port)")
     print(f"serving the demo on {where}; Ctrl+C stops it", file=sys.stderr)
-    launch_app(host=args.host, port=args.port, share=args.share, model=args.model, device=args.device,
-               dtype=getattr(torch, args.dtype))  # fmt: skip
+    try:
+        launch_app(host=args.host, port=args.port, share=args.share, model=args.model, device=args.device,
+                   dtype=getattr(torch, args.dtype))  # fmt: skip
+    except OSError as error:  # a port in use, an address this machine does not have
+        raise BadInputError(f"Cannot serve on {args.host}:{args.port or '7860+'} ({error}).") from error
     return 0
 
 
@@ -356,7 +402,14 @@ def _convert(args: argparse.Namespace) -> int:
             official = [m.name for m in MODELS.values() if m.file]
             raise BadInputError(f"Unknown official model {args.name!r}; expected one of {', '.join(official)}.")
         overrides = MODELS[args.name].overrides
-    out = convert_official(args.input, args.output, args.base_model or DEFAULT_BACKBONE, **overrides)
+    existed = Path(args.output).exists()  # convert_official refuses an existing output before writing
+    try:
+        out = convert_official(args.input, args.output, args.base_model or DEFAULT_BACKBONE, **overrides)
+    except OSError as error:  # the output cannot be written (permissions, a file in the way, a full disk)
+        if not existed:
+            shutil.rmtree(args.output, ignore_errors=True)  # no half-written model folder left behind
+        reason = error.strerror or str(error)
+        raise BadInputError(f"Cannot write {args.output} ({reason}); pick another --output.") from error
     print(f"wrote {out}")
     return 0
 
@@ -414,11 +467,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _eval_demo(args: argparse.Namespace) -> int:
-    import json
-
     from .pipeline import Translator
     from .training.circles import evaluate
 
+    _check_new_file(args.json)
     translator = Translator.from_pretrained(args.model)
     scores = evaluate(lambda images, prompts: translator(images, prompt=prompts), n=args.n)
     print(
@@ -428,19 +480,36 @@ def _eval_demo(args: argparse.Namespace) -> int:
         f" {scores['background_error']:.2f}/255  ({scores['n']} held-out samples)"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+        _write_json(args.json, scores)
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _check_new_file(path: str | None) -> None:
+    """Refuse, before any work, a --json file that exists: nothing already written is replaced."""
+    if path is not None and Path(path).exists():
+        raise BadInputError(f"{path} already exists; pick another --json (an existing file is never replaced).")
+
+
+def _write_json(path: str, values: dict) -> None:
+    """Write ``values`` as JSON to a new file ``path`` (its folder created), exit 2 where it cannot be written."""
     import json
 
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x") as f:  # "x": never replace a file that appeared meanwhile
+            f.write(json.dumps(values, indent=2) + "\n")
+    except OSError as error:
+        raise BadInputError(f"Cannot write the scores to {path} ({error.strerror}); pick another --json.") from error
+
+
+def _eval(args: argparse.Namespace) -> int:
     from .evaluation.metrics import evaluate_folders
 
     if args.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.inputs and not args.dino_structure:
         logger.warning("--inputs is only used by --dino-structure; it is ignored")
+    _check_new_file(args.json)
     weights = {net: getattr(args, f"{net}_path") for net in ("lpips", "clip", "inception", "dino")}
     report = evaluate_folders(
         args.outputs, args.references, args.prompts, args.inputs, lpips=args.lpips, fid=args.fid,
@@ -449,12 +518,7 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(report.table())
     if args.json:
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        except OSError as error:
-            message = f"Cannot write the scores to {args.json} ({error.strerror}); pick another --json."
-            raise BadInputError(message) from error
+        _write_json(args.json, report.to_dict())
     return 0
 
 

@@ -162,7 +162,9 @@ class Translator:
             prompt = self.config.prompts.get(direction)
             if prompt is None:
                 raise BadInputError(f"This model has no default prompt for direction {direction!r}; pass a prompt.")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise BadInputError(f"A prompt must be a string, got {type(prompt).__name__}.")
+        if not prompt.strip():
             raise BadInputError("The prompt is empty; describe the output image, or omit it to use the default.")
         return prompt
 
@@ -244,6 +246,12 @@ class Translator:
             raise BadInputError(
                 f"Unknown direction {direction!r}; this model has {', '.join(self.config.directions)}."
             )
+        if batch_size < 1:
+            raise BadInputError(f"batch_size must be at least 1, got {batch_size}.")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise BadInputError(f"A seed must be between 0 and 2**63 - 1, got {seed}.")
+        if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
+            raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(items):
             raise BadInputError(f"Got {len(prompts)} prompts for {len(items)} images.")

@@ -102,6 +102,24 @@ def availability(model: NamedModel) -> tuple[bool, str]:
     return True, "cached"
 
 
+def check_reference(name_or_path: str | os.PathLike) -> None:
+    """Refuse a model reference ``load_model`` could not resolve, without loading anything.
+
+    Raises:
+        BadInputError: not a named model, a model folder, an official ``.pkl`` file or the form of a hub id.
+    """
+    ref, path = str(name_or_path), Path(name_or_path)
+    if ref in MODELS or path.is_dir() or (path.is_file() and path.suffix == ".pkl"):
+        return
+    if not path.exists() and ref.count("/") == 1 and not ref.startswith((".", "/")):
+        check_hub_id(ref, "Model")
+        return
+    raise BadInputError(
+        f"Unknown model {ref!r}: not a named model, a model folder, an official .pkl file or a hub id."
+        f" Named models: {', '.join(MODELS)}."
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: torch.device | str | None = None,
@@ -140,12 +158,8 @@ def load_model(
         named = next((m for m in MODELS.values() if m.file == path.name), None)
         overrides = named.overrides if named is not None else {}
         return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype, **overrides)
-    if not path.exists() and ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return load_pretrained(_hub_snapshot(check_hub_id(ref, "Model")), device, dtype, base_model=base_model)
-    raise BadInputError(
-        f"Unknown model {ref!r}: not a named model, a model folder, an official .pkl file or a hub id."
-        f" Named models: {', '.join(MODELS)}."
-    )
+    check_reference(ref)  # what is left is a hub id, or nothing known
+    return load_pretrained(_hub_snapshot(check_hub_id(ref, "Model")), device, dtype, base_model=base_model)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

@@ -114,7 +114,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     try:
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as error:
-        raise BadInputError(f"'{path}' is not a video ffmpeg can read ({str(error).strip()[:300]}).") from error
+        # ffmpeg's own reason is on its last lines, after its version banner
+        reason = [line.strip() for line in str(error).strip().splitlines() if line.strip()][-1:] or ["no reason given"]
+        raise BadInputError(f"'{path}' is not a video ffmpeg can read ({reason[0][:300]}).") from error
     finally:
         reader.close()
     fps, duration = meta.get("fps") or 0.0, meta.get("duration") or 0.0

@@ -332,6 +332,11 @@ def evaluate_folders(
     outputs, references = Path(outputs), Path(references)
     inputs = Path(inputs) if dino_structure else None
     plan = _plan(outputs, references, prompts, inputs, fid, unpaired)
+    if not (plan.references or plan.captions or fid or dino_structure):
+        raise BadInputError(
+            "Nothing to compute: unpaired outputs have no per-image reference (L2, LPIPS); ask for FID, the DINO"
+            " structure distance (with the inputs) or CLIP similarity (with prompts)."
+        )
     needed = ["lpips"] * (lpips and bool(plan.references)) + ["clip_sim"] * bool(plan.captions)
     needed += ["fid"] * fid + ["dino_structure"] * dino_structure
     nets = load_networks(needed, networks, weights, device)

@@ -9,6 +9,7 @@ download, for tests and smoke runs.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def _copy_trunk(trunk: nn.Module, checkpoint: Path, net: str) -> None:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         trunk.load_state_dict({name: state["features." + name.split(".", 1)[1]] for name in trunk.state_dict()})
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:  # refused pickles too
         url = _trunk_url(net)
         raise TurboI2IError(
             _lpips_missing_message(net, f"in {checkpoint}", url, checkpoint, f"unreadable: {_first_line(error)}")
@@ -313,7 +314,7 @@ def load_clip(
             },
         )
         tokenizer = open_clip.get_tokenizer(name)
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:  # refused pickles too
         if source is not None and Path(source).is_file():
             looked_for, hint = f"in the file {source}", f"check that it is an open_clip checkpoint of {name!r}"
         else:
