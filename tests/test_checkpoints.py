@@ -186,3 +186,15 @@ def test_an_official_file_loaded_by_path_keeps_its_named_models_defaults(tmp_pat
     assert named.config.default_r == 0.4 and named.config.preprocess == "sketch"
     renamed, _ = load_model(tmp_path / "renamed.pkl", base_model="tiny")
     assert renamed.config.default_r is None and renamed.config.preprocess is None
+
+
+def test_saved_weights_are_as_readable_as_any_new_file(tmp_path):
+    """safetensors creates its files readable by their owner only: an exported model gets the usual permissions."""
+    import stat
+
+    generator, backbone = make_generator(train_all=True)
+    folder = save_pretrained(generator, tmp_path / "m", text_encoder=backbone.text_encoder)
+    (tmp_path / "plain.txt").write_text("x")
+    usual = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    for name in (WEIGHTS_NAME, "text_encoder.safetensors"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == usual, name

@@ -333,3 +333,14 @@ def test_convert_into_a_place_it_cannot_write_exits_2_and_leaves_nothing(tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"Cannot write {out}" in err and "Traceback" not in err, err
     assert (tmp_path / "file.txt").read_text() == "in the way"
+
+
+def test_an_interrupted_training_run_says_how_to_continue(monkeypatch, capsys):
+    from turbo_i2i import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert main(["train", "unpaired", "--dataset", "d", "--output-dir", "o"]) == 130
+    assert "interrupted; continue from the last checkpoint with --resume" in capsys.readouterr().err

@@ -422,3 +422,11 @@ def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
     code = main(train_args(dataset, run, "--resume", "--max-steps", "4", "--learning-rate", "5e-4"))
     err = capsys.readouterr().err
     assert code == 0 and "resuming with changed options: learning_rate 0.001 -> 0.0005" in err
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_first_step(dataset, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(train_args(dataset, tmp_path / "taken")) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot use --output-dir {tmp_path / 'taken'}" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -84,10 +84,30 @@ def save_pretrained(
     generator.config.save(folder / CONFIG_NAME)
     tensors = {name: t.cpu() for name, t in generator.trained_state_dict().items()}
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", "library": "turbo-i2i"})
+    readable_like_other_files(folder / WEIGHTS_NAME)
     if text_encoder is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()}
         save_file(state, folder / TEXT_ENCODER_NAME, metadata={"format": "pt", "library": "turbo-i2i"})
+        readable_like_other_files(folder / TEXT_ENCODER_NAME)
     return folder
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)  # reading it means setting it; set back at once (at import: no other thread writes yet)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def readable_like_other_files(path: str | Path) -> None:
+    """Give a file safetensors wrote the permissions of any other new file (``0o666`` less the umask).
+
+    safetensors (0.8) creates its files readable by their owner only, so a model exported on a shared machine could
+    not be read by the colleagues it was made for.
+    """
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def resolve_base_model(base_model: str, folder: str | Path, given: str | os.PathLike | None = None) -> str:

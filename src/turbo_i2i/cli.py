@@ -556,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = "; continue from the last checkpoint with --resume" if args.command == "train" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     finally:
         logger.removeHandler(handler)

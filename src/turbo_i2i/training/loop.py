@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
-from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, save_pretrained
+from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, readable_like_other_files, save_pretrained
 from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError
 from ..generator import OneStepGenerator
 from ..precision import computes_natively, warn_if_emulated
@@ -595,6 +595,7 @@ class TrainerBase:
             # save_model: the two unpaired discriminators share one frozen CLIP tower, which a plain state dict
             # would list twice (safetensors refuses shared tensors); it is stored once and restored to both.
             save_model(self.accelerator.unwrap_model(self.discriminator), str(partial / DISCRIMINATOR))
+            readable_like_other_files(partial / DISCRIMINATOR)
         torch.save({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
         state = {
             "step": self.step,
@@ -794,6 +795,10 @@ class TrainerBase:
 
         if stop_at is not None and stop_at < 1:
             raise BadInputError(f"--stop-at must be at least 1, got {stop_at}.")
+        try:  # now, not at the first log line or checkpoint after a step's work
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BadInputError(f"Cannot use --output-dir {self.output_dir} ({error.strerror}).") from error
         if resume:
             folder = self.latest_checkpoint() if resume is True or resume == "latest" else Path(resume)
             if folder is None:
