@@ -333,13 +333,18 @@ def test_cli_eval_prints_the_table_and_writes_json(folders, nets, monkeypatch, c
     stdout = capsys.readouterr().out
     assert stdout.startswith("metric") and f"{expected.metrics['fid']:.5f}" in stdout
 
-    assert main(["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--no-fid",
-                 "--no-lpips", "--json", str(out)]) == 0  # fmt: skip
-    assert set(json.loads(out.read_text())["metrics"]) == {"l2"}
+    l2_only = ["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--no-fid",
+               "--no-lpips"]  # fmt: skip
+    assert main([*l2_only, "--json", str(out.with_name("l2.json"))]) == 0
+    assert set(json.loads(out.with_name("l2.json").read_text())["metrics"]) == {"l2"}
     capsys.readouterr()
-    code = main(["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--no-fid",
-                 "--no-lpips", "--json", str(root)])  # fmt: skip
-    assert code == 2 and "Cannot write the scores to" in capsys.readouterr().err  # --json names a folder
+    before = out.read_text()
+    for taken in (out, root):  # a scores file, a folder: never replaced
+        assert main([*l2_only, "--json", str(taken)]) == 2
+        assert "already exists; pick another --json" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main([*l2_only, "--json", str(out / "x.json")]) == 2  # under a file
+    assert "Cannot write the scores to" in capsys.readouterr().err
 
 
 def test_cli_eval_bad_input_exits_2_with_one_message(folders, offline, capsys):
