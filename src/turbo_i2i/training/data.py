@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import operator
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from ..errors import BadInputError
 from ..preprocess import IMAGE_EXTENSIONS, load_image, pil_to_tensor
 
+logger = logging.getLogger("turbo_i2i")
 SPLITS = ("train", "test")
 # The names pix2pix-Turbo's training script accepts, plus "resize_N" for any side N (e.g. "resize_64").
 TRANSFORMS = ("resize_512", "resized_crop_512", "resize_286_randomcrop_256x256_hflip", "no_resize", "resize_N")
@@ -514,7 +515,6 @@ def report_problems(
     n_usable: int,
     skip_bad: bool,
     units: tuple[str, str] = ("pair", "pairs"),
-    stacklevel: int = 3,
 ) -> None:
     """Refuse a data set with problems (all listed in one message), or with ``skip_bad`` warn once about the skipped.
 
@@ -525,7 +525,6 @@ def report_problems(
         n_usable: how many of them are usable.
         skip_bad: warn and go on instead of raising, as long as something is usable.
         units: the item's name, singular and plural ("pair", "pairs"; "image", "images").
-        stacklevel: passed to ``warnings.warn`` so the warning points at the user's call.
 
     Raises:
         BadInputError: problems without ``skip_bad``, or nothing usable left.
@@ -542,12 +541,12 @@ def report_problems(
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems[:_WARN_LISTED])
         more = len(problems) - _WARN_LISTED
-        warnings.warn(
-            f"Skipped {n_found - n_usable} of {n_found} {many} of the dataset {source} "
-            f"({len(problems)} problems), e.g.:\n{listed}" + (f"\n  ... and {more} more" if more > 0 else ""),
-            UserWarning,
-            stacklevel=stacklevel,
-        )
+        # logged, as the run's other warnings are ("warning: ..." on the command line)
+        logger.warning(
+            "Skipped %d of %d %s of the dataset %s (%d problems), e.g.:\n%s%s",
+            n_found - n_usable, n_found, many, source, len(problems), listed,
+            f"\n  ... and {more} more" if more > 0 else "",
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -627,7 +626,7 @@ class PairedDataset(Dataset):
 
     def _report(self, n_candidates: int, skip_bad: bool) -> None:
         """Raise for the problems found, or with ``skip_bad`` warn about the dropped pairs."""
-        report_problems(self.source, self.problems, n_candidates, len(self.pairs), skip_bad, stacklevel=4)
+        report_problems(self.source, self.problems, n_candidates, len(self.pairs), skip_bad)
 
     def __len__(self) -> int:
         """The number of usable pairs."""
