@@ -54,6 +54,33 @@ def test_only_trainable_weights_change_and_d_ignores_the_generator_step(dataset,
     assert any(not torch.equal(p, d_before[n]) for n, p in trainer.discriminator.named_parameters())
 
 
+def test_d_steps_on_the_gradient_of_its_own_loss_alone(dataset, tmp_path, monkeypatch):
+    """The generator's GAN term leaves gradients on D; D's step must see only those of its own loss. D's loss is
+    replaced by one whose gradient is known (its first weight's sum: all ones) and D's gradient is read as its
+    optimiser steps (the public implementation summed both)."""
+    from turbo_i2i.training import discriminators
+
+    trainer = make_paired_trainer(dataset, tmp_path)
+    weight = next(trainer.discriminator.parameters())
+    monkeypatch.setattr(discriminators, "discriminator_loss", lambda d, real, fake: weight.sum())
+    seen = {}
+    clear, step = trainer.optimizer_d.zero_grad, trainer.optimizer_d.step
+
+    def zero_grad(*args, **kwargs):
+        seen.setdefault("from_generator", weight.grad is not None and bool(weight.grad.abs().sum() > 0))
+        clear(*args, **kwargs)
+
+    def step_d(*args, **kwargs):
+        seen["at_step"] = weight.grad.clone()
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer_d, "zero_grad", zero_grad)
+    monkeypatch.setattr(trainer.optimizer_d, "step", step_d)
+    trainer.train_step()
+    assert seen["from_generator"]  # the GAN term did reach D ...
+    assert torch.equal(seen["at_step"], torch.ones_like(weight))  # ... and was cleared before D's own backward
+
+
 def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path, one_thread):
     options = dict(disc="none", lambda_clipsim=0.0, max_steps=3, max_grad_norm=0.0)
     big = make_paired_trainer(dataset, tmp_path / "big", batch_size=6, **options)
