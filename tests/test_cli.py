@@ -327,3 +327,16 @@ def test_an_interrupted_training_run_says_how_to_continue(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
     assert main(["train", "unpaired", "--dataset", "d", "--output-dir", "o"]) == 130
     assert "interrupted; continue from the last checkpoint with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source,output", [("in.png", "out.gif"), ("in.png", "out"), ("in.png", "out.mp4")])
+def test_an_output_format_it_cannot_write_is_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, source, output
+):
+    from turbo_i2i.pipeline import Translator
+
+    monkeypatch.setattr(Translator, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    write_picture(tmp_path / source)
+    code = main(["translate", "--input", str(tmp_path / source), "--output", str(tmp_path / output)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"Cannot write '{tmp_path / output}': use one of .jpg" in err, err

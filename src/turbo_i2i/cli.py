@@ -238,7 +238,7 @@ def _translate(args: argparse.Namespace) -> int:
 
     from . import preprocess as pre
     from .pipeline import Translator
-    from .video import frames_dir, is_video, translate_video
+    from .video import OUTPUT_CODECS, frames_dir, is_video, translate_video
 
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
@@ -270,6 +270,9 @@ def _translate(args: argparse.Namespace) -> int:
             raise BadInputError(f"--output {target} would be the input itself; write the translation elsewhere.")
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
+    endings = OUTPUT_CODECS if video else pre.IMAGE_EXTENSIONS
+    if not folder and target.suffix.lower() not in endings:  # checked before the model loads
+        raise BadInputError(f"Cannot write '{target}': use one of {', '.join(endings)}.")
     translator = Translator.from_pretrained(
         args.model, device=args.device, dtype=getattr(torch, args.dtype), compile=args.compile,
         base_model=args.base_model,
