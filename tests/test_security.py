@@ -73,6 +73,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, writ
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "weights_only" in err and "Traceback" not in err
+        assert "a pickle holding more than tensors" in err and "will likely succeed" not in err  # no unsafe advice
     assert not marker.exists()
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "converted").exists()
 
@@ -93,6 +94,7 @@ def test_a_loss_network_file_that_would_run_code_is_refused_and_nothing_runs(tmp
     assert main([*args, f"--{net}-path", str(tmp_path / "evil.pth")]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "evil.pth") in err and "Traceback" not in err, err
+    assert "a pickle holding more than tensors" in err and "will likely succeed" not in err  # no unsafe advice
     assert not marker.exists()
 
 

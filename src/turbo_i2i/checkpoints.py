@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import UNPAIRED_UNET_ADAPTERS
 from .backbone import BUILTIN_BACKBONES, Backbone, load_backbone
 from .config import GeneratorConfig, check_hub_id
-from .errors import BadInputError, TurboI2IError
+from .errors import BadInputError, TurboI2IError, load_failure
 from .generator import OneStepGenerator
 
 logger = logging.getLogger("turbo_i2i")
@@ -260,7 +260,7 @@ def read_official(path: str | Path) -> dict:
     except Exception as error:  # weights_only refuses anything but tensors and plain containers
         raise BadInputError(
             f"{path} is not a safe-to-load img2img-turbo checkpoint (torch.load with weights_only=True refused it:"
-            f" {str(error).splitlines()[0]})."
+            f" {load_failure(error)}); it was not loaded."
         ) from error
     if not isinstance(state, dict):
         raise BadInputError(f"{path} does not hold a checkpoint dict.")

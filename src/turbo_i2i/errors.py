@@ -22,3 +22,27 @@ class CheckpointWriteError(TurboI2IError):
 
 class TrainingDivergedError(TurboI2IError):
     """Training stopped after too many consecutive steps with a NaN/Inf loss or gradient. Exit code 1."""
+
+
+def load_failure(error: Exception) -> str:
+    """One line saying why a file could not be loaded, for our messages.
+
+    For a pickle that ``torch.load(weights_only=True)`` refused, the object it refused, without torch's own advice to
+    load the file again with ``weights_only=False`` (which would run whatever code the file holds).
+
+    Args:
+        error: what loading raised.
+
+    Returns:
+        e.g. "UnpicklingError: a pickle holding more than tensors (Unsupported operand 149)".
+    """
+    text = str(error)
+    if text.startswith("Weights only load failed"):
+        # torch's message opens with the advice; what it refused follows, after "WeightsUnpickler error:" in most forms
+        body = text.split("Check the documentation", 1)[0]
+        marker = "WeightsUnpickler error:"
+        body = body.split(marker, 1)[1] if marker in body else "\n".join(body.splitlines()[1:])
+        lines = [line.strip() for line in body.splitlines() if line.strip() and "weights_only" not in line]
+        detail = lines[0].split(". Please", 1)[0].rstrip(".") if lines else "refused"
+        return f"{type(error).__name__}: a pickle holding more than tensors ({detail})"
+    return f"{type(error).__name__}: {(text or '-').splitlines()[0]}"

@@ -187,7 +187,8 @@ def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> TurboI2
 
 def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> str:
     """A local file holding the weights: ``path`` (a file or a folder with one), else the Hugging Face cache/hub."""
-    from ..training.pretrained import _first_line, _hf_hub_cache
+    from ..errors import load_failure
+    from ..training.pretrained import _hf_hub_cache
 
     if path is not None:
         path = Path(path)
@@ -212,7 +213,7 @@ def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> s
         f"run `huggingface-cli download {repo_id}` once on a machine with a network and copy the cache, or set"
         f" HF_HOME to a cache that holds it"
     )
-    reason = "not in the cache and offline" if offline else _first_line(error)
+    reason = "not in the cache and offline" if offline else load_failure(error)
     raise _dino_missing(name, looked_for + ("" if offline else " and on the hub"), reason, hint) from error
 
 
@@ -241,7 +242,8 @@ def load_dino(
     """
     import timm
 
-    from ..training.pretrained import _first_line, freeze, hub_offline
+    from ..errors import load_failure
+    from ..training.pretrained import freeze, hub_offline
 
     if not timm.is_model(name):
         raise BadInputError(f"Unknown timm model {name!r}; the DINO structure distance uses {DINO_MODEL!r}.")
@@ -251,7 +253,7 @@ def load_dino(
         vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": file}, dynamic_img_size=True)
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise _dino_missing(
-            name, f"in the file {file}", f"unreadable: {_first_line(error)}", f"check that it holds {name!r} weights"
+            name, f"in the file {file}", f"unreadable: {load_failure(error)}", f"check that it holds {name!r} weights"
         ) from error
     vit = freeze(vit)
     return vit.to(device) if device is not None else vit

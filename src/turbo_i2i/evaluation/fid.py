@@ -111,7 +111,8 @@ def load_inception(
         TurboI2IError: the network is neither on disk nor downloadable (one paragraph saying how to provide it), or
             clean-fid is not installed.
     """
-    from ..training.pretrained import _first_line, freeze, hub_offline
+    from ..errors import load_failure
+    from ..training.pretrained import freeze, hub_offline
 
     if path is not None and not Path(path).is_file():
         raise BadInputError(f"Inception weights file {str(path)!r} does not exist.")
@@ -126,13 +127,13 @@ def load_inception(
         try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(found), progress=True)
         except (OSError, urllib.error.URLError, RuntimeError) as error:
-            raise _inception_missing(candidates, _first_line(error)) from error
+            raise _inception_missing(candidates, load_failure(error)) from error
     try:
         with warnings.catch_warnings():  # the file is TorchScript, whose loader torch now marks as deprecated
             warnings.simplefilter("ignore", FutureWarning)
             net = InceptionFeatures(torch.jit.load(str(found), map_location="cpu"))
     except (OSError, RuntimeError, ValueError, AttributeError) as error:
-        raise _inception_missing([found], f"unreadable: {_first_line(error)}") from error
+        raise _inception_missing([found], f"unreadable: {load_failure(error)}") from error
     net = freeze(net)
     return net.to(device) if device is not None else net
 

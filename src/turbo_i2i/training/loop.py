@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, readable_like_other_files, save_pretrained
-from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError
+from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError, load_failure
 from ..generator import OneStepGenerator
 from ..precision import computes_natively, warn_if_emulated
 from .options import metric_names
@@ -643,8 +643,7 @@ class TrainerBase:
             raise
         except Exception as error:  # safetensors, torch.load and json each raise their own types for damage
             raise BadInputError(
-                f"Cannot resume from {folder}: it is damaged or from another run"
-                f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else '-'})."
+                f"Cannot resume from {folder}: it is damaged or from another run ({load_failure(error)})."
                 f" Pass an older checkpoint with --resume PATH."
             ) from error
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ..errors import BadInputError, TurboI2IError
+from ..errors import BadInputError, TurboI2IError, load_failure
 
 # LPIPS trunk name -> the torchvision weights enum its ImageNet weights come from (lpips asks torchvision for
 # ``pretrained=True``, which is IMAGENET1K_V1 of these).
@@ -62,10 +62,6 @@ def _hf_hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"
-
-
 # ---------------------------------------------------------------------------------------------------------- LPIPS
 
 
@@ -100,7 +96,7 @@ def _trunk_checkpoint(net: str, path: str | os.PathLike | None, local_files_only
     try:
         torch.hub.load_state_dict_from_url(url, model_dir=str(cached.parent), map_location="cpu", check_hash=True)
     except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; a bad hash a RuntimeError
-        raise TurboI2IError(_lpips_missing_message(net, where, url, cached, _first_line(error))) from error
+        raise TurboI2IError(_lpips_missing_message(net, where, url, cached, load_failure(error))) from error
     return cached
 
 
@@ -112,7 +108,7 @@ def _copy_trunk(trunk: nn.Module, checkpoint: Path, net: str) -> None:
     except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:  # refused pickles too
         url = _trunk_url(net)
         raise TurboI2IError(
-            _lpips_missing_message(net, f"in {checkpoint}", url, checkpoint, f"unreadable: {_first_line(error)}")
+            _lpips_missing_message(net, f"in {checkpoint}", url, checkpoint, f"unreadable: {load_failure(error)}")
         ) from error
 
 
@@ -241,7 +237,7 @@ def _clip_from_hf(name: str, tag: str, hf_hub: str, offline: bool) -> str:
         f"run `huggingface-cli download {repo_id}` once on a machine with a network and copy the cache, or set"
         f" HF_HOME to a cache that holds it"
     )
-    reason = "not in the cache and offline" if offline else _first_line(error)
+    reason = "not in the cache and offline" if offline else load_failure(error)
     raise TurboI2IError(_clip_missing_message(name, tag, looked_for, reason, hint)) from error
 
 
@@ -320,7 +316,7 @@ def load_clip(
         else:
             looked_for, hint = "by open_clip's download of the tag", "check the network"
         raise TurboI2IError(
-            _clip_missing_message(name, str(pretrained), looked_for, _first_line(error), hint)
+            _clip_missing_message(name, str(pretrained), looked_for, load_failure(error), hint)
         ) from error
     return freeze(model), tokenizer
 
