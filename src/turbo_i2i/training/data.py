@@ -124,7 +124,7 @@ class PairTransform:
         made = "" if (width, height) == tuple(size) else f", which {self.name} makes {width}x{height}"
         return (
             f"is {size[0]}x{size[1]}{made}: training needs sides that are multiples of 8; use a resizing transform"
-            f" such as resize_512"
+            f" such as resize_512 (--transform; --eval-transform for unpaired test images)"
         )
 
     def apply(self, images: list[Image.Image], generator: torch.Generator) -> list[Image.Image]:
