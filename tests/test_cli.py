@@ -180,7 +180,8 @@ SCHEDULERS = "constant, constant_with_warmup, linear, cosine, cosine_with_restar
         ("unpaired", "--disc", "stylegan", "Unknown disc 'stylegan'; choose one of clip, patchgan, none."),
         ("unpaired", "--step-mode", "both", "Unknown step_mode 'both'; choose one of joint, separate."),
         ("paired", "--lr-scheduler", "bogus", f"Unknown lr_scheduler 'bogus'; choose one of {SCHEDULERS}."),
-        ("unpaired", "--report-to", "bogus", "Unknown report_to 'bogus'; choose one of tensorboard, wandb, none."),
+        ("unpaired", "--report-to", "bogus", "Unknown report_to 'bogus'; choose one of tensorboard, wandb, mlflow,"),
+        ("paired", "--seed", str(2**64), "--seed must be between -9223372036854775808 and 18446744073709551615"),
         # PyTorch's own errors came as tracebacks, a negative evaluation count only at the first evaluation (after
         # training, losing its checkpoint), and 0 steps exported an untrained model
         ("paired", "--learning-rate", "-1", "--learning-rate must be more than 0, got -1.0."),
@@ -204,12 +205,14 @@ def test_a_bad_training_option_exits_2_naming_it(tmp_path, capsys, task, flag, v
     assert "Traceback" not in err and not out.exists()
 
 
-def test_the_offered_lr_schedulers_are_diffusers_own():
+def test_the_offered_lr_schedulers_and_trackers_are_diffusers_and_accelerates_own():
+    from accelerate.utils import LoggerType
     from diffusers.optimization import SchedulerType
 
-    from turbo_i2i.training.options import LR_SCHEDULERS
+    from turbo_i2i.training.options import LR_SCHEDULERS, REPORT_TO
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert set(REPORT_TO) - {"none"} == {t.value for t in LoggerType}
 
 
 @pytest.mark.parametrize("flag", ["--gradient-checkpointing", "--compile"])
@@ -253,7 +256,7 @@ def test_every_training_flag_says_what_it_does_and_its_default(task, capsys):
     [
         (
             ["translate", "--input", "x.png", "--output", "y.png", "--seed", "99999999999999999999"],
-            "between 0 and 2**63",
+            "a seed must be between -9223372036854775808 and 18446744073709551615",
         ),
         (["translate", "--input", "x.png", "--output", "y.png", "--device", "bogus"], "'bogus' is not a torch device"),
         (["eval", "--outputs", "o", "--references", "r", "--device", "cuda:7"], "'cuda:7': this machine has"),

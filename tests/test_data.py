@@ -200,6 +200,8 @@ def test_unknown_transform_lists_the_names(circles):
             build_transform(bad)
     with pytest.raises(BadInputError, match="'resize_30': the sides must be multiples of 8, e.g. resize_32"):
         build_transform("resize_30")  # the VAE's 8x8 blocks: it used to fail inside the model at the first step
+    with pytest.raises(BadInputError, match="e.g. resize_304x208"):
+        build_transform("resize_300x201")
 
 
 def test_sizes_the_model_cannot_take_or_batch_are_refused_before_training(circles):
@@ -219,7 +221,10 @@ def test_sizes_the_model_cannot_take_or_batch_are_refused_before_training(circle
     data = PairedDataset(circles, transform="no_resize")
     assert data.sizes == {(32, 32), (40, 40)}
     check_batchable(data, 1)
-    with pytest.raises(BadInputError, match="2 sizes after --transform no_resize \\(32x32, 40x40\\).*--batch-size 1"):
+    with pytest.raises(
+        BadInputError,
+        match="The train images have 2 sizes after --transform no_resize \\(32x32, 40x40\\).*--batch-size 1",
+    ):
         check_batchable(data, 2)
     with pytest.raises(BadInputError, match="split"):
         PairedDataset(circles, split="validation")

@@ -71,7 +71,7 @@ def test_default_prompt_and_bad_prompts(translator, caplog):
         translator(tensor)
     with pytest.raises(BadInputError, match="batch_size must be at least 1, got 0"):
         translator([image], batch_size=0)  # -1 used to return [None]
-    with pytest.raises(BadInputError, match="between 0 and 2\\*\\*63 - 1"):
+    with pytest.raises(BadInputError, match="between -9223372036854775808 and 18446744073709551615"):
         translator(image, seed=10**20)
     with pytest.raises(BadInputError, match="prompt must be a string or a list of strings, got int"):
         translator(image, prompt=5)
@@ -120,24 +120,27 @@ def test_unknown_model_lists_the_known_ones():
         Translator.from_pretrained("no-such-model")
 
 
-@pytest.mark.parametrize("answer", ["no such repository", "offline"])
+@pytest.mark.parametrize("answer", ["no such repository", "offline", "gated"])
 def test_a_missing_folder_that_looks_like_a_hub_id_is_named_as_both(monkeypatch, answer):
     """ "runs/edges" (a folder that is not there) is also a valid hub id: when the hub says there is no such
-    repository it is bad input (exit 2), and either message says no local folder has that name."""
+    repository it is bad input (exit 2), and either message says no local folder has that name; a gated repository
+    exists (exit 1: log in)."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     from turbo_i2i.errors import TurboI2IError
 
     def hub(*args, **kwargs):
         if answer == "offline":
             raise LocalEntryNotFoundError("offline")
-        missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its own __init__ wants an HTTP response
-        Exception.__init__(missing, "404")
-        raise missing
+        kind = GatedRepoError if answer == "gated" else RepositoryNotFoundError
+        refused = kind.__new__(kind)  # their own __init__ wants an HTTP response
+        Exception.__init__(refused, "403" if answer == "gated" else "404")
+        raise refused
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
-    with pytest.raises(TurboI2IError, match="runs/edges.*no local folder") as caught:
+    expected = "runs/edges.*gated.*hf auth login" if answer == "gated" else "runs/edges.*no local folder"
+    with pytest.raises(TurboI2IError, match=expected) as caught:
         Translator.from_pretrained("runs/edges")
     assert isinstance(caught.value, BadInputError) == (answer == "no such repository")
 

@@ -98,6 +98,36 @@ def test_a_loss_network_file_that_would_run_code_is_refused_and_nothing_runs(tmp
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "message,expected",
+    [
+        (  # torch's own forms: the advice first, what it refused after it
+            "Weights only load failed. In PyTorch 2.6, ... Re-running `torch.load` with `weights_only` set to `False`"
+            " will likely succeed, but it can result in arbitrary code execution.\n\n\nTrying to load unsupported"
+            " GLOBAL posix.system whose module posix is blocked.\n\nCheck the documentation of torch.load",
+            "a pickle holding more than tensors (Trying to load unsupported GLOBAL posix.system whose module posix is"
+            " blocked)",
+        ),
+        (
+            "Weights only load failed. This file can still be loaded ...\n\t(1) ... `weights_only` set to `False` will"
+            " likely succeed ...\n\tWeightsUnpickler error: Unsupported global: GLOBAL exec was not an allowed global"
+            " by default. Please use `torch.serialization.add_safe_globals([exec])`",
+            "a pickle holding more than tensors (Unsupported global: GLOBAL exec was not an allowed global by"
+            " default)",
+        ),
+        (  # passed on by another loader (timm)
+            "Error loading evil.pth. If this checkpoint is trusted, retry with weights_only=False.",
+            "Error loading evil.pth.",
+        ),
+    ],
+)
+def test_a_refused_pickle_is_described_without_advice_to_load_it_unsafely(message, expected):
+    from turbo_i2i.errors import load_failure
+
+    described = load_failure(pickle.UnpicklingError(message))
+    assert described == f"UnpicklingError: {expected}" and "weights_only" not in described
+
+
 OFFICIAL_BASE = {"rank_unet": 8, "rank_vae": 4, "unet_lora_target_modules": ["conv"], "vae_lora_target_modules": ["x"]}
 OFFICIAL_CASES = {
     "rank is a list": ({"rank_unet": [8], "state_dict_unet": {}, "state_dict_vae": {}}, "rank_unet|list"),

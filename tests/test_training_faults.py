@@ -392,6 +392,8 @@ def test_a_resume_sets_aside_what_a_run_beyond_its_checkpoint_left(dataset, tmp_
     run = tmp_path / "run"
     make_trainer(dataset, run, max_steps=4, checkpoint_every=2, keep_checkpoints=2).train()
     model = digest(run / "model")
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "step_0000004.png").write_bytes(b"the later run's grid")
     with open(run / loop.LOG_FILE, "a") as log:
         log.write('{"step": 5, "loss')  # a line cut short by a crash
     resumed = make_trainer(dataset, run, max_steps=4, checkpoint_every=1, keep_checkpoints=2)
@@ -404,6 +406,20 @@ def test_a_resume_sets_aside_what_a_run_beyond_its_checkpoint_left(dataset, tmp_
     assert digest(aside / "model") == model and not (run / "model").exists()
     lines = (aside / loop.LOG_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines[:2]] == [3, 4] and lines[2:] == ['{"step": 5, "loss']
+    assert (aside / "eval" / "step_0000004.png").read_bytes() == b"the later run's grid"
+
+
+def test_a_resume_without_a_checkpoint_keeps_an_existing_model(dataset, tmp_path):
+    """--resume in a folder whose checkpoints are gone starts at step 0; the model a finished run exported there is
+    set aside, not replaced by this run's export."""
+    run = tmp_path / "run"
+    make_trainer(dataset, run, max_steps=2, checkpoint_every=2).train()
+    model = digest(run / "model")
+    shutil.rmtree(run / "checkpoints")
+    make_trainer(dataset, run, max_steps=2, checkpoint_every=2).train(resume=True)
+    (aside,) = (run / "superseded").iterdir()
+    assert digest(aside / "model") == model and (run / "model" / "model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (run / loop.LOG_FILE).read_text().splitlines()] == [1, 2]
 
 
 def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
@@ -417,7 +433,10 @@ def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"Cannot resume from {run / 'checkpoints' / 'step_0000003'} with other options" in err
-    assert "--unet-lora-rank 4 (the checkpoint's: 8)" in err and "--disc none (the checkpoint's: patchgan)" in err
+    assert (
+        "--unet-lora-rank 4 (the checkpoint's: 8)" in err
+        and "--disc none with --lambda-gan 0.5 (the checkpoint's: patchgan with --lambda-gan 0.5)" in err
+    )
     assert digest(run) == before
     code = main(train_args(dataset, run, "--resume", "--max-steps", "4", "--learning-rate", "5e-4"))
     err = capsys.readouterr().err

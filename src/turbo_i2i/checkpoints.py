@@ -106,8 +106,14 @@ def readable_like_other_files(path: str | Path) -> None:
 
     safetensors (0.8) creates its files readable by their owner only, so a model exported on a shared machine could
     not be read by the colleagues it was made for.
+
+    Args:
+        path: the file, changed in place.
     """
-    os.chmod(path, 0o666 & ~_UMASK)
+    try:
+        os.chmod(path, 0o666 & ~_UMASK)
+    except OSError:  # a file system without Unix permissions (CIFS, some FUSE mounts): nothing to widen
+        pass
 
 
 def resolve_base_model(base_model: str, folder: str | Path, given: str | os.PathLike | None = None) -> str:

@@ -21,10 +21,12 @@ logger = logging.getLogger("turbo_i2i")
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed torch's generators take (0 to 2**63 - 1)."""
+    """An argparse type: a seed torch's generators take (``SEEDS``)."""
+    from .pipeline import SEEDS
+
     value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed must be between 0 and 2**63 - 1, got {text}")
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"a seed must be between {SEEDS.start} and {SEEDS.stop - 1}, got {text}")
     return value
 
 
@@ -408,7 +410,13 @@ def _convert(args: argparse.Namespace) -> int:
     existed = Path(args.output).exists()  # convert_official refuses an existing output before writing
     try:
         out = convert_official(args.input, args.output, args.base_model or DEFAULT_BACKBONE, **overrides)
-    except OSError as error:  # the output cannot be written (permissions, a file in the way, a full disk)
+    except OSError as error:
+        if Path(args.output).resolve() not in {
+            Path(error.filename or "").resolve(),
+            *Path(error.filename or "").resolve().parents,
+        }:
+            raise  # not about the output
+        # the output cannot be written (permissions, a file in the way, a full disk)
         if not existed:
             shutil.rmtree(args.output, ignore_errors=True)  # no half-written model folder left behind
         reason = error.strerror or str(error)

@@ -45,4 +45,7 @@ def load_failure(error: Exception) -> str:
         lines = [line.strip() for line in body.splitlines() if line.strip() and "weights_only" not in line]
         detail = lines[0].split(". Please", 1)[0].rstrip(".") if lines else "refused"
         return f"{type(error).__name__}: a pickle holding more than tensors ({detail})"
-    return f"{type(error).__name__}: {(text or '-').splitlines()[0]}"
+    first = (text or "-").splitlines()[0]
+    # other loaders (timm) pass torch's refusal on with the same advice: keep what precedes it
+    first = first.split("If this checkpoint is trusted")[0].split("retry with weights_only=False")[0].strip()
+    return f"{type(error).__name__}: {first or 'refused'}"

@@ -26,6 +26,7 @@ logger = logging.getLogger("turbo_i2i")
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PROMPT_CACHE_SIZE = 64
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
 
 
@@ -248,8 +249,8 @@ class Translator:
             )
         if batch_size < 1:
             raise BadInputError(f"batch_size must be at least 1, got {batch_size}.")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise BadInputError(f"A seed must be between 0 and 2**63 - 1, got {seed}.")
+        if seed is not None and seed not in SEEDS:
+            raise BadInputError(f"A seed must be between {SEEDS.start} and {SEEDS.stop - 1}, got {seed}.")
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)

@@ -167,14 +167,19 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     check_hub_id(repo_id, "Model")  # again here: nothing reaches the cache or the network unvalidated
 
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))
-    except RepositoryNotFoundError as error:  # the hub answered: there is no such model
+    except GatedRepoError as error:  # a subclass of the next: the repository exists
+        raise TurboI2IError(
+            f"Model {repo_id!r} is gated on the hub: accept its terms there and log in (`hf auth login`), or pass a"
+            f" local copy of it."
+        ) from error
+    except RepositoryNotFoundError as error:  # the hub answered: there is no such model (or a private one)
         raise BadInputError(
-            f"Unknown model {repo_id!r}: no local folder of that name, and no such repository on the hub."
-            f" Named models: {', '.join(MODELS)}."
+            f"Unknown model {repo_id!r}: no local folder of that name, and no such repository on the hub (or a"
+            f" private one: log in with `hf auth login`). Named models: {', '.join(MODELS)}."
         ) from error
     except Exception as error:  # offline, gated, network: "cannot get it now"
         raise TurboI2IError(

@@ -183,7 +183,8 @@ def build_transform(name: str) -> PairTransform:
     if not (1 <= width <= _MAX_SIDE and 1 <= height <= _MAX_SIDE):
         raise BadInputError(f"Transform {name!r}: the size must be between 1 and {_MAX_SIDE} pixels.")
     if width % 8 or height % 8:  # the VAE works on 8x8 pixel blocks
-        nearest = f"resize_{(width + 7) // 8 * 8}"
+        up = ((width + 7) // 8 * 8, (height + 7) // 8 * 8)
+        nearest = f"resize_{up[0]}" if match.group(2) is None else f"resize_{up[0]}x{up[1]}"
         raise BadInputError(f"Transform {name!r}: the sides must be multiples of 8, e.g. {nearest}.")
     return PairTransform(name, resize=(width, height))
 
@@ -681,8 +682,8 @@ def check_batchable(dataset, batch_size: int) -> None:
         sizes = sorted(dataset.sizes)
         shown = ", ".join(f"{w}x{h}" for w, h in sizes[:5]) + (f" and {len(sizes) - 5} more" if len(sizes) > 5 else "")
         raise BadInputError(
-            f"The training images have {len(sizes)} sizes after --transform {dataset.transform.name} ({shown}), and a"
-            f" batch holds one size; use a resizing transform such as resize_512, or --batch-size 1."
+            f"The {dataset.split} images have {len(sizes)} sizes after --transform {dataset.transform.name} ({shown}),"
+            f" and a batch holds one size; use a resizing transform such as resize_512, or --batch-size 1."
         )
 
 

@@ -40,7 +40,7 @@ LOG_FILE = "logs.jsonl"
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
 # options a checkpoint's contents depend on (with the discriminator and fp16 loss scaling: ``check_resumable_config``)
-STRUCTURAL_OPTIONS = ("base_model", "unet_lora_rank", "vae_lora_rank", "train_all", "stochastic", "disc")
+STRUCTURAL_OPTIONS = ("unet_lora_rank", "vae_lora_rank", "train_all", "stochastic", "disc", "use_8bit_adam")
 # options of a run's length, saving, evaluation and logging, which a resume may change freely
 BOOKKEEPING_OPTIONS = ("output_dir", "max_steps", "checkpoint_every", "eval_every", "num_eval", "eval_metrics",
                        "keep_checkpoints", "max_bad_steps", "report_to", "skip_bad", "lpips_path", "clip_path",
@@ -652,8 +652,13 @@ class TrainerBase:
 
         Options that change what the checkpoint holds (the model's shape, the discriminator, the fp16 loss scale)
         must match; other changes (learning rate, batch size, data, ...) are allowed and listed in a warning, as the
-        run then differs from an uninterrupted one. Options of the run's bookkeeping (length, saving, evaluation,
-        logging) are not compared.
+        run then differs from an uninterrupted one (another ``--base-model`` too: the same backbone moved to a local
+        folder is a common case, and weights that do not fit it are refused as they load). Options of the run's
+        bookkeeping (length, saving, evaluation, logging) are not compared.
+
+        Args:
+            saved: the checkpoint's config (``trainer_state.json``'s "config"; empty in old checkpoints: no check).
+            folder: the checkpoint, named in the message.
 
         Raises:
             BadInputError: a structural option differs; names each with both values.
@@ -669,8 +674,12 @@ class TrainerBase:
             return {**shape, "fp16": config.get("mixed_precision") == "fp16"}
 
         was, is_ = contents(saved), contents(now)
-        differ = [f"--{k.replace('_', '-')} {is_[k]} (the checkpoint's: {was[k]})" for k in STRUCTURAL_OPTIONS
-                  if was[k] != is_[k]]  # fmt: skip
+
+        def shown(config: dict, contents: dict, k: str):  # the discriminator is off with --lambda-gan 0 too
+            return f"{config.get(k)} with --lambda-gan {config.get('lambda_gan')}" if k == "disc" else contents[k]
+
+        differ = [f"--{k.replace('_', '-')} {shown(now, is_, k)} (the checkpoint's: {shown(saved, was, k)})"
+                  for k in STRUCTURAL_OPTIONS if was[k] != is_[k]]  # fmt: skip
         if was["fp16"] != is_["fp16"]:  # the loss scale is saved under fp16 only
             differ.append(f"--mixed-precision {now['mixed_precision']} (the checkpoint's: {saved['mixed_precision']})")
         if differ:
@@ -715,23 +724,34 @@ class TrainerBase:
             )
 
     def set_aside_what_follows(self) -> None:
-        """After a resume at ``self.step``, move what a run beyond that step left (newer checkpoints, their exported
-        model, log lines of later steps) into ``output_dir/superseded/``, so that neither ``--resume latest`` nor the
-        checkpoint rotation mixes it with this run, the log reads as one run, and nothing is deleted.
+        """After a resume at ``self.step``, move what a run beyond that step left into
+        ``output_dir/superseded/after_step_XXXXXXX_<time>/``: newer checkpoints, evaluation grids and log lines of
+        later steps, and the exported model (this run exports its own; a finished run's model is kept unless it is
+        only resumed to export again). ``--resume latest``, the checkpoint rotation and the log then follow this run
+        alone, and nothing is deleted or overwritten. Main process only.
         """
         later = [c for c in self.checkpoints() if int(c.name.removeprefix("step_")) > self.step]
+        grids = [g for g in (self.output_dir / "eval").glob("step_*.png") if _grid_step(g) > self.step]
         log = self.output_dir / LOG_FILE
         kept, after = [], []
         for line in log.read_text().splitlines(keepends=True) if log.is_file() else []:
             (after if _logged_step(line) > self.step else kept).append(line)
         model = self.output_dir / "model"
-        if not later and not after:
+        model_aside = model.exists() and (bool(later) or self.step < self.config.max_steps)
+        if not (later or grids or after or model_aside):
             return
-        aside = self.output_dir / "superseded" / f"after_step_{self.step:07d}_{time.strftime('%Y%m%d-%H%M%S')}"
-        (aside / "checkpoints").mkdir(parents=True)
-        for checkpoint in later:
-            os.replace(checkpoint, aside / "checkpoints" / checkpoint.name)
-        if later and model.exists():  # exported by the run that went beyond this step
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.output_dir / "superseded" / f"after_step_{self.step:07d}_{stamp}"
+        for n in range(2, 1000):  # a second resume within the same second
+            if not aside.exists():
+                break
+            aside = aside.with_name(f"after_step_{self.step:07d}_{stamp}_{n}")
+        for files, folder in ((later, aside / "checkpoints"), (grids, aside / "eval")):
+            for path in files:
+                folder.mkdir(parents=True, exist_ok=True)
+                os.replace(path, folder / path.name)
+        aside.mkdir(parents=True, exist_ok=True)
+        if model_aside:
             os.replace(model, aside / "model")
         if after:
             (aside / LOG_FILE).write_text("".join(after))
@@ -739,8 +759,8 @@ class TrainerBase:
             partial.write_text("".join(kept))
             os.replace(partial, log)
         logger.warning(
-            "%d newer checkpoints and %d log lines after step %d (a run beyond this checkpoint) were moved to %s",
-            len(later), len(after), self.step, aside,
+            "moved what followed step %d (%d checkpoints, %d evaluation grids, %d log lines%s) to %s",
+            self.step, len(later), len(grids), len(after), ", the exported model" if model_aside else "", aside,
         )  # fmt: skip
 
     # --- export and the run loop ---------------------------------------------------------------------------------
@@ -805,9 +825,15 @@ class TrainerBase:
             else:
                 self.load_checkpoint(folder)
                 logger.warning("resumed from %s (step %d)", folder, self.step)
+            failure = None
             if self.accelerator.is_main_process:
-                self.set_aside_what_follows()
-            self.accelerator.wait_for_everyone()
+                try:
+                    self.set_aside_what_follows()
+                except OSError as error:
+                    failure = CheckpointWriteError(
+                        f"Could not move the superseded files of {self.output_dir}: {error}"
+                    )
+            self._stop_all_if(failure, self.output_dir / "superseded")  # the other processes wait for this
         elif self.step == 0:  # a new run (a trainer that has trained goes on with its own run)
             self.check_unused_output_dir()
         end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
@@ -911,6 +937,12 @@ def make_accelerator(config):
 
     report_to = None if config.report_to == "none" else config.report_to
     return Accelerator(log_with=report_to, project_dir=config.output_dir)
+
+
+def _grid_step(path: Path) -> int:
+    """The step of an evaluation grid ``eval/step_XXXXXXX.png`` (-1 for another name)."""
+    digits = path.stem.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def _logged_step(line: str) -> float:

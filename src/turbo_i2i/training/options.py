@@ -17,7 +17,9 @@ STEP_MODES = ("joint", "separate")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 # diffusers' schedulers that need no option beyond the warm-up and step counts (``diffusers.optimization``)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-REPORT_TO = ("tensorboard", "wandb", "none")
+# accelerate's trackers (``accelerate.utils.LoggerType``), and none
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
+             "none")  # fmt: skip
 # options that count something and need at least one of it, and options that may be 0 but not negative
 AT_LEAST_ONE = ("unet_lora_rank", "vae_lora_rank", "batch_size", "gradient_accumulation_steps", "max_steps",
                 "checkpoint_every", "eval_every", "keep_checkpoints")  # fmt: skip
@@ -105,7 +107,8 @@ class TrainConfig:
         keep_checkpoints: how many of the newest checkpoints are kept.
         max_bad_steps: a step whose loss or gradient is NaN/Inf is skipped (no update) and counted; more than this
             many in a row stop the run, naming the step and the last checkpoint.
-        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb" or "none".
+        report_to: where logged values go besides ``logs.jsonl``: "tensorboard", "wandb", another tracker of
+            accelerate's ("mlflow", ...; its package installed) or "none".
         skip_bad: skip bad items with a warning instead of refusing the data set.
         lpips_path, clip_path: local weights for the loss networks (else their standard cache / download).
         inception_path, dino_path: local weights for the evaluation networks (else their cache / download).
@@ -164,6 +167,8 @@ class TrainConfig:
         for name in NOT_NEGATIVE + lambdas:
             if getattr(self, name) < 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise BadInputError(f"--seed must be between {-(2**63)} and {2**64 - 1}, got {self.seed}.")
         if not self.learning_rate > 0:
             raise BadInputError(f"--learning-rate must be more than 0, got {self.learning_rate}.")
 

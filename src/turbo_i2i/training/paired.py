@@ -126,8 +126,10 @@ class PairedTrainer(TrainerBase):
         self.train_data = PairedDataset(
             config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
         )
-        check_batchable(self.train_data, config.batch_size)
         self.test_data = self._test_split()
+        for data in (self.train_data, self.test_data):  # evaluation batches test pairs as training batches its own
+            if data is not None:
+                check_batchable(data, config.batch_size)
         if metrics is None and self.test_data is not None and metric_names(config.eval_metrics):
             metrics = self.load_metrics()  # at start-up, so a missing network fails now, not after hours
         self.metrics = metrics
