@@ -261,6 +261,7 @@ def test_every_training_flag_says_what_it_does_and_its_default(task, capsys):
         (["translate", "--input", "x.png", "--output", "y.png", "--device", "bogus"], "'bogus' is not a torch device"),
         (["eval", "--outputs", "o", "--references", "r", "--device", "cuda:7"], "'cuda:7': this machine has"),
         (["demo", "--port", "70000"], "a port must be between 1 and 65535"),
+        (["train", "unpaired", "--dataset", "d", "--output-dir", "o", "--stop-at", "0"], "a step must be at least 1"),
     ],
 )
 def test_an_impossible_number_or_device_is_a_usage_error(args, message, capsys):

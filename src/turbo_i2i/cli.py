@@ -30,6 +30,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _step(text: str) -> int:
+    """An argparse type: a training step (1 or more)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a step must be at least 1, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port (1-65535)."""
     value = int(text)
@@ -160,7 +168,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "--resume", nargs="?", const="latest", metavar="latest|PATH",
             help="continue from the newest checkpoint in --output-dir (or from the checkpoint folder PATH)",
         )  # fmt: skip
-        parser.add_argument("--stop-at", type=int, help="stop at this step (resume later with --resume)")
+        parser.add_argument("--stop-at", type=_step, help="stop at this step (resume later with --resume)")
     _add_config_flags(p, PairedTrainConfig, optional=("dataset",))  # a preset can generate its data set
     _add_config_flags(u, UnpairedTrainConfig)
 
