@@ -256,6 +256,8 @@ def _translate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     folder, video = source.is_dir(), source.is_file() and is_video(source)
+    if not folder and target.is_dir():
+        target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
     if folder:
@@ -274,10 +276,6 @@ def _translate(args: argparse.Namespace) -> int:
             raise BadInputError(
                 f"Folder '{source}' holds no images (sub-folders too); expected files ending in {accepted}."
             )
-    elif target.is_dir():
-        target = target / f"{source.stem}{'.mp4' if video else '.png'}"
-        if target.resolve() == source.resolve():
-            raise BadInputError(f"--output {target} would be the input itself; write the translation elsewhere.")
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     endings = OUTPUT_CODECS if video else pre.IMAGE_EXTENSIONS
