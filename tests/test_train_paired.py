@@ -6,7 +6,14 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 from PIL import Image
-from trainers import WeightCasts, check_shared_evaluation, make_paired_trainer, train_three_steps, trained_weights
+from trainers import (
+    WeightCasts,
+    autocast_in_backward,
+    check_shared_evaluation,
+    make_paired_trainer,
+    train_three_steps,
+    trained_weights,
+)
 
 from turbo_i2i.cli import main
 from turbo_i2i.pipeline import Translator
@@ -240,20 +247,13 @@ def test_accumulated_batches_cast_each_trainable_weight_once_and_backward_runs_w
     own), and the backward passes run with autocast off (LPIPS is differentiated in fp32, as it was computed)."""
     trainer = make_paired_trainer(dataset, tmp_path, mixed_precision="bf16", gradient_accumulation_steps=2)
     generator, discriminator = trained_weights(trainer.unwrapped), trained_weights(trainer.discriminator)
-    autocast_in_backward = []
-
-    def watch_backward(module, inputs, loss):
-        loss.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
-
-    handle = trainer.lpips.register_forward_hook(watch_backward)
-    with WeightCasts({**generator, **discriminator}) as counter:
+    with autocast_in_backward(trainer.lpips) as lpips_backward, WeightCasts({**generator, **discriminator}) as counter:
         logs = trainer.train_step()
-    handle.remove()
     assert logs["skipped_steps"] == 0
     assert {counter.casts.get(name) for name in generator} == {1}
     cast = {name: n for name, n in counter.casts.items() if name in discriminator}  # BatchNorm runs in fp32
     assert {name for name, p in discriminator.items() if p.ndim == 4} <= cast.keys() and set(cast.values()) == {2}
-    assert autocast_in_backward == [False, False]  # one LPIPS term per batch
+    assert lpips_backward == [False, False]  # one LPIPS term per batch
 
 
 def test_compile_option_compiles_the_generator_parts(dataset, tmp_path):

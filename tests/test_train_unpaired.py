@@ -14,6 +14,7 @@ from trainers import (
     CAPTION_A,
     CAPTION_B,
     WeightCasts,
+    autocast_in_backward,
     check_shared_evaluation,
     make_unpaired,
     make_unpaired_trainer,
@@ -127,18 +128,11 @@ def test_half_precision_casts_each_trainable_weight_once_and_backward_runs_witho
     trainer = make_unpaired_trainer(dataset, tmp_path, mixed_precision="bf16")
     batch = trainer.batch(0)
     trained = trained_weights(trainer.generator)
-    autocast_in_backward = []
-
-    def watch_backward(module, inputs, loss):
-        loss.register_hook(lambda grad: autocast_in_backward.append(torch.is_autocast_enabled("cpu")))
-
-    handle = trainer.lpips.register_forward_hook(watch_backward)
-    with WeightCasts(trained) as counter:
+    with autocast_in_backward(trainer.lpips) as lpips_backward, WeightCasts(trained) as counter:
         _, _, bad = trainer.joint_backward(batch["a"], batch["b"])
-    handle.remove()
     assert bad is None
     assert counter.casts.keys() == trained.keys() and set(counter.casts.values()) == {1}
-    assert len(autocast_in_backward) == 4 and not any(autocast_in_backward)  # the cycle and identity terms
+    assert len(lpips_backward) == 4 and not any(lpips_backward)  # the cycle and identity terms
 
 
 def test_accumulated_batches_cast_each_trainable_weight_once_per_step(dataset, tmp_path):

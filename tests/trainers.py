@@ -1,6 +1,7 @@
 """Tiny trainers on generated data, shared by the training tests (the built-in tiny backbone, stand-in loss and
 evaluation networks: no download)."""
 
+import contextlib
 import shutil
 
 import torch
@@ -129,3 +130,19 @@ def trained_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s trainable parameters by name, less the VAE upsamplers' (cast as the sub-pixel kernels made from
     them, ``subpixel.py``, not directly)."""
     return {n: p for n, p in module.named_parameters() if p.requires_grad and "upsamplers" not in n}
+
+
+@contextlib.contextmanager
+def autocast_in_backward(module: torch.nn.Module):
+    """While active, whether autocast was on in the backward pass of each output of ``module`` (e.g. a loss network):
+    yields the list the answers are appended to."""
+    seen: list[bool] = []
+
+    def watch(_, inputs, output):
+        output.register_hook(lambda grad: seen.append(torch.is_autocast_enabled(output.device.type)))
+
+    handle = module.register_forward_hook(watch)
+    try:
+        yield seen
+    finally:
+        handle.remove()
