@@ -253,7 +253,7 @@ def test_all_problems_in_one_error(circles):
     with pytest.raises(BadInputError) as info:
         PairedDataset(circles)
     message = str(info.value)
-    assert message.startswith(f"6 problems in the dataset {circles}:")
+    assert message.startswith(f"6 problems in the dataset {circles} (train split):")
     lines = problem_lines(message)
     assert len(lines) == 6
     expected = {
@@ -269,12 +269,22 @@ def test_all_problems_in_one_error(circles):
     assert info.value.exit_code == 2
 
 
+def test_problems_of_the_test_split_name_it(circles, caplog):
+    # the test split is checked when training starts: its warning must not read like one about the training pairs
+    shutil.copyfile(circles / "train_A" / "000000.png", circles / "test_A" / "extra.png")  # no target
+    with pytest.raises(BadInputError, match=rf"^2 problems in the dataset {re.escape(str(circles))} \(test split\):"):
+        PairedDataset(circles, split="test")
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        assert len(PairedDataset(circles, split="test", skip_bad=True)) == 1
+    assert re.search(r"Skipped 1 of 2 pairs of the dataset .* \(test split\), 2 problems,", caplog.text)
+
+
 def test_skip_bad_keeps_the_good_pairs_and_warns(circles, caplog):
     break_dataset(circles)
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
         ds = PairedDataset(circles, skip_bad=True)
     (record,) = caplog.records
-    assert re.search(r"Skipped 5 of 9 pairs .*\(6 problems\)", record.getMessage())
+    assert re.search(r"Skipped 5 of 9 pairs of the dataset .* \(train split\), 6 problems", record.getMessage())
     assert [r.name for r in ds.pairs] == ["000000.png", "000006.png", "000007.png", "000008.png"]
     assert len(ds.problems) == 6 and ds[3]["name"] == "000008.png"
 
@@ -352,7 +362,7 @@ def test_bad_manifest_lines_are_named_by_number(circles, caplog):
     with pytest.raises(BadInputError) as info:
         PairedDataset(manifest)
     lines = problem_lines(str(info.value))
-    assert str(info.value).startswith("6 problems in the dataset")
+    assert str(info.value).startswith(f"6 problems in the dataset {manifest}:")  # a manifest has no splits
     assert lines[0].startswith("  - manifest line 2: not valid JSON")
     assert lines[1] == "  - manifest line 3: missing key 'prompt'"
     assert lines[2].startswith("  - manifest line 4: Image file") and "missing.png' does not exist" in lines[2]

@@ -82,7 +82,7 @@ def test_skip_bad_drops_bad_images_but_not_missing_parts(tmp_path, caplog):
     (root / "train_A" / "001.png").write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
         ds = UnpairedDataset(root, skip_bad=True)
-    assert re.search(r"Skipped 1 of 8 images .*\(1 problems\)", caplog.text)
+    assert re.search(r"Skipped 1 of 8 images of the dataset .* \(train split\), 1 problem,", caplog.text)
     assert [p.name for p in ds.files["A"]] == ["000.png", "002.png", "003.png", "004.png"]
     (root / "fixed_prompt_a.txt").write_text("   \n")
     with pytest.raises(BadInputError, match="(?s)fixed_prompt_a.txt is empty.*No usable image is left"):

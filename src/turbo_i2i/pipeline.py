@@ -19,6 +19,7 @@ from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
 from .registry import load_model
+from .seeds import SEEDS
 from .subpixel import use_subpixel_upsampling
 from .tiling import translate_tiled
 
@@ -26,7 +27,6 @@ logger = logging.getLogger("turbo_i2i")
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PROMPT_CACHE_SIZE = 64
-SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
 
 

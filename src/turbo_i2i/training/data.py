@@ -509,6 +509,19 @@ def format_problems(source: object, problems: Sequence[str], limit: int = MAX_LI
     return "\n".join(lines)
 
 
+def split_name(source: Path, split: str) -> str:
+    """How messages name one split of a data set folder, e.g. "my_data (test split)".
+
+    Args:
+        source: the data set folder.
+        split: "train" or "test".
+
+    Returns:
+        The name.
+    """
+    return f"{source} ({split} split)"
+
+
 def report_problems(
     source: object,
     problems: list[str],
@@ -544,8 +557,9 @@ def report_problems(
         more = len(problems) - _WARN_LISTED
         # logged, as the run's other warnings are ("warning: ..." on the command line)
         logger.warning(
-            "Skipped %d of %d %s of the dataset %s (%d problems), e.g.:\n%s%s",
-            n_found - n_usable, n_found, many, source, len(problems), listed,
+            "Skipped %d of %d %s of the dataset %s, %d %s, e.g.:\n%s%s",
+            n_found - n_usable, n_found, many, source, len(problems), "problem" if len(problems) == 1 else "problems",
+            listed,
             f"\n  ... and {more} more" if more > 0 else "",
         )  # fmt: skip
 
@@ -627,7 +641,9 @@ class PairedDataset(Dataset):
 
     def _report(self, n_candidates: int, skip_bad: bool) -> None:
         """Raise for the problems found, or with ``skip_bad`` warn about the dropped pairs."""
-        report_problems(self.source, self.problems, n_candidates, len(self.pairs), skip_bad)
+        # a manifest is one split; a folder's messages say which of its splits they are about
+        name = self.source if self.source.is_file() else split_name(self.source, self.split)
+        report_problems(name, self.problems, n_candidates, len(self.pairs), skip_bad)
 
     def __len__(self) -> int:
         """The number of usable pairs."""

@@ -36,6 +36,7 @@ from .data import (
     build_transform,
     report_problems,
     sample_generator,
+    split_name,
 )
 
 DOMAINS = ("A", "B")
@@ -153,7 +154,9 @@ class UnpairedDataset(Dataset):
         usable = sum(len(f) for f in self.files.values())
         if structural or not all(self.files.values()):
             usable = 0  # either domain missing: nothing can be trained, whatever skip_bad says
-        report_problems(self.source, self.problems, len(checks), usable, skip_bad, ("image", "images"))
+        report_problems(
+            split_name(self.source, split), self.problems, len(checks), usable, skip_bad, ("image", "images")
+        )
 
     def __len__(self) -> int:
         """Items per epoch: the size of the larger domain."""
