@@ -176,7 +176,7 @@ def test_load_inception_runs_a_cached_file_the_clean_fid_way(offline):
     assert torch.allclose(net(x), expected, atol=1e-5)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     (offline / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(TurboI2IError, match="unreadable"):
+    with pytest.raises(BadInputError, match="unreadable"):  # a damaged file: bad input, as damaged model files are
         load_inception(path=offline / "junk.pt")
     with pytest.raises(BadInputError, match="does not exist"):
         load_inception(path=offline / "nothing.pt")

@@ -175,8 +175,9 @@ class DINOStructureDistance(nn.Module):
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> TurboI2IError:
-    return TurboI2IError(
+def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> str:
+    """The message for DINO weights that could not be loaded, with how to provide them."""
+    return (
         f"Could not load the DINO weights {name!r} the structure distance is measured with ({reason}). They were"
         f" looked for {looked_for}. To provide them: {hint}, or pass path= (--dino-path on the command line) a local"
         f" model.safetensors / pytorch_model.bin or a folder holding one; with HF_HUB_OFFLINE=1 nothing is"
@@ -214,7 +215,9 @@ def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> s
         f" HF_HOME to a cache that holds it"
     )
     reason = "not in the cache and offline" if offline else load_failure(error)
-    raise _dino_missing(name, looked_for + ("" if offline else " and on the hub"), reason, hint) from error
+    raise TurboI2IError(
+        _dino_missing(name, looked_for + ("" if offline else " and on the hub"), reason, hint)
+    ) from error
 
 
 def load_dino(
@@ -237,7 +240,7 @@ def load_dino(
         it in ``DINOStructureDistance``.
 
     Raises:
-        BadInputError: unknown model name, or a ``path`` that does not exist.
+        BadInputError: unknown model name, a ``path`` that does not exist, or weights that cannot be read.
         TurboI2IError: the weights are neither on disk nor downloadable (one paragraph saying how to provide them).
     """
     import timm
@@ -251,9 +254,14 @@ def load_dino(
     file = _weights_file(name, path, offline)
     try:
         vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": file}, dynamic_img_size=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
-        raise _dino_missing(
-            name, f"in the file {file}", f"unreadable: {load_failure(error)}", f"check that it holds {name!r} weights"
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # a damaged or hostile file: bad input (exit 2)
+        raise BadInputError(
+            _dino_missing(
+                name,
+                f"in the file {file}",
+                f"unreadable: {load_failure(error)}",
+                f"check that it holds {name!r} weights",
+            )
         ) from error
     vit = freeze(vit)
     return vit.to(device) if device is not None else vit

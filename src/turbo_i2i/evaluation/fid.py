@@ -77,9 +77,10 @@ def _inception_candidates(path: str | os.PathLike | None) -> list[Path]:
     return [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, CLEANFID_FOLDER / INCEPTION_FILE]
 
 
-def _inception_missing(looked_for: Sequence[Path], reason: str) -> TurboI2IError:
+def _inception_missing(looked_for: Sequence[Path], reason: str) -> str:
+    """The message for an Inception network that could not be loaded, with how to provide it."""
     where = " and ".join(str(p) for p in looked_for)
-    return TurboI2IError(
+    return (
         f"Could not load the Inception v3 network FID is measured with ({reason}). It was looked for as {where}."
         f" To provide it: download {INCEPTION_URL} once on a machine with a network and copy the file to"
         f" {looked_for[0]}, or pass path= (--inception-path on the command line) a local copy of {INCEPTION_FILE};"
@@ -107,7 +108,7 @@ def load_inception(
         a module mapping (N, 3, 299, 299) images in [0, 255] to (N, 2048) features, in eval mode without gradients.
 
     Raises:
-        BadInputError: ``path`` does not exist.
+        BadInputError: ``path`` does not exist, or the file found cannot be read.
         TurboI2IError: the network is neither on disk nor downloadable (one paragraph saying how to provide it), or
             clean-fid is not installed.
     """
@@ -121,19 +122,20 @@ def load_inception(
     if found is None:
         offline = hub_offline() if local_files_only is None else local_files_only
         if offline:
-            raise _inception_missing(candidates, "not on disk and offline")
+            raise TurboI2IError(_inception_missing(candidates, "not on disk and offline"))
         found = candidates[0]
         found.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(found), progress=True)
         except (OSError, urllib.error.URLError, RuntimeError) as error:
-            raise _inception_missing(candidates, load_failure(error)) from error
+            raise TurboI2IError(_inception_missing(candidates, load_failure(error))) from error
     try:
         with warnings.catch_warnings():  # the file is TorchScript, whose loader torch now marks as deprecated
             warnings.simplefilter("ignore", FutureWarning)
             net = InceptionFeatures(torch.jit.load(str(found), map_location="cpu"))
     except (OSError, RuntimeError, ValueError, AttributeError) as error:
-        raise _inception_missing([found], f"unreadable: {load_failure(error)}") from error
+        # a damaged file is bad input (exit 2), as a damaged model file is
+        raise BadInputError(_inception_missing([found], f"unreadable: {load_failure(error)}")) from error
     net = freeze(net)
     return net.to(device) if device is not None else net
 

@@ -107,7 +107,8 @@ def _copy_trunk(trunk: nn.Module, checkpoint: Path, net: str) -> None:
         trunk.load_state_dict({name: state["features." + name.split(".", 1)[1]] for name in trunk.state_dict()})
     except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:  # refused pickles too
         url = _trunk_url(net)
-        raise TurboI2IError(
+        # a damaged or hostile file is bad input (exit 2), as a damaged model file is; a missing one is not
+        raise BadInputError(
             _lpips_missing_message(net, f"in {checkpoint}", url, checkpoint, f"unreadable: {load_failure(error)}")
         ) from error
 
@@ -135,7 +136,7 @@ def load_lpips(
         get an (N, 1, 1, 1) distance.
 
     Raises:
-        BadInputError: unknown ``net`` or a ``path`` that does not exist.
+        BadInputError: unknown ``net``, a ``path`` that does not exist, or a weights file that cannot be read.
         TurboI2IError: the trunk weights are neither on disk nor downloadable, with how to provide them.
     """
     if net not in LPIPS_TRUNKS:
@@ -284,7 +285,7 @@ def load_clip(
         (model in eval mode with ``requires_grad`` off, tokenizer: list of captions -> (N, 77) token ids).
 
     Raises:
-        BadInputError: unknown model name or tag, or a ``path`` that does not exist.
+        BadInputError: unknown model name or tag, a ``path`` that does not exist, or a file that cannot be read.
         TurboI2IError: the weights are neither on disk nor downloadable, with how to provide them.
     """
     if name not in open_clip.list_models():
@@ -311,13 +312,15 @@ def load_clip(
         )
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:  # refused pickles too
-        if source is not None and Path(source).is_file():
-            looked_for, hint = f"in the file {source}", f"check that it is an open_clip checkpoint of {name!r}"
+        if source is not None and Path(source).is_file():  # a damaged or hostile file: bad input (exit 2)
+            looked_for, hint, kind = (
+                f"in the file {source}",
+                f"check that it is an open_clip checkpoint of {name!r}",
+                BadInputError,
+            )
         else:
-            looked_for, hint = "by open_clip's download of the tag", "check the network"
-        raise TurboI2IError(
-            _clip_missing_message(name, str(pretrained), looked_for, load_failure(error), hint)
-        ) from error
+            looked_for, hint, kind = "by open_clip's download of the tag", "check the network", TurboI2IError
+        raise kind(_clip_missing_message(name, str(pretrained), looked_for, load_failure(error), hint)) from error
     return freeze(model), tokenizer
 
 
