@@ -21,6 +21,7 @@ from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import LOG_FILE
 from turbo_i2i.training.options import PRESETS
 from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
+from turbo_i2i.training.pretrained import tiny_lpips
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,16 @@ def test_compile_option_compiles_the_generator_parts(dataset, tmp_path):
     assert all(part._compiled_call_impl is not None for part in parts)  # nn.Module.compile's in-place wrapper
     eager = make_paired_trainer(dataset, tmp_path / "eager")
     assert eager.unwrapped.unet._compiled_call_impl is None
+
+
+def test_clip_is_not_loaded_when_the_terms_that_use_it_are_off(dataset, tmp_path, monkeypatch):
+    # --disc clip with --lambda-gan 0 --lambda-clipsim 0: no term needs CLIP, so nothing may be downloaded (offline it
+    # used to fail on the missing ViT-B/32 weights)
+    def no_download(**kwargs):
+        raise AssertionError("CLIP was loaded")
+
+    monkeypatch.setattr("turbo_i2i.training.pretrained.load_clip", no_download)
+    options = dict(dataset=str(dataset), output_dir=str(tmp_path), base_model="tiny", transform="no_resize")
+    config = PairedTrainConfig(**options, disc="clip", lambda_gan=0.0, lambda_clipsim=0.0, eval_metrics="")
+    trainer = PairedTrainer(config, loss_networks=(tiny_lpips(), None))
+    assert trainer.discriminator is None and trainer.clipsim is None

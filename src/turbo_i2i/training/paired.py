@@ -212,7 +212,8 @@ class PairedTrainer(TrainerBase):
         if self.config.lambda_lpips > 0:
             lpips = LPIPSLoss(lpips_net if lpips_net is not None else load_lpips(path=self.config.lpips_path))
             lpips.to(self.device)
-        if self.config.lambda_clipsim > 0 or self.config.disc == "clip":
+        # CLIP serves the CLIP-sim term and the vision-aided D; with both off (weight 0) it is not loaded at all
+        if self.config.lambda_clipsim > 0 or (self.config.disc == "clip" and self.config.lambda_gan > 0):
             clip = clip if clip is not None else load_clip(path=self.config.clip_path)
             self._clip = clip
         if self.config.lambda_clipsim > 0:
