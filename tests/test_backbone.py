@@ -73,3 +73,24 @@ def test_long_prompt_is_reported_as_truncated():
     backbone = load_backbone("tiny")
     embeds, truncated = encode_prompt(backbone.tokenizer, backbone.text_encoder, ["red " * 100, "red"])
     assert embeds.shape == (2, 77, 32) and truncated == ["red " * 100]
+
+
+def test_a_hub_cache_named_after_import_is_used(tmp_path, monkeypatch):
+    # huggingface_hub reads HF_HUB_CACHE once, on import; a notebook that sets it later must still be followed (the
+    # backbone used to be looked for in the import-time cache while the message and the loss networks used the new one)
+    from diffusers import DDPMScheduler
+
+    tiny = load_backbone("tiny")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--someone--tiny-sd" / "snapshots" / commit
+    for part in ("tokenizer", "text_encoder", "unet", "vae"):
+        getattr(tiny, part).save_pretrained(snapshot / part)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        snapshot / "scheduler"
+    )
+    (tmp_path / "models--someone--tiny-sd" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-sd" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    loaded = load_backbone("someone/tiny-sd")  # offline (conftest): from the cache or not at all
+    for name, tensor in tiny.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], tensor), name

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import BadInputError, TurboI2IError
+from .hub import hub_cache, hub_offline
 
 DEFAULT_BACKBONE = "stabilityai/sd-turbo"
 
@@ -115,10 +116,10 @@ class OneStepSchedule:
             )
 
     @classmethod
-    def from_config(cls, config: dict, timestep: int | None = None) -> OneStepSchedule:
-        """Build from a diffusers scheduler config; the default timestep is the last training step."""
+    def from_config(cls, config: dict) -> OneStepSchedule:
+        """Build from a diffusers scheduler config, at the last training timestep (999 for SD-Turbo)."""
         scheduler = DDPMScheduler.from_config({**SCHEDULER_CONFIG, **config})
-        t = scheduler.config.num_train_timesteps - 1 if timestep is None else timestep
+        t = scheduler.config.num_train_timesteps - 1
         return cls(
             timestep=t,
             alpha_cumprod=float(scheduler.alphas_cumprod[t]),
@@ -207,17 +208,11 @@ def _missing_weights_message(name: str, error: Exception) -> str:
     return (
         f"Could not load the backbone {name!r} ({type(error).__name__}: {(str(error) or '-').splitlines()[0]})."
         f" It was looked for as a local folder in the diffusers layout (tokenizer/, text_encoder/, unet/, vae/,"
-        f" scheduler/) and as a Hugging Face hub id in the local cache ({_hub_cache()}) and, unless HF_HUB_OFFLINE=1,"
+        f" scheduler/) and as a Hugging Face hub id in the local cache ({hub_cache()}) and, unless HF_HUB_OFFLINE=1,"
         f" on the hub. To provide it: download it once on a machine with a network"
         f" (`huggingface-cli download {name}`) and copy the cache, or pass the path of a local folder, or set HF_HOME"
         f" to a cache that holds it. Built-in backbones that need no download: {', '.join(BUILTIN_BACKBONES)}."
     )
-
-
-def _hub_cache() -> str:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return HF_HUB_CACHE
 
 
 def load_backbone(
@@ -245,15 +240,13 @@ def load_backbone(
         backbone = _build_builtin(name)
     else:
         if local_files_only is None:
-            from huggingface_hub.constants import HF_HUB_OFFLINE
-
-            local_files_only = bool(HF_HUB_OFFLINE)
+            local_files_only = hub_offline()
         if not Path(name).is_dir() and (Path(name).exists() or name.count("/") != 1):
             raise BadInputError(
                 f"Backbone {name!r} is neither a folder in the diffusers layout, a hub id (owner/name), nor one of the"
                 f" built-in backbones ({', '.join(BUILTIN_BACKBONES)})."
             )
-        kwargs = {"local_files_only": local_files_only}
+        kwargs = {"local_files_only": local_files_only, "cache_dir": hub_cache()}
         try:
             tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs)
             text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kwargs)

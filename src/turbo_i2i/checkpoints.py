@@ -24,6 +24,7 @@ from .backbone import BUILTIN_BACKBONES, Backbone, load_backbone
 from .config import GeneratorConfig, check_hub_id
 from .errors import BadInputError, TurboI2IError, load_failure
 from .generator import OneStepGenerator
+from .hub import hub_offline
 
 logger = logging.getLogger("turbo_i2i")
 
@@ -449,10 +450,8 @@ def download(url: str, destination: Path) -> Path:
     """
     if destination.is_file():
         return destination
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
     hint = f"Download it on a machine with a network and place it at {destination}."
-    if HF_HUB_OFFLINE:
+    if hub_offline():
         raise TurboI2IError(f"{url} is not in the cache and HF_HUB_OFFLINE is set. {hint}")
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:

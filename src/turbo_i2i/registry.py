@@ -13,8 +13,9 @@ import torch
 
 from .backbone import DEFAULT_BACKBONE
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, download, load_official, load_pretrained
-from .config import check_hub_id
+from .config import STOCHASTIC_DEFAULT_R, check_hub_id
 from .errors import BadInputError, TurboI2IError
+from .hub import hub_cache
 
 OFFICIAL_URL = "https://www.cs.cmu.edu/~img2img-turbo/models/"
 BUILTIN_DIR = Path(__file__).parent / "models"
@@ -55,7 +56,7 @@ MODELS = {
             "sketch_to_image_stochastic",
             "pix2pix-Turbo, sketch -> picture, r trades faithfulness for variety",
             "sketch_to_image_stochastic_lora.pkl",
-            {"preprocess": "sketch", "default_r": 0.4},
+            {"preprocess": "sketch", "default_r": STOCHASTIC_DEFAULT_R},
         ),
         NamedModel(
             "day_to_night", "CycleGAN-Turbo, driving scenes", "day2night.pkl",
@@ -96,7 +97,7 @@ def availability(model: NamedModel) -> tuple[bool, str]:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(DEFAULT_BACKBONE, local_files_only=True)
+        snapshot_download(DEFAULT_BACKBONE, local_files_only=True, cache_dir=hub_cache())
     except Exception:  # any failure means "not in the local cache"
         return False, f"needs {DEFAULT_BACKBONE} in the hub cache"
     return True, "cached"

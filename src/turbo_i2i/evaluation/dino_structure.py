@@ -189,7 +189,7 @@ def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> str:
 def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> str:
     """A local file holding the weights: ``path`` (a file or a folder with one), else the Hugging Face cache/hub."""
     from ..errors import load_failure
-    from ..training.pretrained import _hf_hub_cache
+    from ..hub import hub_cache
 
     if path is not None:
         path = Path(path)
@@ -203,7 +203,7 @@ def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> s
         return str(path)
     from huggingface_hub import hf_hub_download
 
-    repo_id, cache, error = f"timm/{name}", _hf_hub_cache(), None
+    repo_id, cache, error = f"timm/{name}", hub_cache(), None
     for filename in _WEIGHT_FILES:
         try:
             return hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=offline)
@@ -246,7 +246,8 @@ def load_dino(
     import timm
 
     from ..errors import load_failure
-    from ..training.pretrained import freeze, hub_offline
+    from ..hub import hub_offline
+    from ..training.pretrained import freeze
 
     if not timm.is_model(name):
         raise BadInputError(f"Unknown timm model {name!r}; the DINO structure distance uses {DINO_MODEL!r}.")

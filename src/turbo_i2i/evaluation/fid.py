@@ -113,7 +113,8 @@ def load_inception(
             clean-fid is not installed.
     """
     from ..errors import load_failure
-    from ..training.pretrained import freeze, hub_offline
+    from ..hub import hub_offline
+    from ..training.pretrained import freeze
 
     if path is not None and not Path(path).is_file():
         raise BadInputError(f"Inception weights file {str(path)!r} does not exist.")

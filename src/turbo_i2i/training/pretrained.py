@@ -21,11 +21,11 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DA
 from torch import nn
 
 from ..errors import BadInputError, TurboI2IError, load_failure
+from ..hub import hub_cache, hub_offline
 
 # LPIPS trunk name -> the torchvision weights enum its ImageNet weights come from (lpips asks torchvision for
 # ``pretrained=True``, which is IMAGENET1K_V1 of these).
 LPIPS_TRUNKS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -38,28 +38,6 @@ def freeze(module: nn.Module) -> nn.Module:
         the same module.
     """
     return module.requires_grad_(False).eval()
-
-
-def hub_offline() -> bool:
-    """Whether downloads are off: ``HF_HUB_OFFLINE`` as set now (read at call time, so a late ``setenv`` counts),
-    else huggingface_hub's value from import time."""
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    return value.strip().upper() in _TRUE
-
-
-def _hf_hub_cache() -> Path:
-    # Resolved at call time for the same reason as hub_offline: huggingface_hub freezes its constants on import.
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 # ---------------------------------------------------------------------------------------------------------- LPIPS
@@ -224,7 +202,7 @@ def _clip_from_hf(name: str, tag: str, hf_hub: str, offline: bool) -> str:
     from huggingface_hub import hf_hub_download
 
     repo_id, filenames = _hf_candidates(hf_hub)
-    cache = _hf_hub_cache()
+    cache = hub_cache()
     error: Exception | None = None
     for filename in filenames:
         try:
