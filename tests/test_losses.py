@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 from turbo_i2i.errors import BadInputError, TurboI2IError
-from turbo_i2i.training.losses import CLIPSimLoss, LPIPSLoss, PairedLossWeights, loss_l2
+from turbo_i2i.training.losses import CLIPSimLoss, LPIPSLoss, loss_l2
+from turbo_i2i.training.options import PairedTrainConfig
 from turbo_i2i.training.pretrained import load_clip, load_lpips, tiny_clip, tiny_lpips
 
 
@@ -203,5 +204,6 @@ def test_clipsim_loss_rejects_caption_count_mismatch(clip_and_tokenizer):
 
 
 def test_paired_loss_weights_are_the_papers():
-    weights = PairedLossWeights()
-    assert (weights.l2, weights.lpips, weights.clipsim, weights.gan) == (1.0, 5.0, 5.0, 0.5)
+    config = PairedTrainConfig(dataset="d", output_dir="o")
+    weights = (config.lambda_l2, config.lambda_lpips, config.lambda_clipsim, config.lambda_gan)
+    assert weights == (1.0, 5.0, 5.0, 0.5)

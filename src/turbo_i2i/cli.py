@@ -267,7 +267,7 @@ def _translate(args: argparse.Namespace) -> int:
         skip_dir = target.resolve()
         files = sorted(
             p for p in source.rglob("*")
-            if p.suffix.lower() in pre.IMAGE_EXTENSIONS and p.is_file() and skip_dir not in p.resolve().parents
+            if pre.is_image_file(p) and skip_dir not in p.resolve().parents
             and not any(part.startswith(".") for part in p.relative_to(source).parts)
         )  # fmt: skip
         if not files:

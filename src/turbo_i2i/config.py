@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 TASKS = ("paired", "unpaired")
 INPUT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
 PREPROCESSORS = ("canny", "sketch")
+STOCHASTIC_DEFAULT_R = 0.4  # the released sketch model's default r, also given to the stochastic models we train
 MAX_CONFIG_BYTES = 1 << 20  # a real config.json is about 1 KB; a huge one is not a model config
 
 

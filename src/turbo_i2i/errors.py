@@ -1,5 +1,9 @@
 """Errors that the CLI turns into a one-paragraph message and an exit code instead of a traceback."""
 
+from collections.abc import Sequence
+
+MAX_LISTED_PROBLEMS = 20
+
 
 class TurboI2IError(Exception):
     """A failure the user can act on (missing weights, no network). The CLI exits with code 1."""
@@ -49,3 +53,22 @@ def load_failure(error: Exception) -> str:
     # other loaders (timm) pass torch's refusal on with the same advice: keep what precedes it
     first = first.split("If this checkpoint is trusted")[0].split("retry with weights_only=False")[0].strip()
     return f"{type(error).__name__}: {first or 'refused'}"
+
+
+def format_problems(where: str, problems: Sequence[str], limit: int = MAX_LISTED_PROBLEMS) -> str:
+    """The message listing every problem found in the user's files, so one run shows them all.
+
+    Args:
+        where: what the problems are in, e.g. "in the dataset my_data" or "with the evaluation files".
+        problems: every problem found.
+        limit: how many to list; the rest are counted.
+
+    Returns:
+        "N problems <where>:", then up to ``limit`` problems one per line, then "... and K more".
+    """
+    noun = "problem" if len(problems) == 1 else "problems"
+    lines = [f"{len(problems)} {noun} {where}:"]
+    lines += [f"  - {problem}" for problem in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)

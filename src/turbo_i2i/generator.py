@@ -197,6 +197,9 @@ class TwinConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 1.0:  # exactly the trained conv: the deterministic path
             return self.conv_in_curr(x)
+        # detach, as the official TwinConv does: the pretrained branch is a fixed reference that the VAE encoder's
+        # adapters do not learn through (their gradient comes through the trained branch alone); kept so that our
+        # stochastic training follows the released recipe
         return self.conv_in_curr(x) * self.r + self.conv_in_pretrained(x).detach() * (1.0 - self.r)
 
 

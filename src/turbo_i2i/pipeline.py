@@ -226,7 +226,7 @@ class Translator:
             seed: seeds the noise map and posterior sampling; the same seed gives the same image.
             edges: "canny", "sketch" or None (use the input as is); "default" takes the model's own setting.
             canny_thresholds: (low, high) hysteresis thresholds of the Canny detector, 0-255 (default 100, 200).
-            sample_posterior: sample the VAE posterior instead of its mode (deterministic unless seeded).
+            sample_posterior: sample the VAE posterior instead of its mode (random unless ``seed`` is given).
             batch_size: images per forward pass.
             tile_size: translate images larger than this (pixels, a multiple of 8) in overlapping tiles of this size,
                 so memory stays flat for any image size; the result then differs from the untiled one at tile

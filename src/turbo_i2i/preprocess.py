@@ -130,11 +130,17 @@ def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = 
     return _to_rgb(_upright(image, name), name)
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether a folder entry is an image to translate or train on: a file (or a link to one) whose extension is in
+    ``IMAGE_EXTENSIONS`` (any letter case), not hidden (a name starting with "." is usually metadata, such as macOS
+    ``._photo.jpg`` resource forks, not a picture)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """List the image files directly inside a folder, sorted by name.
 
-    Subfolders are not searched. Hidden files (name starting with ".") are skipped because they are usually
-    metadata such as macOS ``._photo.jpg`` resource forks, not pictures.
+    Subfolders are not searched; hidden files are skipped (see :func:`is_image_file`).
 
     Args:
         folder: the folder to list.
@@ -155,9 +161,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         entries = list(folder.iterdir())
     except OSError as exc:
         raise BadInputError(f"Folder '{folder}' cannot be listed ({exc.strerror}); check its permissions.") from exc
-    images = sorted(
-        p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+    images = sorted(p for p in entries if is_image_file(p))
     if not images:
         raise BadInputError(f"Folder '{folder}' holds no images; expected files ending in {accepted}.")
     return images

@@ -13,7 +13,6 @@ import torch
 
 from ..errors import BadInputError
 from ..training.losses import CLIPSimLoss
-from ..training.pretrained import clip_image_input
 
 
 @torch.no_grad()
@@ -32,14 +31,7 @@ def clip_similarities(images: torch.Tensor, captions: str | Sequence[str], clip:
     Raises:
         BadInputError: the number of captions differs from the number of images.
     """
-    captions = [captions] * len(images) if isinstance(captions, str) else list(captions)
-    if len(captions) != len(images):
-        raise BadInputError(f"CLIP score got {len(images)} images but {len(captions)} captions.")
-    model = clip.clip
-    device = next(model.parameters()).device
-    text = clip.caption_embeddings(captions, device)  # the loss's cached caption embeddings
-    image = model.encode_image(clip_image_input(images.to(device), model.visual), normalize=True).float()
-    return (image * text).sum(dim=-1)
+    return clip.similarities(images.to(next(clip.parameters()).device), captions)
 
 
 def clip_score(

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from .. import preprocess as pre
-from ..errors import BadInputError, TurboI2IError
+from ..errors import BadInputError, TurboI2IError, format_problems
 
 METRICS = ("l2", "lpips", "clip_sim", "fid", "dino_structure")
 HIGHER_IS_BETTER = {"clip_sim"}
-MAX_LISTED = 20
 WEIGHT_KEYS = ("lpips", "clip", "inception", "dino")
 
 
@@ -185,14 +184,6 @@ def _caption(prompts: dict, names: Sequence[str], stem: str) -> object:
     return None
 
 
-def _format(problems: Sequence[str]) -> str:
-    noun = "problem" if len(problems) == 1 else "problems"
-    lines = [f"{len(problems)} {noun} with the evaluation files:"] + [f"  - {p}" for p in problems[:MAX_LISTED]]
-    if len(problems) > MAX_LISTED:
-        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
-    return "\n".join(lines)
-
-
 @dataclasses.dataclass
 class _Plan:
     """What is scored, by output stem: the outputs, their references and inputs, their captions, the FID sets."""
@@ -266,7 +257,7 @@ def _plan(
                 " metrics need outputs at the references' size"
             )
     if problems:
-        raise BadInputError(_format(problems))
+        raise BadInputError(format_problems("with the evaluation files", problems))
     return _Plan(scored, partners, sources, captions, fid_sets, unmatched)
 
 

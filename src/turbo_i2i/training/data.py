@@ -33,14 +33,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import BadInputError
-from ..preprocess import IMAGE_EXTENSIONS, load_image, pil_to_tensor
+from ..errors import BadInputError, format_problems
+from ..preprocess import IMAGE_EXTENSIONS, is_image_file, load_image, pil_to_tensor
 
 logger = logging.getLogger("turbo_i2i")
 SPLITS = ("train", "test")
 # The names pix2pix-Turbo's training script accepts, plus "resize_N" for any side N (e.g. "resize_64").
 TRANSFORMS = ("resize_512", "resized_crop_512", "resize_286_randomcrop_256x256_hflip", "no_resize", "resize_N")
-MAX_LISTED_PROBLEMS = 20
 MANIFEST_KEYS = ("input", "target", "prompt")
 
 # "resize_N" and the official "resize_WxH" spelling ("resize_512x512").
@@ -80,11 +79,6 @@ class PairTransform:
     center_crop: int | None = None
     random_crop: tuple[int, int] | None = None
     hflip: bool = False
-
-    @property
-    def is_random(self) -> bool:
-        """True if the result depends on the generator."""
-        return self.random_crop is not None or self.hflip
 
     def __call__(
         self, input_image: Image.Image, target_image: Image.Image, generator: torch.Generator
@@ -302,7 +296,7 @@ def _caption_problem(prompt: object) -> str | None:
 def _list_folder(folder: Path, problems: list[str]) -> dict[str, Path] | None:
     """The image files directly in ``folder`` by file name (sorted), or None with a problem if it is unusable.
 
-    Hidden files are skipped: they are usually metadata such as macOS ``._photo.jpg`` forks, not pictures.
+    Hidden files are skipped (see :func:`~turbo_i2i.preprocess.is_image_file`).
     """
     if not folder.exists():
         problems.append(f"folder {folder.name}/ is missing")
@@ -315,11 +309,7 @@ def _list_folder(folder: Path, problems: list[str]) -> dict[str, Path] | None:
     except OSError as exc:
         problems.append(f"folder {folder.name}/ cannot be listed ({exc.strerror or exc})")
         return None
-    return {
-        p.name: p
-        for p in entries
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    }
+    return {p.name: p for p in entries if is_image_file(p)}
 
 
 def _read_prompts(path: Path, problems: list[str]) -> dict | None:
@@ -490,25 +480,6 @@ def _check_images(candidate: _Candidate, transform: PairTransform) -> None:
         candidate.size = transform.output_size(sizes["input"])
 
 
-def format_problems(source: object, problems: Sequence[str], limit: int = MAX_LISTED_PROBLEMS) -> str:
-    """The message listing a data set's problems.
-
-    Args:
-        source: the data set folder or manifest, as the user named it.
-        problems: every problem found.
-        limit: how many to list; the rest are counted.
-
-    Returns:
-        "N problems in the dataset <source>:", then up to ``limit`` problems one per line, then "... and K more".
-    """
-    noun = "problem" if len(problems) == 1 else "problems"
-    lines = [f"{len(problems)} {noun} in the dataset {source}:"]
-    lines += [f"  - {problem}" for problem in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more")
-    return "\n".join(lines)
-
-
 def split_name(source: Path, split: str) -> str:
     """How messages name one split of a data set folder, e.g. "my_data (test split)".
 
@@ -546,12 +517,11 @@ def report_problems(
     one, many = units
     if not problems and not n_usable:
         problems.append(f"it holds no {many}")
+    listing = format_problems(f"in the dataset {source}", problems)
     if problems and not skip_bad:
-        raise BadInputError(format_problems(source, problems))
+        raise BadInputError(listing)
     if not n_usable:
-        raise BadInputError(
-            format_problems(source, problems) + f"\nNo usable {one} is left after skipping the bad ones."
-        )
+        raise BadInputError(listing + f"\nNo usable {one} is left after skipping the bad ones.")
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems[:_WARN_LISTED])
         more = len(problems) - _WARN_LISTED

@@ -3,7 +3,7 @@
 The paired objective of the paper, and the names used here:
 
     L = lambda_l2 * L_2 + lambda_lpips * L_LPIPS + lambda_gan * L_GAN + lambda_clipsim * L_CLIP-sim
-      = 1 * loss_l2 + 5 * LPIPSLoss + 0.5 * generator_gan_loss + 5 * CLIPSimLoss      (PairedLossWeights)
+      = 1 * loss_l2 + 5 * LPIPSLoss + 0.5 * generator_gan_loss + 5 * CLIPSimLoss   (PairedTrainConfig.lambda_*)
 
 - ``loss_l2``: L_2, the pixel-wise mean squared error to the target image.
 - ``LPIPSLoss``: L_LPIPS, the learned perceptual distance to the target (VGG16 trunk).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +25,6 @@ from torch import nn
 
 from ..errors import BadInputError
 from .pretrained import clip_image_input, freeze
-
-
-@dataclass
-class PairedLossWeights:
-    """The lambdas of pix2pix-Turbo's paired objective (the paper's and the official training script's defaults).
-
-    Args:
-        l2: weight of the pixel L2 loss.
-        lpips: weight of the LPIPS loss.
-        clipsim: weight of the CLIP-similarity loss.
-        gan: weight of the generator's adversarial loss.
-    """
-
-    l2: float = 1.0
-    lpips: float = 5.0
-    clipsim: float = 5.0
-    gan: float = 0.5
 
 
 def loss_l2(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -142,6 +124,26 @@ class CLIPSimLoss(nn.Module):
             self._cache.popitem(last=False)
         return embeddings
 
+    def similarities(self, images: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
+        """CLIP image-text cosine similarity of each image with its caption (also the CLIP score's).
+
+        Args:
+            images: (N, 3, H, W) in [-1, 1], on the CLIP model's device.
+            captions: one caption per image, or one caption for all.
+
+        Returns:
+            (N,) float32 in [-1, 1], differentiable w.r.t. ``images``.
+
+        Raises:
+            BadInputError: the number of captions differs from the number of images.
+        """
+        captions = [captions] * len(images) if isinstance(captions, str) else list(captions)
+        if len(captions) != len(images):
+            raise BadInputError(f"CLIP similarity got {len(images)} images but {len(captions)} captions.")
+        text = self.caption_embeddings(captions, images.device)
+        image = self.clip.encode_image(clip_image_input(images, self.clip.visual), normalize=True).float()
+        return (image * text).sum(dim=-1)
+
     def forward(self, output: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
         """Mean CLIP dissimilarity of images and captions.
 
@@ -152,9 +154,4 @@ class CLIPSimLoss(nn.Module):
         Returns:
             a scalar in [0, 2], differentiable w.r.t. ``output``.
         """
-        captions = [captions] * len(output) if isinstance(captions, str) else list(captions)
-        if len(captions) != len(output):
-            raise BadInputError(f"CLIPSimLoss got {len(output)} images but {len(captions)} captions.")
-        text = self.caption_embeddings(captions, output.device)
-        image = self.clip.encode_image(clip_image_input(output, self.clip.visual), normalize=True).float()
-        return (1.0 - (image * text).sum(dim=-1)).mean()
+        return (1.0 - self.similarities(output, captions)).mean()

@@ -25,7 +25,7 @@ import torch
 
 from ..backbone import Backbone, encode_prompt, tokenize
 from ..checkpoints import build_generator
-from ..config import GeneratorConfig
+from ..config import STOCHASTIC_DEFAULT_R, GeneratorConfig
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
 from .data import PairedDataset, check_batchable, collate
@@ -46,7 +46,6 @@ from .losses import loss_l2
 from .options import PairedTrainConfig, metric_names
 
 logger = logging.getLogger("turbo_i2i")
-STOCHASTIC_DEFAULT_R = 0.4  # the released sketch model's default
 
 
 def init_from_scratch(generator: OneStepGenerator) -> None:
@@ -345,7 +344,7 @@ class PairedTrainer(TrainerBase):
 
     @property
     def _text_encoder_to_save(self):
-        # a from-scratch model keeps its (frozen, randomly initialised) text encoder with it
+        # a from-scratch model's text encoder is trained with it (from random init), so it is saved with it
         return self.text_encoder if self.config.train_all else None
 
     @property

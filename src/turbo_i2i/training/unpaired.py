@@ -306,6 +306,9 @@ class UnpairedTrainer(TrainerBase):
     def losses(self, real_a: torch.Tensor, real_b: torch.Tensor) -> tuple[dict, dict]:
         """Every generator loss term of the joint objective, from six generator passes.
 
+        The objective in its plain form, for inspecting it: training runs :meth:`joint_backward`, which gives the
+        gradient of this ``loss_g`` with less memory, and is tested against a backward pass through this.
+
         Args:
             real_a: domain A images (N, 3, H, W) in [-1, 1], on the device.
             real_b: domain B images.

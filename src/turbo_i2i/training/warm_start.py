@@ -104,6 +104,7 @@ def warm_start(
     Raises:
         BadInputError: the source is of another task, was trained from scratch and the new run is not (or the
             reverse), or its tensors do not fit (``fit_trained_tensors``).
+        TypeError: the source was trained from scratch and no ``text_encoder`` was given.
     """
     from ..registry import load_model
 
@@ -127,5 +128,6 @@ def warm_start(
     generator.load_trained_state_dict(fitted, allow_missing=frozenset(left))
     if source.config.train_all:
         if text_encoder is None:
-            raise ValueError(f"{model} was trained from scratch: pass the run's text_encoder to load its own into.")
+            # a programming error of the caller (both trainers pass it), not bad user input
+            raise TypeError(f"{model} was trained from scratch: pass the run's text_encoder to load its own into.")
         text_encoder.load_state_dict(source_backbone.text_encoder.state_dict())
