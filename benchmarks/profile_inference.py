@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         OFFICIAL_PAIRED,
         PROMPT,
         _randomize_lora,
-        _sync,
         default_precision,
         default_reference,
         random_backbone,
+        synchronize,
     )
     from turbo_i2i.generator import OneStepGenerator
     from turbo_i2i.pipeline import Translator
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             forward(x)
         times = []
         for _ in range(args.repeats):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             forward(x)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with profile(activities=activities) as prof:
         for _ in range(3):
             forward(x)
-        _sync(device)
+        synchronize(device)
     events = prof.key_averages()
     launches = sum(e.count for e in events if "LaunchKernel" in e.key) / 3
     host_ms = sum(e.self_cpu_time_total for e in events) / 3 / 1e3

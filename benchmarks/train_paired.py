@@ -65,7 +65,7 @@ def run_case(
         reference: the SD-Turbo config folder.
         steps: timed steps (the median is reported).
         warmup: untimed steps first (the first allocates the optimiser states; its memory counts).
-        profile: also profile one more step (``turbo_i2i.benchmark.profile_step``, through ``measure_steps``),
+        profile: also profile one more step (``turbo_i2i.benchmark_harness.profile_step``, through ``measure_steps``),
         after the timed ones.
 
     Returns:
@@ -74,7 +74,8 @@ def run_case(
     from accelerate import Accelerator
 
     from turbo_i2i.backbone import load_backbone
-    from turbo_i2i.benchmark import measure_steps, random_backbone
+    from turbo_i2i.benchmark import random_backbone
+    from turbo_i2i.benchmark_harness import measure_steps
     from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
     from turbo_i2i.training.pretrained import load_clip, load_lpips, tiny_clip, tiny_lpips
 
@@ -105,7 +106,7 @@ def run_case(
 
 def markdown(report: dict) -> str:
     """The results as a markdown table with ratios to fp32 at the same size."""
-    from turbo_i2i.benchmark import rounds_note, seconds_cell
+    from turbo_i2i.benchmark_harness import rounds_note, seconds_cell
 
     lines = [
         f"Paired training step, {report['config']} architecture with random weights, batch 1, on {report['machine']};"
@@ -131,13 +132,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from turbo_i2i.benchmark import (
-        machine_description,
-        profile_markdown,
-        run_training_cases,
-        training_benchmark_arguments,
-        write_report,
-    )
+    from turbo_i2i.benchmark import machine_description, write_report
+    from turbo_i2i.benchmark_harness import profile_markdown, run_training_cases, training_benchmark_arguments
 
     args = training_benchmark_arguments(argv, __doc__.splitlines()[0], list(CASES), list(CASES), [512])
     if args.worker:  # one case, in this (fresh) process: its measurement as one JSON line

@@ -153,13 +153,13 @@ def run_case(
         case, size, device, config, reference: as for ``case_trainer``.
         iters: timed iterations (the median is reported).
         warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
-        profile: also profile one more iteration (``turbo_i2i.benchmark.profile_step``, through ``measure_steps``),
+        profile: also profile one more iteration (``turbo_i2i.benchmark_harness.profile_step``, through ``measure_steps``),
         after the timed ones.
 
     Returns:
         the measurement.
     """
-    from turbo_i2i.benchmark import measure_steps
+    from turbo_i2i.benchmark_harness import measure_steps
 
     dev = torch.device(device)
     with case_trainer(case, size, device, config, reference) as trainer:
@@ -182,7 +182,7 @@ def run_case(
 
 def markdown(report: dict) -> str:
     """The results as a markdown table, with the ratios to the public schedule at the same size."""
-    from turbo_i2i.benchmark import rounds_note, seconds_cell
+    from turbo_i2i.benchmark_harness import rounds_note, seconds_cell
 
     tiny = report["config"] == "tiny"  # its stand-ins: case_trainer
     lpips, rank = ("a tiny stand-in", 8) if tiny else ("random VGG16 trunk", 128)
@@ -212,13 +212,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from turbo_i2i.benchmark import (
-        machine_description,
-        profile_markdown,
-        run_training_cases,
-        training_benchmark_arguments,
-        write_report,
-    )
+    from turbo_i2i.benchmark import machine_description, write_report
+    from turbo_i2i.benchmark_harness import profile_markdown, run_training_cases, training_benchmark_arguments
 
     args = training_benchmark_arguments(argv, __doc__.splitlines()[0], sorted(CASES), list(DEFAULT_CASES), [256, 512])
     if args.worker:  # one case, in this fresh process: print its measurement as one JSON line

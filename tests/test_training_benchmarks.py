@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from turbo_i2i.benchmark import profile_markdown, profile_step
+from turbo_i2i.benchmark_harness import profile_markdown, profile_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ print(json.dumps(dict(seconds=[s * runs for s in seconds], seconds_per_step=sum(
 def test_rounds_alternate_the_order_merge_the_steps_and_report_after_every_run(tmp_path):
     import argparse
 
-    from turbo_i2i.benchmark import run_training_cases
+    from turbo_i2i.benchmark_harness import run_training_cases
 
     script = tmp_path / "worker.py"
     script.write_text(FAKE_WORKER)
@@ -92,7 +92,7 @@ def test_rounds_alternate_the_order_merge_the_steps_and_report_after_every_run(t
 
 
 def test_a_failed_round_is_counted_and_left_out_of_the_median():
-    from turbo_i2i.benchmark import merge_rounds
+    from turbo_i2i.benchmark_harness import merge_rounds
 
     first = dict(case="a", seconds=[1.0, 3.0], seconds_per_iteration=2.0, peak_memory_gib=5.0, gpu_states=[None, None])
     merged = merge_rounds(merge_rounds(None, first, "seconds_per_iteration"), {"error": "timed out"}, "x")
@@ -105,7 +105,7 @@ def test_a_failed_round_is_counted_and_left_out_of_the_median():
 
 
 def test_gpu_state_reads_nvidia_smi_numbers_and_is_recorded_only_on_gpus():
-    from turbo_i2i.benchmark import parse_gpu_state, time_steps
+    from turbo_i2i.benchmark_harness import parse_gpu_state, time_steps
 
     assert parse_gpu_state("1980, 61, 512.35\n") == {"sm_mhz": 1980.0, "temperature_c": 61.0, "power_w": 512.35}
     assert parse_gpu_state("1410, 40, [N/A]") == {"sm_mhz": 1410.0, "temperature_c": 40.0, "power_w": None}

@@ -28,6 +28,7 @@ from turbo_i2i.training import loop
 from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import OPTIMIZER_STATE, TRAINER_STATE, TrainerBase
 from turbo_i2i.training.paired import PairedTrainConfig, PairedTrainer
+from turbo_i2i.training.state_files import load_state
 
 WORKER = Path(__file__).with_name("train_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -120,8 +121,7 @@ def test_sigkill_during_a_checkpoint_write_loses_nothing_saved(dataset, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in b) and set(a) == set(b)
     # (not byte-compared: safetensors orders its JSON header differently from process to process)
     assert (kept / "model" / "config.json").read_bytes() == (reference / "model" / "config.json").read_bytes()
-    opt_a = torch.load(kept / OPTIMIZER_STATE, weights_only=True)
-    opt_b = torch.load(reference / OPTIMIZER_STATE, weights_only=True)
+    opt_a, opt_b = load_state(kept / OPTIMIZER_STATE), load_state(reference / OPTIMIZER_STATE)
     assert opt_a["scheduler_g"] == opt_b["scheduler_g"]
     for state_a, state_b in zip(opt_a["optimizer_g"]["state"].values(), opt_b["optimizer_g"]["state"].values()):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_b)
@@ -336,8 +336,8 @@ def test_resuming_from_a_damaged_or_hostile_checkpoint_is_bad_input(dataset, tmp
         def __reduce__(self):
             return builtins.exec, (f"open({str(marker)!r}, 'w').write('code ran')",)
 
-    (checkpoint / OPTIMIZER_STATE).write_bytes(pickle.dumps({"optimizer_g": WritesMarker()}))
-    with pytest.raises(BadInputError, match=r"Cannot resume from .*step_0000002.*UnpicklingError"):
+    (checkpoint / OPTIMIZER_STATE).write_bytes(pickle.dumps({"optimizer_g": WritesMarker()}))  # not safetensors
+    with pytest.raises(BadInputError, match=r"Cannot resume from .*step_0000002.*SafetensorError"):
         make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
     assert not marker.exists()
     weights = checkpoint / "model" / "model.safetensors"

@@ -30,14 +30,15 @@ from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError,
 from ..generator import OneStepGenerator
 from ..precision import computes_natively, warn_if_emulated
 from .options import metric_names
+from .state_files import load_state, save_state
 
 logger = logging.getLogger("turbo_i2i")
 TRAINER_STATE = "trainer_state.json"
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FILE = "logs.jsonl"
-# What a full disk or failing storage raises while writing: Python's OSError, safetensors' own error type, and
-# torch.save's zip writer, which reports a short write as a RuntimeError ("unexpected pos ...").
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What a full disk or failing storage raises while writing: Python's OSError and safetensors' own error type (every
+# file of a checkpoint is safetensors or JSON).
+WRITE_ERRORS = (OSError, SafetensorError)
 CHECKPOINT_NAME = re.compile(r"step_\d{7}")
 # options a checkpoint's contents depend on (with the discriminator and fp16 loss scaling: ``check_resumable_config``)
 STRUCTURAL_OPTIONS = ("unet_lora_rank", "vae_lora_rank", "train_all", "stochastic", "disc", "use_8bit_adam")
@@ -81,7 +82,7 @@ def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn
     return metrics
 
 
-OPTIMIZER_STATE = "optimizer.pt"
+OPTIMIZER_STATE = "optimizer.safetensors"  # optimiser, scheduler and scaler states (``state_files``)
 DISCRIMINATOR = "discriminator.safetensors"
 
 
@@ -596,7 +597,7 @@ class TrainerBase:
             # would list twice (safetensors refuses shared tensors); it is stored once and restored to both.
             save_model(self.accelerator.unwrap_model(self.discriminator), str(partial / DISCRIMINATOR))
             readable_like_other_files(partial / DISCRIMINATOR)
-        torch.save({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
+        save_state({k: v.state_dict() for k, v in self._states().items()}, partial / OPTIMIZER_STATE)
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
@@ -619,7 +620,7 @@ class TrainerBase:
         )
 
     def load_checkpoint(self, folder: str | Path) -> None:
-        """Resume from ``save_checkpoint``'s folder (loaded with safetensors / ``weights_only``: no code runs)."""
+        """Resume from ``save_checkpoint``'s folder (safetensors and JSON only: nothing in it can run code)."""
         folder = Path(folder)
         state_file = folder / TRAINER_STATE
         if not state_file.is_file():
@@ -634,14 +635,14 @@ class TrainerBase:
             self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
             if self._text_encoder_to_save is not None:
                 self._text_encoder_to_save.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
-            state = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+            state = load_state(folder / OPTIMIZER_STATE)
             for name, stateful in self._states().items():
                 stateful.load_state_dict(state[name])
             if self.discriminator is not None:
                 load_model(self.accelerator.unwrap_model(self.discriminator), str(folder / DISCRIMINATOR))
         except BadInputError:
             raise
-        except Exception as error:  # safetensors, torch.load and json each raise their own types for damage
+        except Exception as error:  # safetensors and json each raise their own types for damage
             raise BadInputError(
                 f"Cannot resume from {folder}: it is damaged or from another run ({load_failure(error)})."
                 f" Pass an older checkpoint with --resume PATH."
