@@ -153,3 +153,19 @@ def test_gigapixel_header_is_refused_before_decoding(translator):
 def test_one_pixel_image_comes_back_as_one_pixel(translator):
     out = translator(Image.new("RGB", (1, 1), (255, 255, 255)))
     assert out.size == (1, 1) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), torch.tensor(3), 3])
+def test_integer_seeds_of_any_kind_give_the_same_image(translator, seed):
+    # a numpy or torch integer used to hang: `x in range(-2**63, 2**64)` steps through the range for non-ints
+    expected = translator(picture(32, 32), seed=3, sample_posterior=True)
+    out = translator(picture(32, 32), seed=seed, sample_posterior=True)
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    other = translator(picture(32, 32), seed=4, sample_posterior=True)
+    assert not np.array_equal(np.asarray(other), np.asarray(expected))  # the seed matters here
+
+
+@pytest.mark.parametrize("seed", [3.0, 1.5, True, "3"])
+def test_a_seed_that_is_not_an_integer_is_refused(translator, seed):
+    with pytest.raises(BadInputError, match="seed must be an integer"):
+        translator(picture(32, 32), seed=seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .cpu_memory import reuse_freed_memory
 from .errors import BadInputError, TurboI2IError
-from .seeds import SEEDS
+from .seeds import check_seed
 
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -22,11 +22,11 @@ logger = logging.getLogger("turbo_i2i")
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed torch's generators take (``SEEDS``)."""
-    value = int(text)
-    if value not in SEEDS:
-        raise argparse.ArgumentTypeError(f"a seed must be between {SEEDS.start} and {SEEDS.stop - 1}, got {text}")
-    return value
+    """An argparse type: a seed torch's generators take (``seeds.SEEDS``)."""
+    try:
+        return check_seed(int(text), "a seed")
+    except BadInputError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
 
 
 def _step(text: str) -> int:

@@ -19,7 +19,7 @@ from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
 from .registry import load_model
-from .seeds import SEEDS
+from .seeds import check_seed
 from .subpixel import use_subpixel_upsampling
 from .tiling import translate_tiled
 
@@ -249,8 +249,7 @@ class Translator:
             )
         if batch_size < 1:
             raise BadInputError(f"batch_size must be at least 1, got {batch_size}.")
-        if seed is not None and seed not in SEEDS:
-            raise BadInputError(f"A seed must be between {SEEDS.start} and {SEEDS.stop - 1}, got {seed}.")
+        seed = None if seed is None else check_seed(seed)
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)

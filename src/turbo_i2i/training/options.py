@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass, field, fields
 
 from ..errors import BadInputError
-from ..seeds import SEEDS
+from ..seeds import check_seed
 
 EVAL_METRICS = ("fid", "dino_structure")
 DISC_KINDS = ("clip", "patchgan", "none")
@@ -168,8 +168,7 @@ class TrainConfig:
         for name in NOT_NEGATIVE + lambdas:
             if getattr(self, name) < 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
-        if self.seed not in SEEDS:
-            raise BadInputError(f"--seed must be between {SEEDS.start} and {SEEDS.stop - 1}, got {self.seed}.")
+        self.seed = check_seed(self.seed, "--seed")
         if not self.learning_rate > 0:
             raise BadInputError(f"--learning-rate must be more than 0, got {self.learning_rate}.")
 
