@@ -57,6 +57,15 @@ def test_folder_with_a_bad_file_translates_the_rest(run, tmp_path):
     assert "kept 1 existing" in err
 
 
+def test_a_folder_translates_into_the_folder_above_it(run, tmp_path):
+    # the check that keeps an output folder inside the input from being read back used to drop every input here
+    (tmp_path / "photos").mkdir()
+    write_picture(tmp_path / "photos" / "p.png")
+    code, err = run("--input", tmp_path / "photos", "--output", tmp_path)
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.png").size == (32, 32)
+
+
 def test_folder_batches_give_the_images_of_single_calls(run, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -104,6 +104,12 @@ def test_a_metric_network_file_that_would_run_code_is_refused_and_nothing_runs(t
         assert "a pickle holding more than tensors" in err, err
     assert "will likely succeed" not in err and "weights_only=False" not in err  # no unsafe advice
     assert not marker.exists()
+    # a damaged safetensors file is refused the same way (it was a SafetensorError traceback)
+    (tmp_path / "cut.safetensors").write_bytes(b'\x10\0\0\0\0\0\0\0{"a":1')
+    if net != "inception":  # TorchScript only
+        assert main([*args, f"--{net}-path", str(tmp_path / "cut.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / "cut.safetensors") in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -264,10 +264,11 @@ def _translate(args: argparse.Namespace) -> int:
             raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
         # Sub-folders are mirrored; hidden files and folders (.DS_Store, ._x.jpg, .git) are metadata, not pictures;
         # an output folder inside the input folder is not read back as input.
-        skip_dir = target.resolve()
+        # (only when the output folder is inside the input: an output folder above the input holds it all)
+        skip_dir = target.resolve() if source.resolve() in target.resolve().parents else None
         files = sorted(
             p for p in source.rglob("*")
-            if pre.is_image_file(p) and skip_dir not in p.resolve().parents
+            if pre.is_image_file(p) and (skip_dir is None or skip_dir not in p.resolve().parents)
             and not any(part.startswith(".") for part in p.relative_to(source).parts)
         )  # fmt: skip
         if not files:

@@ -244,6 +244,7 @@ def load_dino(
         TurboI2IError: the weights are neither on disk nor downloadable (one paragraph saying how to provide them).
     """
     import timm
+    from safetensors import SafetensorError
 
     from ..errors import load_failure
     from ..hub import hub_offline
@@ -255,7 +256,7 @@ def load_dino(
     file = _weights_file(name, path, offline)
     try:
         vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": file}, dynamic_img_size=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as error:  # a damaged or hostile file: bad input (exit 2)
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:  # damaged or hostile: exit 2
         raise BadInputError(
             _dino_missing(
                 name,

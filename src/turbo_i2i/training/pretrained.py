@@ -18,6 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import BadInputError, TurboI2IError, load_failure
@@ -83,7 +84,8 @@ def _copy_trunk(trunk: nn.Module, checkpoint: Path, net: str) -> None:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         trunk.load_state_dict({name: state["features." + name.split(".", 1)[1]] for name in trunk.state_dict()})
-    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:  # refused pickles too
+    # refused pickles and damaged safetensors too
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
         url = _trunk_url(net)
         # a damaged or hostile file is bad input (exit 2), as a damaged model file is; a missing one is not
         raise BadInputError(
@@ -289,7 +291,7 @@ def load_clip(
             },
         )
         tokenizer = open_clip.get_tokenizer(name)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:  # refused pickles too
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
         if source is not None and Path(source).is_file():  # a damaged or hostile file: bad input (exit 2)
             looked_for, hint, kind = (
                 f"in the file {source}",
