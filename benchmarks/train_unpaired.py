@@ -153,7 +153,7 @@ def run_case(
         case, size, device, config, reference: as for ``case_trainer``.
         iters: timed iterations (the median is reported).
         warmup: untimed iterations first (the first one allocates the optimiser states: its memory counts).
-        profile: also profile one more iteration (``turbo_i2i.benchmark_harness.profile_step``, through ``measure_steps``),
+        profile: also profile one more iteration (``benchmark_harness.profile_step``, through ``measure_steps``),
         after the timed ones.
 
     Returns:

@@ -291,9 +291,12 @@ def test_evaluate_folders_bad_input_messages(tmp_path, nets):
         evaluate_folders(tmp_path / "a", tmp_path / "b", networks=nets)
     with pytest.raises(BadInputError, match="pass the inputs folder"):
         evaluate_folders(tmp_path / "a", tmp_path / "a", dino_structure=True, networks=nets)
+    with pytest.raises(BadInputError, match="are the same folder"):  # every score would be perfect
+        evaluate_folders(tmp_path / "a", tmp_path / "a" / ".", networks=nets)
     write(tmp_path / "a", blobs(1, 0), names=["x"], ext=".jpg")
+    write(tmp_path / "c", blobs(3, 0), names=["x", "y", "z"])
     with pytest.raises(BadInputError, match="share the name 'x'"):
-        evaluate_folders(tmp_path / "a", tmp_path / "a", networks=nets)
+        evaluate_folders(tmp_path / "a", tmp_path / "c", networks=nets)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

@@ -151,13 +151,28 @@ OFFICIAL_CASES = {
         {"state_dict_unet": {"conv_in.weight": torch.ones(2, dtype=torch.int64)}, "state_dict_vae": {}},
         "dtype int64",
     ),
+    # these used to end in tracebacks (exit 1): a tensor where the VAE's state dict belongs, targets that are not names
+    # or name no module of the backbone
+    "VAE state is a tensor": (
+        {"state_dict_unet": None, "sd_encoder": {}, "sd_decoder": {}, "sd_other": {}, "sd_vae_enc": torch.zeros(3)},
+        "lacks sd_vae_enc and sd_vae_dec",
+    ),
+    "targets are numbers": (
+        {"unet_lora_target_modules": [1, 2], "state_dict_unet": {}, "state_dict_vae": {}},
+        "unet_lora_targets must be a list of module names",
+    ),
+    "target names no module": (
+        {"unet_lora_target_modules": ["no_such_module"], "state_dict_unet": {}, "state_dict_vae": {}},
+        "LoRA targets do not fit the backbone",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", OFFICIAL_CASES)
 def test_an_official_file_with_values_of_the_wrong_kind_is_refused(tmp_path, case):
     changes, message = OFFICIAL_CASES[case]
-    torch.save({**OFFICIAL_BASE, **changes}, tmp_path / "bad.pkl")
+    state = {**OFFICIAL_BASE, **changes}
+    torch.save({k: v for k, v in state.items() if v is not None}, tmp_path / "bad.pkl")
     with pytest.raises(BadInputError, match=message):
         load_official(tmp_path / "bad.pkl", "tiny")
 

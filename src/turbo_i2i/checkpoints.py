@@ -328,8 +328,10 @@ def official_to_ours(state: dict, base_model: str) -> tuple[GeneratorConfig, dic
     tensors = {}
     for key, adapter in zip(("sd_encoder", "sd_decoder", "sd_other"), UNPAIRED_UNET_ADAPTERS):
         tensors.update({f"unet.{_with_adapter(k, adapter)}": v for k, v in state[key].items()})
-    vae_state = state.get("sd_vae_enc") or state.get("sd_vae_dec")
-    if not vae_state:
+    vae_state = next(
+        (state[k] for k in ("sd_vae_enc", "sd_vae_dec") if isinstance(state.get(k), dict) and state[k]), None
+    )
+    if vae_state is None:
         raise BadInputError("Not an official unpaired img2img-turbo checkpoint: it lacks sd_vae_enc and sd_vae_dec.")
     for key, value in vae_state.items():
         for prefix, direction in UNPAIRED_VAE_PREFIXES.items():
@@ -392,7 +394,12 @@ def load_official(
     for key, value in config_overrides.items():
         setattr(config, key, value)
     config.__post_init__()  # re-validate after the overrides
-    generator, backbone = build_generator(config, device, dtype)
+    try:
+        generator, backbone = build_generator(config, device, dtype)
+    except BadInputError:
+        raise
+    except ValueError as error:  # peft: a LoRA target that names no module of the backbone
+        raise BadInputError(f"{path}: its LoRA targets do not fit the backbone ({error}).") from error
     names = {n for n, _ in generator.named_parameters()}
     tensors = fit_base_layer_names(tensors, names)
     generator.load_trained_state_dict(tensors, allow_missing=from_backbone | absent_lora_pairs(tensors, names))

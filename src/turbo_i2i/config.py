@@ -116,6 +116,10 @@ class GeneratorConfig:
             raise BadInputError(f"Unknown task {self.task!r}; expected one of {', '.join(TASKS)}.")
         if self.unet_lora_targets is None:
             self.unet_lora_targets = list(UNET_LORA_TARGETS if self.task == "paired" else UNPAIRED_UNET_PATTERNS)
+        for name in ("unet_lora_targets", "vae_lora_targets"):
+            targets = getattr(self, name)
+            if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+                raise BadInputError(f"{name} must be a list of module names, got {targets!r}.")
         if self.input_range is None:
             self.input_range = "0,1" if self.task == "paired" else "-1,1"
         if self.input_range not in INPUT_RANGES:

@@ -321,6 +321,8 @@ def evaluate_folders(
     if dino_structure and inputs is None:
         raise BadInputError("The DINO structure distance compares outputs with their inputs; pass the inputs folder.")
     outputs, references = Path(outputs), Path(references)
+    if outputs.exists() and outputs.resolve() == references.resolve():  # every score would be perfect, and meaningless
+        raise BadInputError(f"--outputs and --references are the same folder ({outputs}); pass the reference images.")
     inputs = Path(inputs) if dino_structure else None
     plan = _plan(outputs, references, prompts, inputs, fid, unpaired)
     if not (plan.references or plan.captions or fid or dino_structure):
