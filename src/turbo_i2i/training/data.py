@@ -597,9 +597,14 @@ class PairedDataset(Dataset):
         self.sizes = {candidate.size for candidate in candidates if candidate.ok}
         self._report(len(candidates), skip_bad)
 
+    @property
+    def _is_manifest(self) -> bool:
+        """Whether the source is a JSONL manifest (one list of pairs) rather than a data set folder."""
+        return self.source.suffix.lower() == ".jsonl" and not self.source.is_dir()
+
     def _scan(self) -> tuple[list[_Candidate], list[str]]:
         """Find the candidate pairs of the source, whichever kind it is."""
-        if self.source.suffix.lower() == ".jsonl" and not self.source.is_dir():
+        if self._is_manifest:
             if not self.source.is_file():
                 return [], [f"manifest {self.source} does not exist"]
             return _scan_manifest(self.source)
@@ -612,7 +617,7 @@ class PairedDataset(Dataset):
     def _report(self, n_candidates: int, skip_bad: bool) -> None:
         """Raise for the problems found, or with ``skip_bad`` warn about the dropped pairs."""
         # a manifest is one split; a folder's messages say which of its splits they are about
-        name = self.source if self.source.is_file() else split_name(self.source, self.split)
+        name = self.source if self._is_manifest else split_name(self.source, self.split)
         report_problems(name, self.problems, n_candidates, len(self.pairs), skip_bad)
 
     def __len__(self) -> int:

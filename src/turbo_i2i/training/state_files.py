@@ -63,7 +63,7 @@ def _encode(value, tensors: dict[str, torch.Tensor]):
     if isinstance(value, dict):
         return {"dict": [[_key(key), _encode(item, tensors)] for key, item in value.items()]}
     if isinstance(value, (list, tuple)):
-        return {type(value).__name__: [_encode(item, tensors) for item in value]}
+        return {"tuple" if isinstance(value, tuple) else "list": [_encode(item, tensors) for item in value]}
     if isinstance(value, _PLAIN):
         return {"value": value}
     raise TypeError(f"cannot store a {type(value).__name__} in a training state file")
