@@ -66,6 +66,26 @@ def test_a_folder_translates_into_the_folder_above_it(run, tmp_path):
     assert Image.open(tmp_path / "p.png").size == (32, 32)
 
 
+def test_a_folder_is_searched_as_a_tree_and_mirrored(run, tmp_path):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    for folder in (src / "day" / "deep", src / ".git", elsewhere):
+        folder.mkdir(parents=True)
+    write_picture(src / "top.tif")  # TIFF and GIF are read one by one; in a folder they were skipped silently
+    write_picture(src / "day" / "a.gif")
+    write_picture(src / "day" / "deep" / "b.jpg")
+    write_picture(src / ".git" / "hidden.png")  # metadata, not pictures
+    write_picture(src / "._top.png")
+    write_picture(elsewhere / "linked.png")
+    (src / "link").symlink_to(elsewhere)  # a linked folder is followed
+    (src / "day" / "loop").symlink_to(src)  # ... but each folder is read once
+    (src / "out").mkdir()
+    write_picture(src / "out" / "old.png")  # the output folder inside the input is not read back
+    code, err = run("--input", src, "--output", src / "out")
+    assert code == 0, err
+    written = sorted(p.relative_to(src / "out").as_posix() for p in (src / "out").rglob("*.png"))
+    assert written == ["day/a.png", "day/deep/b.png", "link/linked.png", "old.png", "top.png"]
+
+
 def test_folder_batches_give_the_images_of_single_calls(run, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -331,6 +351,43 @@ def test_convert_into_a_place_it_cannot_write_exits_2_and_leaves_nothing(tmp_pat
     assert (tmp_path / "file.txt").read_text() == "in the way"
 
 
+def test_convert_reads_the_kind_and_defaults_of_the_model_its_file_name_or_name_says(tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+    from official_format import official_paired
+
+    from turbo_i2i import checkpoints
+    from turbo_i2i.backbone import DEFAULT_BACKBONE, load_backbone
+    from turbo_i2i.checkpoints import load_pretrained
+
+    backbone = load_backbone("tiny")
+    sketch = tmp_path / "sketch_to_image_stochastic_lora.pkl"  # the published name
+    torch.save(official_paired(backbone.unet, backbone.vae, stochastic=True), sketch)
+    assert main(["convert", "--input", str(sketch), "--output", str(tmp_path / "a"), "--base-model", "tiny"]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["preprocess"] == "sketch" and config["default_r"] == 0.4  # were left out without --name
+    capsys.readouterr()
+    # a name of another kind of model is refused (its captions and defaults would be silently wrong)
+    args = ["convert", "--input", str(sketch), "--output", str(tmp_path / "b"), "--base-model", "tiny"]
+    for name, kind in (("day_to_night", "unpaired"), ("edge_to_image", "paired")):
+        assert main([*args, "--name", name]) == 2
+        err = capsys.readouterr().err
+        assert f"holds a stochastic paired model, not the {kind} one its model name says" in err, err
+    assert not (tmp_path / "b").exists()
+
+    # a local copy of the backbone: the config names SD-Turbo (a folder may not point outside itself) and loads
+    local = tmp_path / "sd-turbo-copy"
+    local.mkdir()
+    read = []
+    monkeypatch.setattr(checkpoints, "load_backbone", lambda name, **kw: read.append(name) or load_backbone("tiny"))
+    assert main(["convert", "--input", str(sketch), "--output", str(tmp_path / "c"), "--base-model", str(local)]) == 0
+    assert read == [str(local)] and f"to read it from {local}, pass --base-model" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["base_model"] == DEFAULT_BACKBONE
+    generator, _ = load_pretrained(tmp_path / "c", base_model=local)  # was refused: an absolute path in its config
+    assert str(read[-1]) == str(local) and generator.config.stochastic
+
+
 def test_an_interrupted_training_run_says_how_to_continue(monkeypatch, capsys):
     from turbo_i2i import cli
 
@@ -353,3 +410,17 @@ def test_an_output_format_it_cannot_write_is_refused_before_the_model_loads(
     code = main(["translate", "--input", str(tmp_path / source), "--output", str(tmp_path / output)])
     err = capsys.readouterr().err
     assert code == 2 and f"Cannot write '{tmp_path / output}': use one of .jpg" in err, err
+
+
+@pytest.mark.parametrize("args,message", [(["--prompt", " "], "prompt is empty"), (["--tile", "100"], "of 8")])
+def test_options_the_model_would_refuse_are_refused_before_it_loads(tmp_path, capsys, monkeypatch, args, message):
+    # with a folder, each file used to fail alone after the model had loaded
+    from turbo_i2i.pipeline import Translator
+
+    monkeypatch.setattr(Translator, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "photos").mkdir()
+    write_picture(tmp_path / "photos" / "a.png")
+    code = main(["translate", "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

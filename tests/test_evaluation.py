@@ -11,6 +11,7 @@ from turbo_i2i import preprocess as pre
 from turbo_i2i.cli import main
 from turbo_i2i.errors import BadInputError, TurboI2IError
 from turbo_i2i.evaluation import (
+    DINOStructureDistance,
     EvalNetworks,
     clip_score,
     clip_similarities,
@@ -252,6 +253,45 @@ def test_evaluate_folders_of_identical_images_scores_zero(tmp_path, nets):
     assert "clip_sim" not in report.metrics and "dino_structure" not in report.metrics
 
 
+def test_evaluate_folders_matches_files_in_sub_folders_by_their_path_as_translate_writes_them(tmp_path, nets):
+    # translate mirrors an input folder's sub-folders; eval used to score only the top level, silently.
+    write(tmp_path / "refs" / "day", blobs(3, 0))
+    write(tmp_path / "refs" / "night", blobs(3, 1))
+    # an output folder inside the references is not read as references (they would be unmatched ones)
+    write(tmp_path / "refs" / "night" / "out" / "day", blobs(3, 0))
+    write(tmp_path / "refs" / "night" / "out" / "night", blobs(3, 1))
+    write(tmp_path / "refs" / "night" / "out" / "night", blobs(1, 7), names=["extra"], ext=".tif")
+    report = evaluate_folders(tmp_path / "refs" / "night" / "out", tmp_path / "refs", fid=False, networks=nets)
+    # day/000 pairs with day/000, not with night/000: the same names in two sub-folders are two files
+    assert report.metrics["l2"] == 0 and report.counts["l2"] == 6
+    assert set(report.per_image) == {f"{d}/{i:03d}.png" for d in ("day", "night") for i in range(3)}
+    assert report.unmatched == {"outputs": ["night/extra.tif"], "references": []}
+
+
+def test_evaluate_folders_refuses_images_too_small_for_lpips_before_loading_it(tmp_path, nets):
+    write(tmp_path / "a", blobs(2, 0, size=8))
+    write(tmp_path / "b", blobs(2, 0, size=8))
+    with pytest.raises(BadInputError, match=r"000.png is 8x8.*LPIPS needs at least 16.*--no-lpips") as info:
+        evaluate_folders(tmp_path / "a", tmp_path / "b", fid=False, networks=EvalNetworks())  # nothing loaded
+    assert "001.png is 8x8" in str(info.value)
+    report = evaluate_folders(tmp_path / "a", tmp_path / "b", lpips=False, fid=False, networks=nets)
+    assert report.metrics == {"l2": 0.0}
+
+
+def test_inputs_too_elongated_for_the_dino_distance_are_refused_before_it_runs(tmp_path):
+    # an 8 x 512 strip would become 50,000 tokens: minutes and tens of GB of attention
+    for folder in ("in", "out", "ref"):
+        write(tmp_path / folder, blobs(1, 0, size=(32, 160)), names=["wide"])
+    with pytest.raises(BadInputError, match=r"wide.png is 160x32: the DINO structure distance takes images up to 4"):
+        evaluate_folders(
+            tmp_path / "out", tmp_path / "ref", inputs=tmp_path / "in", dino_structure=True, fid=False,
+            networks=EvalNetworks(),  # nothing is loaded before the refusal
+        )  # fmt: skip
+    strip = torch.zeros(1, 3, 8, 512)
+    with pytest.raises(BadInputError, match="is 512x8"):
+        DINOStructureDistance(tiny_dino())(strip, strip)
+
+
 def test_evaluate_folders_unpaired_compares_sets(tmp_path, nets):
     write(tmp_path / "day", blobs(4, 0), names=list("abcd"))
     write(tmp_path / "night", stripes(5, 1), names=list("vwxyz"))
@@ -297,6 +337,8 @@ def test_evaluate_folders_bad_input_messages(tmp_path, nets):
     write(tmp_path / "c", blobs(3, 0), names=["x", "y", "z"])
     with pytest.raises(BadInputError, match="share the name 'x'"):
         evaluate_folders(tmp_path / "a", tmp_path / "c", networks=nets)
+    with pytest.raises(BadInputError, match="Prompts file .* is a folder"):
+        evaluate_folders(tmp_path / "c", tmp_path / "a", prompts=tmp_path, networks=nets)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -359,6 +401,11 @@ def test_cli_eval_bad_input_exits_2_with_one_message(folders, offline, capsys):
                  "--dino-structure"])  # fmt: skip
     assert code == 2 and "pass the inputs folder" in capsys.readouterr().err
     assert main(["eval", "--outputs", str(root), "--references", str(root), "--batch-size", "0"]) == 2
+    # a --json that cannot be written is found before the scoring (offline here: loading LPIPS would exit 1)
+    args = ["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--json"]
+    assert main([*args, str(root / "prompts.json" / "scores.json")]) == 2
+    assert "Cannot write the scores to" in capsys.readouterr().err
+    assert main([*args, ""]) == 2 and "--json needs a file name" in capsys.readouterr().err
 
 
 def test_cli_eval_offline_without_weights_exits_1_naming_what_is_missing(folders, offline, capsys):

@@ -69,8 +69,23 @@ def test_default_prompt_and_bad_prompts(translator, caplog):
     tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # 0-255 bytes: would be clamped to black/white
     with pytest.raises(BadInputError, match="floats in \\[0, 1\\], not torch.uint8: divide by 255"):
         translator(tensor)
-    with pytest.raises(BadInputError, match="batch_size must be at least 1, got 0"):
-        translator([image], batch_size=0)  # -1 used to return [None]
+    for bad in (0, 1.5, True):  # 0 or -1 used to return [None]; 1.5 was a TypeError from range()
+        with pytest.raises(BadInputError, match=f"batch_size must be a whole number, at least 1, got {bad!r}"):
+            translator([image], batch_size=bad)
+    floats = tensor.float() / 255
+    for values, hint in (
+        (floats * 255, "divide by 255"),
+        (floats * 2 - 1, r"\(x \+ 1\) / 2"),
+        (floats * 2 - 3, "rescale"),
+    ):
+        with pytest.raises(BadInputError, match=f"values in \\[0, 1\\], got values from .*{hint}"):
+            translator(values)  # was clipped silently to a nearly white (or black) picture
+    with pytest.raises(BadInputError, match="nan"):
+        translator(torch.full_like(floats, float("nan")))
+    ringing = floats * 1.08 - 0.04  # a resampler's overshoot is clamped, as before
+    assert np.array_equal(np.asarray(translator(ringing)), np.asarray(translator(ringing.clamp(0, 1))))
+    with pytest.raises(BadInputError, match=r"one image \(3, H, W\) or a batch .* got shape \(32, 32\)"):
+        translator(floats[0])  # a grey-level plane used to be named as 32 one-dimensional images
     with pytest.raises(BadInputError, match="between -9223372036854775808 and 18446744073709551615"):
         translator(image, seed=10**20)
     with pytest.raises(BadInputError, match="prompt must be a string or a list of strings, got int"):

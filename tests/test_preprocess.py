@@ -293,7 +293,13 @@ def test_list_images_sorts_and_ignores_non_images(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "inner.png").write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()
-    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "c.webp", "d.jpeg", "e.bmp"]
+    (tmp_path / "g.GIF").write_bytes(b"x")
+    (tmp_path / "h.tiff").write_bytes(b"x")
+    top = ["a.JPG", "b.png", "c.webp", "d.jpeg", "e.bmp", "g.GIF", "h.tiff"]
+    assert [p.name for p in list_images(tmp_path)] == top
+    nested = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
+    assert nested == [*top, "sub/inner.png"]
+    assert [p.name for p in list_images(tmp_path, recursive=True, skip=[tmp_path / "sub"])] == top
 
 
 def test_list_images_missing_folder(tmp_path):

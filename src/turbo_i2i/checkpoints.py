@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -251,6 +252,23 @@ UNPAIRED_KEYS = ("rank_unet", "rank_vae", "vae_lora_target_modules", "sd_encoder
 UNPAIRED_VAE_PREFIXES = {"vae.": "a2b", "vae_b2a.": "b2a"}
 
 
+def load_tensor_pickle(path: str | os.PathLike) -> object:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``): no pickled code runs.
+
+    torch's note on a pickle protocol other than its own is left out: it says nothing about whether the file is safe,
+    and it would be printed above our message for a refused file.
+
+    Args:
+        path: the pickle.
+
+    Returns:
+        what it holds.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_official(path: str | Path) -> dict:
     """Read an official pickle as plain tensors / lists / numbers, never executing pickled code.
 
@@ -261,7 +279,7 @@ def read_official(path: str | Path) -> dict:
         the checkpoint dict.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_pickle(path)
     except FileNotFoundError as error:
         raise BadInputError(f"{path} does not exist.") from error
     except Exception as error:  # weights_only refuses anything but tensors and plain containers
@@ -367,19 +385,26 @@ def load_official(
     base_model: str,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    backbone_path: str | os.PathLike | None = None,
     **config_overrides,
 ) -> tuple[OneStepGenerator, Backbone]:
     """Build a generator from an official img2img-turbo pickle.
 
     Args:
         path: the ``.pkl`` file.
-        base_model: the backbone to load (``stabilityai/sd-turbo`` for the released models).
+        base_model: the backbone its config names (``stabilityai/sd-turbo`` for the released models).
         device: where to put it.
         dtype: weight dtype.
-        **config_overrides: config fields the file does not carry (default prompts, direction, r, preprocess).
+        backbone_path: load the backbone from here instead of ``base_model`` (a local copy of it).
+        **config_overrides: config fields the file does not carry (default prompts, direction, r, preprocess);
+            ``task`` and ``stochastic``, which the file decides, are checked instead (a named model's expectation).
 
     Returns:
         (generator, backbone).
+
+    Raises:
+        BadInputError: not an official checkpoint, bad tensors, or a file of another kind than ``task`` /
+            ``stochastic`` say.
     """
     state = read_official(path)
     try:
@@ -391,11 +416,18 @@ def load_official(
             f"{path} is not an official img2img-turbo checkpoint: {type(error).__name__}: {error}."
         ) from error
     check_tensors(tensors, path)
+    expected = {key: config_overrides.pop(key) for key in ("task", "stochastic") if key in config_overrides}
+    if any(getattr(config, key) != value for key, value in expected.items()):
+        wanted = _kind(expected.get("task", config.task), expected.get("stochastic", False))
+        raise BadInputError(
+            f"{path} holds a {_kind(config.task, config.stochastic)} model, not the {wanted} one its model name says;"
+            " pass the name of the model it is (turbo-i2i convert --name)."
+        )
     for key, value in config_overrides.items():
         setattr(config, key, value)
     config.__post_init__()  # re-validate after the overrides
     try:
-        generator, backbone = build_generator(config, device, dtype)
+        generator, backbone = build_generator(config, device, dtype, backbone_path)
     except BadInputError:
         raise
     except ValueError as error:  # peft: a LoRA target that names no module of the backbone
@@ -404,6 +436,10 @@ def load_official(
     tensors = fit_base_layer_names(tensors, names)
     generator.load_trained_state_dict(tensors, allow_missing=from_backbone | absent_lora_pairs(tensors, names))
     return generator, backbone
+
+
+def _kind(task: str, stochastic: bool) -> str:
+    return f"{'stochastic ' if stochastic else ''}{task}"
 
 
 def absent_lora_pairs(tensors: dict[str, torch.Tensor], names: set[str]) -> frozenset[str]:
@@ -426,13 +462,20 @@ def absent_lora_pairs(tensors: dict[str, torch.Tensor], names: set[str]) -> froz
     return absent
 
 
-def convert_official(path: str | Path, out: str | Path, base_model: str, **config_overrides) -> Path:
+def convert_official(
+    path: str | Path,
+    out: str | Path,
+    base_model: str,
+    backbone_path: str | os.PathLike | None = None,
+    **config_overrides,
+) -> Path:
     """Turn an official pickle into our format (the UNet conv_in of unpaired models is taken from the backbone).
 
     Args:
         path: the ``.pkl`` file.
         out: the destination folder; must not exist yet, so nothing is overwritten.
-        base_model: the backbone it was trained on.
+        base_model: the backbone it was trained on, as the new model's config names it.
+        backbone_path: read that backbone from here (a local copy; a model folder cannot name a path outside it).
         **config_overrides: see ``load_official``.
 
     Returns:
@@ -441,7 +484,7 @@ def convert_official(path: str | Path, out: str | Path, base_model: str, **confi
     out = Path(out)
     if out.exists():
         raise BadInputError(f"{out} already exists; choose a new folder.")
-    generator, _ = load_official(path, base_model, **config_overrides)
+    generator, _ = load_official(path, base_model, backbone_path=backbone_path, **config_overrides)
     return save_pretrained(generator, out)
 
 

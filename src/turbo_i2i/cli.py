@@ -246,7 +246,7 @@ def _translate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import preprocess as pre
-    from .pipeline import Translator
+    from .pipeline import Translator, check_prompt, check_tile_size
     from .video import OUTPUT_CODECS, frames_dir, is_video, translate_video
 
     source, target = Path(args.input), Path(args.output)
@@ -254,6 +254,10 @@ def _translate(args: argparse.Namespace) -> int:
         raise BadInputError(f"{source} does not exist.")
     if args.batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    # What can be checked without the model is, so a folder is not refused file by file after it loaded.
+    if args.prompt is not None:
+        check_prompt(args.prompt)
+    check_tile_size(args.tile)
     folder, video = source.is_dir(), source.is_file() and is_video(source)
     if not folder and target.is_dir():
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
@@ -262,23 +266,11 @@ def _translate(args: argparse.Namespace) -> int:
     if folder:
         if target.exists() and not target.is_dir():
             raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
-        # Sub-folders are mirrored; hidden files and folders (.DS_Store, ._x.jpg, .git) are metadata, not pictures;
-        # an output folder inside the input folder is not read back as input.
-        # (only when the output folder is inside the input: an output folder above the input holds it all)
-        skip_dir = target.resolve() if source.resolve() in target.resolve().parents else None
-        files = sorted(
-            p for p in source.rglob("*")
-            if pre.is_image_file(p) and (skip_dir is None or skip_dir not in p.resolve().parents)
-            and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        )  # fmt: skip
-        if not files:
-            accepted = ", ".join(pre.IMAGE_EXTENSIONS)
-            raise BadInputError(
-                f"Folder '{source}' holds no images (sub-folders too); expected files ending in {accepted}."
-            )
+        # Sub-folders are mirrored; an output folder inside the input folder is not read back as input.
+        files = pre.list_images(source, recursive=True, skip=[target])
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
-    endings = OUTPUT_CODECS if video else pre.IMAGE_EXTENSIONS
+    endings = OUTPUT_CODECS if video else pre.SAVE_EXTENSIONS
     if not folder and target.suffix.lower() not in endings:  # checked before the model loads
         raise BadInputError(f"Cannot write '{target}': use one of {', '.join(endings)}.")
     translator = Translator.from_pretrained(
@@ -405,17 +397,23 @@ def _models(_: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .backbone import DEFAULT_BACKBONE
     from .checkpoints import convert_official
-    from .registry import MODELS
+    from .registry import MODELS, official_overrides
 
-    overrides = {}
     if args.name is not None:
         if args.name not in MODELS or MODELS[args.name].file is None:
             official = [m.name for m in MODELS.values() if m.file]
             raise BadInputError(f"Unknown official model {args.name!r}; expected one of {', '.join(official)}.")
         overrides = MODELS[args.name].overrides
+    else:  # under its published file name, as translate --model FILE.pkl reads it
+        overrides = official_overrides(args.input)
+    base_model, backbone_path = args.base_model or DEFAULT_BACKBONE, None
+    if Path(base_model).exists():
+        # A model folder may not name a path outside itself (resolve_base_model), and the official files were all
+        # trained on SD-Turbo: the config names it, the local copy is read now and passed again when loading.
+        base_model, backbone_path = DEFAULT_BACKBONE, args.base_model
     existed = Path(args.output).exists()  # convert_official refuses an existing output before writing
     try:
-        out = convert_official(args.input, args.output, args.base_model or DEFAULT_BACKBONE, **overrides)
+        out = convert_official(args.input, args.output, base_model, backbone_path, **overrides)
     except OSError as error:
         if Path(args.output).resolve() not in {
             Path(error.filename or "").resolve(),
@@ -428,6 +426,8 @@ def _convert(args: argparse.Namespace) -> int:
         reason = error.strerror or str(error)
         raise BadInputError(f"Cannot write {args.output} ({reason}); pick another --output.") from error
     print(f"wrote {out}")
+    if backbone_path is not None:
+        print(f"its config names {base_model} as its backbone; to read it from {backbone_path}, pass --base-model")
     return 0
 
 
@@ -502,9 +502,17 @@ def _eval_demo(args: argparse.Namespace) -> int:
 
 
 def _check_new_file(path: str | None) -> None:
-    """Refuse, before any work, a --json file that exists: nothing already written is replaced."""
-    if path is not None and Path(path).exists():
+    """Refuse, before any work, a --json file that exists (nothing already written is replaced) or that cannot be
+    written where it is (found after minutes of scoring, the scores would be lost)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise BadInputError("--json needs a file name.")
+    if Path(path).exists():
         raise BadInputError(f"{path} already exists; pick another --json (an existing file is never replaced).")
+    folder = next(parent for parent in Path(path).absolute().parents if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"Cannot write the scores to {path}: {folder} is not a writable folder; pick another one")
 
 
 def _write_json(path: str, values: dict) -> None:

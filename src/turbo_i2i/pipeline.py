@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -28,6 +29,7 @@ logger = logging.getLogger("turbo_i2i")
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PROMPT_CACHE_SIZE = 64
 TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
+TENSOR_RANGE_SLACK = 0.1  # how far outside [0, 1] a tensor image may stray (and be clamped) before it is refused
 
 
 def channels_last_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
@@ -38,6 +40,32 @@ def channels_last_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
     fp32 on the CPU keeps the layout the weights come in.
     """
     return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
+
+
+def check_prompt(prompt: object) -> str:
+    """Refuse a prompt that is not a non-empty string (a caller can check one before loading a model).
+
+    Returns:
+        the prompt.
+
+    Raises:
+        BadInputError: it is not a string, or is empty.
+    """
+    if not isinstance(prompt, str):
+        raise BadInputError(f"A prompt must be a string, got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise BadInputError("The prompt is empty; describe the output image, or omit it to use the default.")
+    return prompt
+
+
+def check_tile_size(tile_size: int | None) -> None:
+    """Refuse a tile size ``Translator`` cannot use (None: no tiling).
+
+    Raises:
+        BadInputError: not a multiple of 8 (the VAE's factor), or too small for the tiles' overlap.
+    """
+    if tile_size is not None and (tile_size % 8 or tile_size < 2 * TILE_OVERLAP):
+        raise BadInputError(f"tile_size must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
 
 
 class Translator:
@@ -163,11 +191,7 @@ class Translator:
             prompt = self.config.prompts.get(direction)
             if prompt is None:
                 raise BadInputError(f"This model has no default prompt for direction {direction!r}; pass a prompt.")
-        if not isinstance(prompt, str):
-            raise BadInputError(f"A prompt must be a string, got {type(prompt).__name__}.")
-        if not prompt.strip():
-            raise BadInputError("The prompt is empty; describe the output image, or omit it to use the default.")
-        return prompt
+        return check_prompt(prompt)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -193,6 +217,13 @@ class Translator:
                 raise BadInputError(f"A tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}.")
             if not image.is_floating_point():  # 0-255 values would be clamped to black and white
                 raise BadInputError(f"A tensor image must hold floats in [0, 1], not {image.dtype}: divide by 255.")
+            low, high = float(image.min()), float(image.max())  # NaN propagates into both
+            # A little overshoot (resampling rings) is clamped; 0-255 or [-1, 1] values are another convention.
+            if not (-TENSOR_RANGE_SLACK <= low and high <= 1 + TENSOR_RANGE_SLACK):
+                hint = "divide by 255" if high > 1 else "map [-1, 1] with (x + 1) / 2" if low >= -1 else "rescale it"
+                raise BadInputError(
+                    f"A tensor image must hold values in [0, 1], got values from {low:g} to {high:g}: {hint}."
+                )
             image = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         rgb = pre.load_image_or_pil(image, max_pixels=self.max_pixels)
         if edges == "canny":
@@ -219,7 +250,7 @@ class Translator:
         """Translate one image or a batch, each in one UNet evaluation.
 
         Args:
-            images: a path, PIL image or (3, H, W) tensor in [0, 1], or a list of them.
+            images: a path, PIL image or (3, H, W) tensor in [0, 1], or a list of them (or an (N, 3, H, W) tensor).
             prompt: one caption for all, one per image, or None for the model's default for ``direction``.
             direction: "a2b" or "b2a" for unpaired models (default: the model's).
             r: stochastic models: faithfulness in [0, 1] (default: the model's).
@@ -239,6 +270,11 @@ class Translator:
         single = isinstance(images, (str, os.PathLike, Image.Image)) or (
             isinstance(images, torch.Tensor) and images.ndim == 3
         )
+        if isinstance(images, torch.Tensor) and images.ndim not in (3, 4):
+            raise BadInputError(
+                "A tensor must be one image (3, H, W) or a batch (N, 3, H, W) in [0, 1], got shape"
+                f" {tuple(images.shape)}."
+            )
         items = [images] if single else list(images)
         if not items:
             raise BadInputError("No images to translate.")
@@ -247,8 +283,8 @@ class Translator:
             raise BadInputError(
                 f"Unknown direction {direction!r}; this model has {', '.join(self.config.directions)}."
             )
-        if batch_size < 1:
-            raise BadInputError(f"batch_size must be at least 1, got {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise BadInputError(f"batch_size must be a whole number, at least 1, got {batch_size!r}.")
         seed = None if seed is None else check_seed(seed)
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
@@ -258,8 +294,7 @@ class Translator:
         prompts = [self._resolve_prompt(p, direction) for p in prompts]
         if r is None and self.config.stochastic:
             r = self.config.default_r
-        if tile_size is not None and (tile_size % 8 or tile_size < 2 * TILE_OVERLAP):
-            raise BadInputError(f"tile_size must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
+        check_tile_size(tile_size)
         edges = self.config.preprocess if edges == "default" else edges
         # 2. preprocess: RGB, edges, model size (multiples of 8)
         inputs = [self.prepare(image, edges, canny_thresholds) for image in items]

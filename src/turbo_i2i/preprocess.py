@@ -24,7 +24,9 @@ from .errors import BadInputError
 
 logger = logging.getLogger("turbo_i2i")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# What save_image writes (by extension), and what a folder is searched for: those and the other formats read.
+SAVE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (*SAVE_EXTENSIONS, ".gif", ".tif", ".tiff")
 MAX_PIXELS = 4096 * 4096
 # The decoders a file may reach, whatever its name. Pillow would otherwise try every plugin it has, some of which hand
 # the data to external programs (EPS runs Ghostscript) or parse rarely used formats; pictures come in these.
@@ -137,34 +139,53 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """List the image files directly inside a folder, sorted by name.
+def list_images(
+    folder: str | os.PathLike, recursive: bool = False, skip: Sequence[str | os.PathLike] = ()
+) -> list[Path]:
+    """List the image files inside a folder, sorted by path.
 
-    Subfolders are not searched; hidden files are skipped (see :func:`is_image_file`).
+    Hidden files and folders are skipped (see :func:`is_image_file`); links to files and folders are followed (each
+    folder is read once, so a link to a folder above cannot loop).
 
     Args:
         folder: the folder to list.
+        recursive: search sub-folders too.
+        skip: folders not to search (an output folder inside the input folder, say).
 
     Returns:
-        Sorted paths of the files whose extension is in ``IMAGE_EXTENSIONS`` (any letter case).
+        Sorted paths (under ``folder``) of the files whose extension is in ``IMAGE_EXTENSIONS`` (any letter case).
 
     Raises:
         BadInputError: the folder does not exist, is a file, cannot be read, or holds no image.
     """
     folder = Path(folder)
-    accepted = ", ".join(IMAGE_EXTENSIONS)
     if not folder.exists():
         raise BadInputError(f"Folder '{folder}' does not exist; check the path.")
     if not folder.is_dir():
         raise BadInputError(f"'{folder}' is a file, not a folder; pass the folder that holds the images.")
-    try:
-        entries = list(folder.iterdir())
-    except OSError as exc:
-        raise BadInputError(f"Folder '{folder}' cannot be listed ({exc.strerror}); check its permissions.") from exc
-    images = sorted(p for p in entries if is_image_file(p))
+    images: list[Path] = []
+    seen = {Path(s).resolve() for s in skip}
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        if current.resolve() in seen:
+            continue
+        seen.add(current.resolve())
+        try:
+            entries = list(current.iterdir())
+        except OSError as exc:
+            raise BadInputError(f"Folder '{current}' cannot be listed ({exc.strerror}); check its rights") from exc
+        for path in entries:
+            if recursive and path.is_dir() and not path.name.startswith("."):
+                pending.append(path)
+            elif is_image_file(path):
+                images.append(path)
     if not images:
-        raise BadInputError(f"Folder '{folder}' holds no images; expected files ending in {accepted}.")
-    return images
+        where = " (sub-folders too)" if recursive else ""
+        raise BadInputError(
+            f"Folder '{folder}' holds no images{where}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}."
+        )
+    return sorted(images)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,7 +366,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = Fa
 
     Args:
         image: the PIL image to write.
-        path: the output file; its extension (one of ``IMAGE_EXTENSIONS``) picks the format.
+        path: the output file; its extension (one of ``SAVE_EXTENSIONS``) picks the format.
         overwrite: replace an existing file instead of refusing.
 
     Returns:
@@ -361,7 +382,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = Fa
     fmt = _SAVE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise BadInputError(
-            f"Cannot save '{path}': unknown extension {path.suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}."
+            f"Cannot save '{path}': unknown extension {path.suffix!r}; use one of {', '.join(SAVE_EXTENSIONS)}."
         )
     if path.is_dir():
         raise BadInputError(f"Cannot save to '{path}': it is a folder; give a file name.")

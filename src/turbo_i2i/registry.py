@@ -29,7 +29,8 @@ class NamedModel:
         name: the name users type.
         description: one line for ``turbo-i2i models``.
         file: the official pickle's file name (downloaded from ``OFFICIAL_URL``), or None for a built-in folder.
-        overrides: config fields the official file does not carry (default prompt, direction, r, preprocess).
+        overrides: config fields the official file does not carry (default prompt, direction, r, preprocess), and
+            the ``task`` and ``stochastic`` it must have.
     """
 
     name: str
@@ -50,32 +51,46 @@ MODELS = {
             "edge_to_image",
             "pix2pix-Turbo, canny edges -> photo",
             "edge_to_image_loras.pkl",
-            {"preprocess": "canny"},
+            {"task": "paired", "stochastic": False, "preprocess": "canny"},
         ),
         NamedModel(
             "sketch_to_image_stochastic",
             "pix2pix-Turbo, sketch -> picture, r trades faithfulness for variety",
             "sketch_to_image_stochastic_lora.pkl",
-            {"preprocess": "sketch", "default_r": STOCHASTIC_DEFAULT_R},
+            {"task": "paired", "stochastic": True, "preprocess": "sketch", "default_r": STOCHASTIC_DEFAULT_R},
         ),
         NamedModel(
             "day_to_night", "CycleGAN-Turbo, driving scenes", "day2night.pkl",
-            {"prompts": {"a2b": "driving in the night"}, "default_direction": "a2b"},
+            {"task": "unpaired", "prompts": {"a2b": "driving in the night"}, "default_direction": "a2b"},
         ),
         NamedModel(
             "night_to_day", "CycleGAN-Turbo, driving scenes", "night2day.pkl",
-            {"prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
+            {"task": "unpaired", "prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
         ),
         NamedModel(
             "clear_to_rainy", "CycleGAN-Turbo, driving scenes", "clear2rainy.pkl",
-            {"prompts": {"a2b": "driving in heavy rain"}, "default_direction": "a2b"},
+            {"task": "unpaired", "prompts": {"a2b": "driving in heavy rain"}, "default_direction": "a2b"},
         ),
         NamedModel(
             "rainy_to_clear", "CycleGAN-Turbo, driving scenes", "rainy2clear.pkl",
-            {"prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
+            {"task": "unpaired", "prompts": {"b2a": "driving in the day"}, "default_direction": "b2a"},
         ),
     )
 }  # fmt: skip
+
+
+def official_overrides(path: str | os.PathLike) -> dict:
+    """What an official file downloaded by hand gets from the named model published under its file name (default r,
+    sketch or canny input, captions, and the kind of model it must be); nothing for another name.
+
+    Args:
+        path: the ``.pkl`` file.
+
+    Returns:
+        config overrides for ``load_official``.
+    """
+    named = next((m for m in MODELS.values() if m.file == Path(path).name), None)
+    return dict(named.overrides) if named is not None else {}
 
 
 def cache_dir() -> Path:
@@ -155,9 +170,7 @@ def load_model(
     if path.is_dir():
         return load_pretrained(path, device, dtype, base_model=base_model)
     if path.is_file() and path.suffix == ".pkl":
-        # an official file downloaded by hand keeps its named model's defaults (default r, sketch input, captions)
-        named = next((m for m in MODELS.values() if m.file == path.name), None)
-        overrides = named.overrides if named is not None else {}
+        overrides = official_overrides(path)
         return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype, **overrides)
     check_reference(ref)  # what is left is a hub id, or nothing known
     return load_pretrained(_hub_snapshot(check_hub_id(ref, "Model")), device, dtype, base_model=base_model)

@@ -33,9 +33,30 @@ DINO_SIZE = 224
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+# The shorter side goes to 224 px, so the token count, the ViT's attention and the (tokens, tokens) self-similarity
+# matrices grow with the aspect ratio: 4:1 gives 28 x 112 patches (3137 tokens, about 0.5 GB of attention scores); an
+# 8 x 512 px strip would give 50,000 tokens and need tens of GB.
+MAX_ASPECT_RATIO = 4.0
 
 
 # --------------------------------------------------------------------------------------------------- pure maths
+
+
+def check_aspect_ratio(width: int, height: int, name: str) -> None:
+    """Refuse an image too elongated for the structure distance (see ``MAX_ASPECT_RATIO``).
+
+    Args:
+        width, height: the image's size in pixels.
+        name: how the message names the image.
+
+    Raises:
+        BadInputError: the longer side is more than ``MAX_ASPECT_RATIO`` times the shorter one.
+    """
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadInputError(
+            f"{name} is {width}x{height}: the DINO structure distance takes images up to {MAX_ASPECT_RATIO:g} times"
+            " longer than wide (its cost grows with the square of the aspect ratio); crop it or leave the metric out"
+        )
 
 
 def cosine_self_similarity(keys: torch.Tensor) -> torch.Tensor:
@@ -164,10 +185,11 @@ class DINOStructureDistance(nn.Module):
             (N,) distances (0 for identical images).
 
         Raises:
-            BadInputError: the batches differ in length.
+            BadInputError: the batches differ in length, or the inputs are too elongated (``MAX_ASPECT_RATIO``).
         """
         if len(inputs) != len(outputs):
             raise BadInputError(f"DINO structure got {len(inputs)} inputs but {len(outputs)} outputs.")
+        check_aspect_ratio(inputs.shape[-1], inputs.shape[-2], "The input")
         size = self.resized_size(*inputs.shape[-2:])
         return structure_distance_from_keys(self.keys(inputs, size), self.keys(outputs, size))
 

@@ -136,7 +136,10 @@ def load_inception(
             net = InceptionFeatures(torch.jit.load(str(found), map_location="cpu"))
     except (OSError, RuntimeError, ValueError, AttributeError) as error:
         # a damaged file is bad input (exit 2), as a damaged model file is
-        raise BadInputError(_inception_missing([found], f"unreadable: {load_failure(error)}")) from error
+        raise BadInputError(
+            f"{found} is not a readable copy of the Inception network FID is measured with (unreadable:"
+            f" {load_failure(error)}); download {INCEPTION_URL} again and use that copy."
+        ) from error
     net = freeze(net)
     return net.to(device) if device is not None else net
 

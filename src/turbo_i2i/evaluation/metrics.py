@@ -1,8 +1,10 @@
 """Score a folder of outputs against a folder of references (and their inputs): what ``turbo-i2i eval`` runs.
 
-Files are matched by name without extension (``0001.png`` in the outputs pairs with ``0001.jpg`` in the
-references); unmatched files are reported, not scored. Every file is checked before any network is loaded, so a bad
-folder fails in a second with one message that lists every problem. Metrics (lower is better unless noted):
+Files are matched by their path inside the folder without extension (``0001.png`` in the outputs pairs with
+``0001.jpg`` in the references, ``night/0001.png`` with ``night/0001.jpg``: sub-folders are searched, as ``turbo-i2i
+translate`` mirrors them); unmatched files are reported, not scored. Every file is checked before any network is
+loaded, so a bad folder fails in a second with one message that lists every problem. Metrics (lower is better
+unless noted):
 
 - ``l2``: mean squared pixel error in [-1, 1] units, per pair, as the paired trainer logs it;
 - ``lpips``: LPIPS (VGG) distance, per pair;
@@ -26,10 +28,12 @@ from torch import nn
 
 from .. import preprocess as pre
 from ..errors import BadInputError, TurboI2IError, format_problems
+from .dino_structure import check_aspect_ratio
 
 METRICS = ("l2", "lpips", "clip_sim", "fid", "dino_structure")
 HIGHER_IS_BETTER = {"clip_sim"}
 WEIGHT_KEYS = ("lpips", "clip", "inception", "dino")
+LPIPS_MIN_SIDE = 16
 
 
 @dataclasses.dataclass
@@ -114,9 +118,9 @@ class EvalReport:
     Args:
         metrics: metric name -> mean value over the images it was computed on.
         counts: metric name -> how many images (pairs) it was computed on.
-        per_image: output file name -> {metric: value} for the per-image metrics.
+        per_image: output file (path inside ``outputs``) -> {metric: value} for the per-image metrics.
         unmatched: "outputs" / "references" (paired: no partner of the same name) and "outputs without input"
-            (with inputs: scored outputs the structure distance skipped) -> file names.
+            (with inputs: scored outputs the structure distance skipped) -> paths inside the folders.
         folders: "outputs" / "references" / "inputs" -> the folders as given.
     """
 
@@ -153,19 +157,29 @@ class EvalReport:
 # ----------------------------------------------------------------------------------------------------- matching
 
 
-def _by_stem(files: Sequence[Path], problems: list[str]) -> dict[str, Path]:
-    """File name without extension -> file; two files sharing a stem are a problem (which one would be meant?)."""
+def _by_key(folder: Path, problems: list[str], skip: Sequence[Path] = ()) -> dict[str, Path]:
+    """The images in ``folder`` and its sub-folders by key: the path inside ``folder`` without extension ("night/0001"
+    for night/0001.png), the way ``turbo-i2i translate`` names a folder's outputs. Two files sharing a key are a
+    problem (which one would be meant?)."""
     found: dict[str, Path] = {}
-    for path in files:
-        if path.stem in found:
-            problems.append(f"{found[path.stem]} and {path.name} share the name {path.stem!r}; keep one of them")
+    for path in pre.list_images(folder, recursive=True, skip=skip):
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        if key in found:
+            problems.append(f"{found[key]} and {path.name} share the name {key!r}; keep one of them")
         else:
-            found[path.stem] = path
+            found[key] = path
     return found
+
+
+def _name(path: Path, folder: Path) -> str:
+    """How a file is named in the report: its path inside the folder given."""
+    return path.relative_to(folder).as_posix()
 
 
 def _read_prompts(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"Prompts file '{path}' is a folder; pass a JSON file mapping file names to captions.")
     if not path.is_file():
         raise BadInputError(f"Prompts file '{path}' does not exist; pass a JSON file mapping file names to captions.")
     try:
@@ -197,43 +211,52 @@ class _Plan:
 
 
 def _plan(
-    outputs: Path, references: Path, prompts: str | os.PathLike | None, inputs: Path | None, fid: bool, unpaired: bool
+    outputs: Path,
+    references: Path,
+    prompts: str | os.PathLike | None,
+    inputs: Path | None,
+    *,
+    lpips: bool,
+    fid: bool,
+    unpaired: bool,
 ) -> _Plan:
     """Match the files and check every one of them, raising one listing error when anything is wrong."""
     problems: list[str] = []
-    outs = _by_stem(pre.list_images(outputs), problems)
-    refs = _by_stem(pre.list_images(references), problems)
+    # Neither folder is searched for the other's files (outputs written into a sub-folder of the references, say).
+    outs = _by_key(outputs, problems, skip=[references])
+    refs = _by_key(references, problems, skip=[outputs])
     unmatched: dict[str, list[str]] = {}
     scored, partners = dict(outs), {}
     if not unpaired:
         scored = {s: p for s, p in outs.items() if s in refs}
         partners = {s: refs[s] for s in scored}
-        unmatched["outputs"] = sorted(p.name for s, p in outs.items() if s not in refs)
-        unmatched["references"] = sorted(p.name for s, p in refs.items() if s not in outs)
+        unmatched["outputs"] = sorted(_name(p, outputs) for s, p in outs.items() if s not in refs)
+        unmatched["references"] = sorted(_name(p, references) for s, p in refs.items() if s not in outs)
         if not scored:
             raise BadInputError(
                 f"No file in {outputs} has a partner of the same name in {references} (e.g. {next(iter(outs))!r} vs"
-                f" {next(iter(refs))!r}); outputs are matched to references by file name without extension. Pass"
-                " --unpaired to compare the two folders as sets (FID only)."
+                f" {next(iter(refs))!r}); outputs are matched to references by path inside the folder without"
+                " extension. Pass --unpaired to compare the two folders as sets (FID only)."
             )
     sources = {}
     if inputs is not None:
-        ins = _by_stem(pre.list_images(inputs), problems)
+        ins = _by_key(inputs, problems, skip=[outputs])
         sources = {s: ins[s] for s in scored if s in ins}
-        unmatched["outputs without input"] = sorted(p.name for s, p in scored.items() if s not in ins)
+        unmatched["outputs without input"] = sorted(_name(p, outputs) for s, p in scored.items() if s not in ins)
         if not sources:
             raise BadInputError(
                 f"No scored output in {outputs} has an input of the same name in {inputs}; inputs are matched to"
-                " outputs by file name without extension."
+                " outputs by path inside the folder without extension."
             )
     captions: dict[str, str] = {}
     if prompts is not None:
         table = _read_prompts(prompts)
         for s, path in scored.items():
-            caption = _caption(table, [path.name] + ([partners[s].name] if s in partners else []), s)
+            names = [_name(path, outputs)] + ([_name(partners[s], references)] if s in partners else [])
+            caption = _caption(table, names, s)
             if not isinstance(caption, str) or not caption.strip():
                 why = "no caption" if caption is None else "a caption that is not a non-empty string"
-                problems.append(f"{path.name} has {why} in {prompts}")
+                problems.append(f"{names[0]} has {why} in {prompts}")
             else:
                 captions[s] = caption
     fid_sets = None
@@ -256,6 +279,17 @@ def _plan(
                 f"{out} is {sizes[out][0]}x{sizes[out][1]} but {ref} is {sizes[ref][0]}x{sizes[ref][1]}; paired"
                 " metrics need outputs at the references' size"
             )
+        elif lpips and out in sizes and min(sizes[out]) < LPIPS_MIN_SIDE:  # its VGG halves the image four times
+            problems.append(
+                f"{out} is {sizes[out][0]}x{sizes[out][1]}: LPIPS needs at least {LPIPS_MIN_SIDE} pixels a side;"
+                " pass --no-lpips (lpips=False) to score without it"
+            )
+    for path in sources.values():
+        if path in sizes:
+            try:
+                check_aspect_ratio(*sizes[path], str(path))
+            except BadInputError as error:
+                problems.append(str(error))
     if problems:
         raise BadInputError(format_problems("with the evaluation files", problems))
     return _Plan(scored, partners, sources, captions, fid_sets, unmatched)
@@ -291,9 +325,10 @@ def evaluate_folders(
 
     Args:
         outputs: folder of generated images.
-        references: folder of real images; matched to the outputs by file name without extension.
-        prompts: JSON file mapping file names (an output's or its reference's, with or without extension) to
-            captions; given, ``clip_sim`` is computed.
+        references: folder of real images; matched to the outputs by path inside the folder without extension
+            (sub-folders are searched).
+        prompts: JSON file mapping file names (an output's or its reference's path inside its folder, with or
+            without extension) to captions; given, ``clip_sim`` is computed.
         inputs: folder of the inputs the outputs were translated from (needed by ``dino_structure``).
         lpips: compute LPIPS.
         fid: compute clean-fid FID.
@@ -324,7 +359,7 @@ def evaluate_folders(
     if outputs.exists() and outputs.resolve() == references.resolve():  # every score would be perfect, and meaningless
         raise BadInputError(f"--outputs and --references are the same folder ({outputs}); pass the reference images.")
     inputs = Path(inputs) if dino_structure else None
-    plan = _plan(outputs, references, prompts, inputs, fid, unpaired)
+    plan = _plan(outputs, references, prompts, inputs, lpips=lpips, fid=fid, unpaired=unpaired)
     if not (plan.references or plan.captions or fid or dino_structure):
         raise BadInputError(
             "Nothing to compute: unpaired outputs have no per-image reference (L2, LPIPS); ask for FID, the DINO"
@@ -352,7 +387,7 @@ def evaluate_folders(
             if dino is not None and stem in plan.inputs:
                 scores["dino_structure"] = float(dino(_tensor(plan.inputs[stem]), out)[0])
             if scores:
-                per_image[out_path.name] = scores
+                per_image[_name(out_path, outputs)] = scores
 
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}

@@ -21,6 +21,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DA
 from safetensors import SafetensorError
 from torch import nn
 
+from ..checkpoints import load_tensor_pickle
 from ..errors import BadInputError, TurboI2IError, load_failure
 from ..hub import hub_cache, hub_offline
 
@@ -82,14 +83,15 @@ def _trunk_checkpoint(net: str, path: str | os.PathLike | None, local_files_only
 def _copy_trunk(trunk: nn.Module, checkpoint: Path, net: str) -> None:
     """Copy torchvision ``features.<i>.*`` weights into lpips' slices, whose layers keep torchvision's indices."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_tensor_pickle(checkpoint)
         trunk.load_state_dict({name: state["features." + name.split(".", 1)[1]] for name in trunk.state_dict()})
     # refused pickles and damaged safetensors too
     except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
         url = _trunk_url(net)
         # a damaged or hostile file is bad input (exit 2), as a damaged model file is; a missing one is not
         raise BadInputError(
-            _lpips_missing_message(net, f"in {checkpoint}", url, checkpoint, f"unreadable: {load_failure(error)}")
+            f"{checkpoint} is not a readable copy of the ImageNet weights of the LPIPS {net!r} trunk (unreadable:"
+            f" {load_failure(error)}); download {url} again and use that copy."
         ) from error
 
 
