@@ -184,3 +184,23 @@ def test_integer_seeds_of_any_kind_give_the_same_image(translator, seed):
 def test_a_seed_that_is_not_an_integer_is_refused(translator, seed):
     with pytest.raises(BadInputError, match="seed must be an integer"):
         translator(picture(32, 32), seed=seed)
+
+
+def test_translate_folder_mirrors_the_tree_and_reports_instead_of_raising(translator, tmp_path):
+    from turbo_i2i.folders import translate_folder
+
+    src = tmp_path / "src"
+    (src / "day").mkdir(parents=True)
+    picture(32, 32).save(src / "a.png")
+    picture(24, 40, seed=1).save(src / "day" / "b.jpg")
+    picture(32, 32, seed=2).save(src / "day" / "b.png")  # the same output as b.jpg: reported, neither overwrites
+    (src / "broken.png").write_text("not a picture")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"kept")
+    result = translate_folder(translator, src, tmp_path / "out", batch_size=2, progress=False, seed=0)
+    assert result.inputs == 4 and result.translated == [tmp_path / "out" / "day" / "b.png"]
+    assert result.skipped == [tmp_path / "out" / "a.png"] and (tmp_path / "out" / "a.png").read_bytes() == b"kept"
+    assert len(result.failed) == 2 and "broken.png" in result.failed[0] and "same output file" in result.failed[1]
+    alone = translator(src / "day" / "b.jpg", seed=0)  # batched like this, the same picture as one call gives
+    written = Image.open(tmp_path / "out" / "day" / "b.png")
+    assert written.size == (24, 40) and np.abs(np.asarray(written, dtype=int) - np.asarray(alone)).max() <= 1

@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _translate(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from . import preprocess as pre
+    from .folders import folder_inputs, translate_folder
     from .pipeline import Translator, check_prompt, check_tile_size
     from .video import OUTPUT_CODECS, frames_dir, is_video, translate_video
 
@@ -264,10 +264,7 @@ def _translate(args: argparse.Namespace) -> int:
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
     if folder:
-        if target.exists() and not target.is_dir():
-            raise BadInputError(f"The input is a folder, so --output must be a folder; {target} is a file.")
-        # Sub-folders are mirrored; an output folder inside the input folder is not read back as input.
-        files = pre.list_images(source, recursive=True, skip=[target])
+        folder_inputs(source, target)  # checked before the model loads
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     endings = OUTPUT_CODECS if video else pre.SAVE_EXTENSIONS
@@ -293,53 +290,26 @@ def _translate(args: argparse.Namespace) -> int:
         width, height = result.size
         print(f"wrote {result.frames} frames ({width}x{height}, {result.fps:g} fps) to {result.output}")
         return 0
-    options.update(seed=args.seed, batch_size=args.batch_size, tile_size=args.tile)
+    options.update(seed=args.seed, tile_size=args.tile)
     if not folder:
-        pre.save_image(translator(pre.load_image(source, max_pixels=translator.max_pixels), **options), target,
-                       overwrite=args.overwrite)  # fmt: skip
+        image = pre.load_image(source, max_pixels=translator.max_pixels)
+        pre.save_image(translator(image, **options), target, overwrite=args.overwrite)
         return 0
-    translated, skipped, failed, pending, claimed = 0, [], [], [], {}
-
-    def flush():  # one batched call for the images gathered so far; on a bad one, each alone to find it
-        nonlocal translated
-        try:
-            outputs = translator([image for _, _, image in pending], **options)
-        except BadInputError:
-            outputs = [None] * len(pending)
-        for (path, out, image), output in zip(pending, outputs):
-            try:
-                pre.save_image(output or translator(image, **options), out, overwrite=args.overwrite)
-                translated += 1
-            except BadInputError as error:
-                failed.append(str(error) if str(path) in str(error) else f"{path}: {error}")
-        pending.clear()
-
-    for path in tqdm(files, desc="translating", unit="img"):
-        out = target / path.relative_to(source).with_suffix(".png")
-        if out in claimed:  # a.jpg and a.png both become a.png: the second would overwrite the first
-            failed.append(f"{path}: same output file {out} as {claimed[out]}; rename one of them.")
-            continue
-        claimed[out] = path
-        if out.exists() and not args.overwrite:
-            skipped.append(out)
-            continue
-        try:
-            image = pre.load_image(path, max_pixels=translator.max_pixels)
-        except BadInputError as error:
-            failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
-            continue
-        pending.append((path, out, image))
-        if len(pending) == args.batch_size:
-            flush()
-    flush()
-    if skipped:
+    result = translate_folder(
+        translator, source, target, batch_size=args.batch_size, overwrite=args.overwrite, **options
+    )
+    if result.skipped:
         logger.warning(
-            "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s", len(skipped), skipped[0]
-        )
-    print(f"translated {translated}, skipped {len(skipped)} (already translated), failed {len(failed)}: {target}")
-    if failed:
-        print(f"error: {len(failed)} of {len(files)} input(s) could not be translated:", file=sys.stderr)
-        for line in failed:
+            "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s",
+            len(result.skipped), result.skipped[0],
+        )  # fmt: skip
+    print(
+        f"translated {len(result.translated)}, skipped {len(result.skipped)} (already translated),"
+        f" failed {len(result.failed)}: {target}"
+    )
+    if result.failed:
+        print(f"error: {len(result.failed)} of {result.inputs} input(s) could not be translated:", file=sys.stderr)
+        for line in result.failed:
             print(f"  {line}", file=sys.stderr)
         return 2
     return 0

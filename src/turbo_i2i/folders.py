@@ -1,0 +1,122 @@
+"""Translate a folder of images, sub-folders included, into another folder: what ``turbo-i2i translate`` does with a
+folder, for Python callers too.
+
+The tree is mirrored (``photos/day/a.jpg`` -> ``out/day/a.png``); outputs are PNG, so nothing is lost to compression.
+Images go through in batches; a file that cannot be read or translated is reported and the rest go on; outputs that
+exist are kept unless ``overwrite``, so a stopped run continues where it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import preprocess as pre
+from .errors import BadInputError
+
+
+@dataclasses.dataclass
+class FolderResult:
+    """What ``translate_folder`` did.
+
+    Args:
+        translated: the output files written.
+        skipped: outputs that existed and were kept (``overwrite`` off).
+        failed: one line per input that could not be translated, naming it and why.
+        inputs: how many images the folder held.
+    """
+
+    translated: list[Path]
+    skipped: list[Path]
+    failed: list[str]
+    inputs: int
+
+
+def folder_inputs(source: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """The images ``translate_folder`` would translate, checked without a model (so a caller can fail early).
+
+    Args:
+        source: the input folder; sub-folders are searched, hidden files and folders skipped.
+        target: the output folder; when it lies inside ``source`` it is not searched.
+
+    Returns:
+        the input files, sorted.
+
+    Raises:
+        BadInputError: ``source`` is missing or holds no images, or ``target`` is a file.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists() and not target.is_dir():
+        raise BadInputError(f"The input is a folder, so the output must be a folder; {target} is a file.")
+    return pre.list_images(source, recursive=True, skip=[target])
+
+
+def translate_folder(
+    translator,
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> FolderResult:
+    """Translate every image under ``source`` into the same place under ``target``, as .png.
+
+    Args:
+        translator: a ``Translator``.
+        source: the input folder (see ``folder_inputs``).
+        target: the output folder (created as needed).
+        batch_size: images per forward pass.
+        overwrite: replace outputs that exist (otherwise they are kept and counted as skipped).
+        progress: show a progress bar.
+        **options: the rest of ``Translator.__call__``'s arguments (prompt, direction, r, seed, edges, ...), the
+            same for every image.
+
+    Returns:
+        a ``FolderResult``; failures are listed there, not raised.
+
+    Raises:
+        BadInputError: the folders are unusable (see ``folder_inputs``).
+    """
+    source, target = Path(source), Path(target)
+    files = folder_inputs(source, target)
+    result = FolderResult([], [], [], len(files))
+    pending: list[tuple[Path, Path, object]] = []
+
+    def flush() -> None:  # one batched call for the images gathered so far; on a bad one, each alone to find it
+        try:
+            outputs = translator([image for _, _, image in pending], batch_size=batch_size, **options)
+        except BadInputError:
+            outputs = [None] * len(pending)
+        for (path, out, image), output in zip(pending, outputs):
+            try:
+                pre.save_image(output or translator(image, **options), out, overwrite=overwrite)
+                result.translated.append(out)
+            except BadInputError as error:
+                result.failed.append(str(error) if str(path) in str(error) else f"{path}: {error}")
+        pending.clear()
+
+    claimed: dict[Path, Path] = {}
+    for path in tqdm(files, desc="translating", unit="img", disable=not progress):
+        out = target / path.relative_to(source).with_suffix(".png")
+        if out in claimed:  # a.jpg and a.png both become a.png: the second would overwrite the first
+            result.failed.append(f"{path}: same output file {out} as {claimed[out]}; rename one of them.")
+            continue
+        claimed[out] = path
+        if out.exists() and not overwrite:
+            result.skipped.append(out)
+            continue
+        try:
+            image = pre.load_image(path, max_pixels=translator.max_pixels)
+        except BadInputError as error:
+            result.failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
+            continue
+        pending.append((path, out, image))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return result
