@@ -53,7 +53,7 @@ def test_prompt_is_encoded_once_and_changes_the_output(translator, monkeypatch):
     assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
-def test_default_prompt_and_bad_prompts(translator, caplog):
+def test_default_prompt_and_bad_prompts(translator, caplog, monkeypatch):
     image = picture(32, 32)
     assert np.array_equal(
         np.asarray(translator(image)), np.asarray(translator(image, prompt="a red circle on a blue background"))
@@ -61,9 +61,15 @@ def test_default_prompt_and_bad_prompts(translator, caplog):
     for empty in ("", "   "):
         with pytest.raises(BadInputError, match="empty"):
             translator(image, prompt=empty)
+    import transformers.tokenization_utils_base as tokenization
+
+    translator.tokenizer.deprecation_warnings.clear()  # transformers says its note once per tokenizer
+    theirs = []
+    monkeypatch.setattr(tokenization.logger, "warning", lambda message, *args: theirs.append(message))
     with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
         translator(image, prompt="red " * 100)
     assert "longer than 77 tokens" in caplog.text
+    assert not theirs  # transformers' note ("will result in indexing errors") beside ours was wrong: ids are cut
     with pytest.raises(BadInputError, match="2 prompts for 1 images"):
         translator([image], prompt=["a", "b"])
     tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # 0-255 bytes: would be clamped to black/white

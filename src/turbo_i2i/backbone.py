@@ -287,6 +287,7 @@ def encode_prompt(
         (embeddings of shape (N, 77, hidden), the prompts that were cut at 77 tokens).
     """
     max_length = tokenizer.model_max_length
-    full = tokenizer(prompts, truncation=False).input_ids
+    # verbose=False: transformers' own note ("will result in indexing errors") is wrong here, where ids are cut at 77
+    full = tokenizer(prompts, truncation=False, verbose=False).input_ids
     truncated = [p for p, ids in zip(prompts, full) if len(ids) > max_length]
     return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0], truncated
