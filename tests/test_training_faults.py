@@ -409,6 +409,19 @@ def test_a_resume_sets_aside_what_a_run_beyond_its_checkpoint_left(dataset, tmp_
     assert (aside / "eval" / "step_0000004.png").read_bytes() == b"the later run's grid"
 
 
+def test_a_resume_hides_what_tensorboard_got_after_its_checkpoint(dataset, tmp_path):
+    """TensorBoard showed the superseded run's later points beside the resumed run's (steps 1, 2, 3, 4, 3)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    make_trainer(dataset, run, max_steps=4, checkpoint_every=2, report_to="tensorboard").train()
+    resumed = make_trainer(dataset, run, max_steps=4, checkpoint_every=1, report_to="tensorboard")
+    resumed.train(resume=run / "checkpoints" / "step_0000002", stop_at=3)
+    events = EventAccumulator(str(run / "run"))  # accelerate's folder: the run folder's name
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss_l2")] == [1, 2, 3]
+
+
 def test_a_resume_without_a_checkpoint_keeps_an_existing_model(dataset, tmp_path):
     """--resume in a folder whose checkpoints are gone starts at step 0; the model a finished run exported there is
     set aside, not replaced by this run's export."""

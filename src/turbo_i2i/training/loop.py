@@ -839,7 +839,9 @@ class TrainerBase:
             self.check_unused_output_dir()
         end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
         main = self.accelerator.is_main_process
-        self.accelerator.init_trackers(self.output_dir.name, config=_flat(asdict(self.config)))
+        # A resume hides from TensorBoard what earlier runs logged after this step (their log lines are set aside)
+        purge = {"tensorboard": {"purge_step": self.step + 1}} if resume else {}
+        self.accelerator.init_trackers(self.output_dir.name, config=_flat(asdict(self.config)), init_kwargs=purge)
         logs: dict[str, float] = {}
         bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < end:
