@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import time
@@ -287,7 +288,7 @@ def test_load_image_or_pil_accepts_paths(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_list_images_sorts_and_ignores_non_images(tmp_path):
+def test_list_images_sorts_and_ignores_non_images(tmp_path, caplog):
     for name in ["b.png", "a.JPG", "c.webp", "d.jpeg", "e.bmp", "notes.txt", "f.png.bak", ".hidden.png"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
@@ -300,6 +301,10 @@ def test_list_images_sorts_and_ignores_non_images(tmp_path):
     nested = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
     assert nested == [*top, "sub/inner.png"]
     assert [p.name for p in list_images(tmp_path, recursive=True, skip=[tmp_path / "sub"])] == top
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken link is said, not silently left out
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        assert [p.name for p in list_images(tmp_path)] == top
+    assert "skipped 1 link(s) to missing files, e.g. " + str(tmp_path / "gone.png") in caplog.text
 
 
 def test_list_images_missing_folder(tmp_path):

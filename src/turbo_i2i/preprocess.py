@@ -164,6 +164,7 @@ def list_images(
     if not folder.is_dir():
         raise BadInputError(f"'{folder}' is a file, not a folder; pass the folder that holds the images.")
     images: list[Path] = []
+    broken: list[Path] = []  # links to pictures that are gone: said, since the user expects them to be read
     seen = {Path(s).resolve() for s in skip}
     pending = [folder]
     while pending:
@@ -180,6 +181,10 @@ def list_images(
                 pending.append(path)
             elif is_image_file(path):
                 images.append(path)
+            elif path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                broken.append(path)
+    if broken:
+        logger.warning("skipped %d link(s) to missing files, e.g. %s", len(broken), sorted(broken)[0])
     if not images:
         where = " (sub-folders too)" if recursive else ""
         raise BadInputError(
