@@ -14,7 +14,7 @@ which only grows within a process, is the case's own on the CPU):
 - ``ours-bf16``, ``ours-bf16-nhwc``, ``ours-bf16-plain``, ``ours-bf16-compile``, ``ours-fp32-compile``,
   ``ours-fp16`` and ``ours-bf16-ckpt-8bit`` (only when named in ``--cases``): bf16 without checkpointing (what
   checkpointing costs and saves); the same with the generator in channels-last memory where the trainer does not
-  choose it (``training.loop.channels_last_in_training``: on GPUs); the same with the VAE decoders' upsamplers as
+  choose it (``training.compute.channels_last_in_training``: on GPUs); the same with the VAE decoders' upsamplers as
   defined (what sub-pixel upsampling saves); bf16 and fp32 with ``compile`` (the UNet and VAE parts under
   ``torch.compile``; give them ``--warmup 1`` or more: the first step compiles, minutes at full size); fp16 with loss
   scaling (for GPUs without bf16); and bf16 + checkpointing with 8-bit AdamW (needs bitsandbytes).

@@ -1,4 +1,4 @@
-"""Training in half precision (``loop.train_in_half_precision``): GroupNorms that keep bf16 activations in bf16 under
+"""Training in half precision (``train_in_half_precision``): GroupNorms that keep bf16 activations in bf16 under
 autocast (same numbers up to bf16 rounding, same parameters and shared modules; the memory they save is on CUDA, whose
 autocast runs group_norm in fp32 while the CPU's keeps bf16: measured by benchmarks/train_unpaired.py, see the
 README), and LoRA layers that no longer copy their inputs up to fp32 (bit for bit the same)."""
@@ -11,7 +11,7 @@ from conftest import make_generator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from turbo_i2i.training.loop import (
+from turbo_i2i.training.compute import (
     HalfPrecisionGroupNorm,
     cast_frozen,
     keep_lora_inputs_in_half_precision,

@@ -7,7 +7,7 @@ from conftest import make_generator
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from turbo_i2i.backbone import tokenize
-from turbo_i2i.training.loop import use_math_attention
+from turbo_i2i.training.compute import use_math_attention
 
 
 def _outputs_and_grads(generator, text_encoder, x, ids):

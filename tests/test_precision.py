@@ -80,7 +80,7 @@ def test_auto_mixed_precision_is_bf16_only_where_native(task, native, caplog, tm
 
 
 def test_explicit_mixed_precision_is_kept_and_the_demo_preset_chooses_automatically(native):
-    from turbo_i2i.training.loop import resolve_mixed_precision
+    from turbo_i2i.training.compute import resolve_mixed_precision
     from turbo_i2i.training.options import PRESETS, PairedTrainConfig
 
     assert PRESETS["demo-circles"]["mixed_precision"] == "auto"

@@ -92,7 +92,7 @@ class TrainConfig:
         disc: discriminator: "clip" (vision-aided), "patchgan", or "none".
         mixed_precision: "no", "bf16" or "fp16" (with loss scaling): trainable weights and optimiser state stay
             fp32, the frozen backbone is stored in the half precision; "auto": bf16 where the device computes it
-            natively, else "no" (``loop.resolve_mixed_precision``).
+            natively, else "no" (``compute.resolve_mixed_precision``).
         from_model: start from this model's trained weights (a named model, model folder or official .pkl of the
             same task on the same backbone; LoRA ranks may grow, see ``training.warm_start``), e.g. the edge model
             for a sketch model, or an official unpaired model to fine-tune on one's own two sets.

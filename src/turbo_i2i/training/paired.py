@@ -10,7 +10,7 @@ One generator step and one discriminator step per iteration, one LR-scheduler st
 drops the update and is counted: see ``TrainerBase``). The discriminator's
 gradients are cleared after the generator's backward, so D is updated only by its own loss. Trainable weights stay
 fp32 under bf16/fp16 autocast; frozen weights are stored in that half precision, and activations stay in it
-through GroupNorms and LoRA layers (``loop.train_in_half_precision``; fp16 adds a gradient scaler).
+through GroupNorms and LoRA layers (``compute.train_in_half_precision``; fp16 adds a gradient scaler).
 All randomness of a step (batch order, crops, DiffAugment) is derived
 from (seed, step), so stopping and resuming gives the same run as going straight through.
 """
@@ -28,19 +28,21 @@ from ..checkpoints import build_generator
 from ..config import STOCHASTIC_DEFAULT_R, GeneratorConfig
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
-from .data import PairedDataset, check_batchable, collate
-from .loop import (
+from .compute import (
     HALF_PRECISION,
-    Metrics,
-    TrainerBase,
     channels_last_in_training,
     loss_scaler,
-    make_accelerator,
     resolve_mixed_precision,
-    step_scheduler,
-    step_seed,
     train_in_half_precision,
     use_math_attention,
+)
+from .data import PairedDataset, check_batchable, collate
+from .loop import (
+    Metrics,
+    TrainerBase,
+    make_accelerator,
+    step_scheduler,
+    step_seed,
 )
 from .losses import loss_l2
 from .options import PairedTrainConfig, metric_names

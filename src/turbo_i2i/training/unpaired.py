@@ -29,7 +29,7 @@ Then one discriminator step on ``0.5 * (loss_d_a + loss_d_b)``, D_A on real b vs
 (the fakes of the iteration, detached), after clearing the gradients the generator's GAN terms left on the
 discriminators. Memory: trainable weights stay fp32 under bf16 / fp16 autocast while the frozen backbone is stored in
 that half precision and half-precision activations stay so through its GroupNorms and LoRA layers
-(``loop.train_in_half_precision``; fp16 adds a gradient scaler, ``loop.loss_scaler``); gradient
+(``compute.train_in_half_precision``; fp16 adds a gradient scaler, ``compute.loss_scaler``); gradient
 checkpointing recomputes UNet and VAE blocks; both directions share one frozen VAE; the text encoder is freed once
 the two captions are encoded; ``use_8bit_adam`` keeps Adam's moments in 8 bits.
 """
@@ -48,19 +48,21 @@ from ..config import GeneratorConfig
 from ..errors import BadInputError
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
-from .data import check_batchable
-from .loop import (
+from .compute import (
     HALF_PRECISION,
-    Metrics,
-    TrainerBase,
     cast_frozen,
     channels_last_in_training,
     loss_scaler,
-    make_accelerator,
     resolve_mixed_precision,
+    train_in_half_precision,
+)
+from .data import check_batchable
+from .loop import (
+    Metrics,
+    TrainerBase,
+    make_accelerator,
     step_scheduler,
     step_seed,
-    train_in_half_precision,
 )
 from .options import UnpairedTrainConfig
 from .unpaired_data import UnpairedDataset, collate_unpaired, has_split
