@@ -80,16 +80,17 @@ def test_default_prompt_and_bad_prompts(translator, caplog, monkeypatch):
             translator([image], batch_size=bad)
     floats = tensor.float() / 255
     for values, hint in (
-        (floats * 255, "divide by 255"),
-        (floats * 2 - 1, r"\(x \+ 1\) / 2"),
-        (floats * 2 - 3, "rescale"),
+        (floats * 255, "up to 255: divide by 255"),
+        (floats * 2.2 - 1.1, r"down to -1.1: map \[-1, 1\] with \(x \+ 1\) / 2"),  # [-1, 1] with some ringing
     ):
-        with pytest.raises(BadInputError, match=f"values in \\[0, 1\\], got values from .*{hint}"):
+        with pytest.raises(BadInputError, match=f"must hold values in \\[0, 1\\], got values {hint}"):
             translator(values)  # was clipped silently to a nearly white (or black) picture
-    with pytest.raises(BadInputError, match="nan"):
+    with pytest.raises(BadInputError, match="NaN or infinite"):
         translator(torch.full_like(floats, float("nan")))
-    ringing = floats * 1.08 - 0.04  # a resampler's overshoot is clamped, as before
+    ringing = floats * 1.8 - 0.4  # a resampler's overshoot (bicubic reaches about -0.4 .. 1.4) is clamped, as before
     assert np.array_equal(np.asarray(translator(ringing)), np.asarray(translator(ringing.clamp(0, 1))))
+    with pytest.raises(BadInputError, match="has no pixels"):
+        translator(torch.rand(3, 0, 32))  # was a RuntimeError from min() of nothing
     with pytest.raises(BadInputError, match=r"one image \(3, H, W\) or a batch .* got shape \(32, 32\)"):
         translator(floats[0])  # a grey-level plane used to be named as 32 one-dimensional images
     with pytest.raises(BadInputError, match="between -9223372036854775808 and 18446744073709551615"):
@@ -210,3 +211,24 @@ def test_translate_folder_mirrors_the_tree_and_reports_instead_of_raising(transl
     alone = translator(src / "day" / "b.jpg", seed=0)  # batched like this, the same picture as one call gives
     written = Image.open(tmp_path / "out" / "day" / "b.png")
     assert written.size == (24, 40) and np.abs(np.asarray(written, dtype=int) - np.asarray(alone)).max() <= 1
+
+
+def test_translate_folder_checks_its_options_once_before_reading_any_image(translator, tmp_path, monkeypatch):
+    from turbo_i2i import preprocess
+    from turbo_i2i.folders import translate_folder
+
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        picture(32, 32, seed=i).save(tmp_path / "src" / f"{i}.png")
+    monkeypatch.setattr(preprocess, "load_image", lambda *a, **k: pytest.fail("read an image"))
+    for options, message in (
+        (dict(batch_size=0), "batch_size must be a whole number"),  # 0 used to gather the whole folder in memory
+        (dict(direction="b2a"), "Unknown direction 'b2a'"),  # each image used to fail alone
+        (dict(prompt=""), "prompt is empty"),
+        (dict(tile_size=100), "multiple of 8"),
+    ):
+        with pytest.raises(BadInputError, match=message):
+            translate_folder(translator, tmp_path / "src", tmp_path / "out", progress=False, **options)
+    with pytest.raises(BadInputError, match="is the input folder"):  # was "holds no images"
+        translate_folder(translator, tmp_path / "src", tmp_path / "src" / ".", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -11,11 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from . import preprocess as pre
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    from .pipeline import Translator
 
 
 @dataclasses.dataclass
@@ -46,16 +50,18 @@ def folder_inputs(source: str | os.PathLike, target: str | os.PathLike) -> list[
         the input files, sorted.
 
     Raises:
-        BadInputError: ``source`` is missing or holds no images, or ``target`` is a file.
+        BadInputError: ``source`` is missing or holds no images, or ``target`` is a file or ``source`` itself.
     """
     source, target = Path(source), Path(target)
+    if target.resolve() == source.resolve():  # every output would land beside its input, or replace it
+        raise BadInputError(f"The output folder {target} is the input folder; write the translations elsewhere.")
     if target.exists() and not target.is_dir():
         raise BadInputError(f"The input is a folder, so the output must be a folder; {target} is a file.")
     return pre.list_images(source, recursive=True, skip=[target])
 
 
 def translate_folder(
-    translator,
+    translator: Translator,
     source: str | os.PathLike,
     target: str | os.PathLike,
     *,
@@ -80,9 +86,11 @@ def translate_folder(
         a ``FolderResult``; failures are listed there, not raised.
 
     Raises:
-        BadInputError: the folders are unusable (see ``folder_inputs``).
+        BadInputError: the folders are unusable (see ``folder_inputs``), or an option every image would refuse
+            (checked once, before any image is read).
     """
     source, target = Path(source), Path(target)
+    translator.check_options(options.get("prompt"), options.get("direction"), batch_size, options.get("tile_size"))
     files = folder_inputs(source, target)
     result = FolderResult([], [], [], len(files))
     pending: list[tuple[Path, Path, object]] = []

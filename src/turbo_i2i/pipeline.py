@@ -29,7 +29,6 @@ logger = logging.getLogger("turbo_i2i")
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 PROMPT_CACHE_SIZE = 64
 TILE_OVERLAP = 64  # pixels shared by neighbouring tiles, blended with linear ramps
-TENSOR_RANGE_SLACK = 0.1  # how far outside [0, 1] a tensor image may stray (and be clamped) before it is refused
 
 
 def channels_last_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
@@ -42,8 +41,49 @@ def channels_last_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
 
 
+def check_tensor_range(image: torch.Tensor) -> None:
+    """Refuse a float tensor image that holds another convention's values than [0, 1] (they would be clamped).
+
+    Resampling overshoots [0, 1] (bicubic rings reach about -0.4 .. 1.4 on sharp edges): that is clamped, as before.
+    What is refused is clearly another convention: values above 2 (0-255) or below -0.5 ([-1, 1]), or not finite.
+
+    Args:
+        image: a (3, H, W) float tensor.
+
+    Raises:
+        BadInputError: naming the values found and the usual fix.
+    """
+    if not image.numel():
+        return  # no pixels: said by the image checks that follow
+    if not torch.isfinite(image).all():
+        raise BadInputError("A tensor image holds NaN or infinite values; pass finite values in [0, 1].")
+    low, high = float(image.min()), float(image.max())
+    if high > 2:
+        raise BadInputError(f"A tensor image must hold values in [0, 1], got values up to {high:g}: divide by 255.")
+    if low < -0.5:
+        raise BadInputError(
+            f"A tensor image must hold values in [0, 1], got values down to {low:g}: map [-1, 1] with (x + 1) / 2."
+        )
+
+
+def check_batch_size(batch_size: object) -> None:
+    """Refuse a batch size that is not a whole number of at least 1.
+
+    Args:
+        batch_size: images per forward pass.
+
+    Raises:
+        BadInputError: naming the value.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a whole number, at least 1, got {batch_size!r}.")
+
+
 def check_prompt(prompt: object) -> str:
     """Refuse a prompt that is not a non-empty string (a caller can check one before loading a model).
+
+    Args:
+        prompt: the caption.
 
     Returns:
         the prompt.
@@ -59,7 +99,10 @@ def check_prompt(prompt: object) -> str:
 
 
 def check_tile_size(tile_size: int | None) -> None:
-    """Refuse a tile size ``Translator`` cannot use (None: no tiling).
+    """Refuse a tile size ``Translator`` cannot use.
+
+    Args:
+        tile_size: pixels, or None (no tiling).
 
     Raises:
         BadInputError: not a multiple of 8 (the VAE's factor), or too small for the tiles' overlap.
@@ -210,6 +253,37 @@ class Translator:
             self._prompt_cache.popitem(last=False)
         return self._prompt_cache[prompt]
 
+    def check_options(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        direction: str | None = None,
+        batch_size: int = 8,
+        tile_size: int | None = None,
+    ) -> str:
+        """Refuse options every call with them would refuse, before any image is read (a folder is checked once).
+
+        Args:
+            prompt: one caption, or None for the model's default (which must exist); a list is checked per image
+                by ``__call__``.
+            direction, batch_size, tile_size: as in ``__call__``.
+
+        Returns:
+            the direction (the model's default for None).
+
+        Raises:
+            BadInputError: naming the option.
+        """
+        direction = direction or self.config.default_direction
+        if direction not in self.config.directions:
+            raise BadInputError(
+                f"Unknown direction {direction!r}; this model has {', '.join(self.config.directions)}."
+            )
+        check_batch_size(batch_size)
+        check_tile_size(tile_size)
+        if prompt is None or isinstance(prompt, str):
+            self._resolve_prompt(prompt, direction)
+        return direction
+
     def prepare(self, image: ImageInput, edges: str | None, canny_thresholds: tuple[int, int]) -> Image.Image:
         """Load one input as RGB and apply the edge / sketch extraction the model expects."""
         if isinstance(image, torch.Tensor):
@@ -217,13 +291,7 @@ class Translator:
                 raise BadInputError(f"A tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}.")
             if not image.is_floating_point():  # 0-255 values would be clamped to black and white
                 raise BadInputError(f"A tensor image must hold floats in [0, 1], not {image.dtype}: divide by 255.")
-            low, high = float(image.min()), float(image.max())  # NaN propagates into both
-            # A little overshoot (resampling rings) is clamped; 0-255 or [-1, 1] values are another convention.
-            if not (-TENSOR_RANGE_SLACK <= low and high <= 1 + TENSOR_RANGE_SLACK):
-                hint = "divide by 255" if high > 1 else "map [-1, 1] with (x + 1) / 2" if low >= -1 else "rescale it"
-                raise BadInputError(
-                    f"A tensor image must hold values in [0, 1], got values from {low:g} to {high:g}: {hint}."
-                )
+            check_tensor_range(image)
             image = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         rgb = pre.load_image_or_pil(image, max_pixels=self.max_pixels)
         if edges == "canny":
@@ -278,13 +346,7 @@ class Translator:
         items = [images] if single else list(images)
         if not items:
             raise BadInputError("No images to translate.")
-        direction = direction or self.config.default_direction
-        if direction not in self.config.directions:
-            raise BadInputError(
-                f"Unknown direction {direction!r}; this model has {', '.join(self.config.directions)}."
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise BadInputError(f"batch_size must be a whole number, at least 1, got {batch_size!r}.")
+        direction = self.check_options(direction=direction, batch_size=batch_size, tile_size=tile_size)
         seed = None if seed is None else check_seed(seed)
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
@@ -294,7 +356,6 @@ class Translator:
         prompts = [self._resolve_prompt(p, direction) for p in prompts]
         if r is None and self.config.stochastic:
             r = self.config.default_r
-        check_tile_size(tile_size)
         edges = self.config.preprocess if edges == "default" else edges
         # 2. preprocess: RGB, edges, model size (multiples of 8)
         inputs = [self.prepare(image, edges, canny_thresholds) for image in items]
