@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pathlib
 import struct
 import time
 import zlib
@@ -571,3 +572,28 @@ def test_conversions_run_where_the_tensor_is_and_take_half_precision():
     half = (on_device * 1.01).to(torch.bfloat16)
     for a, b in zip(tensor_to_pil(half), tensor_to_pil(half.float())):
         assert a.tobytes() == b.tobytes()
+
+
+def test_list_images_reads_linked_folders_by_their_real_path_and_skips_unreadable_ones(tmp_path, caplog, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "1.png").write_bytes(b"x")
+    (tmp_path / "aa").symlink_to(tmp_path / "real")  # listed before real/ by name: its files were read as aa/1.png
+    (tmp_path / "zz").symlink_to(tmp_path / "real")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "2.png").write_bytes(b"x")
+    (tmp_path / ".#photo.png").symlink_to(tmp_path / "gone.png")  # an editor's lock link: hidden, not warned about
+    real_iterdir = pathlib.Path.iterdir
+
+    def iterdir(self):  # the tests run as root, for whom permissions do not stop a listing
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    with caplog.at_level(logging.WARNING, logger="turbo_i2i"):
+        found = list_images(tmp_path, recursive=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["real/1.png"]  # the rest of the tree goes on
+    assert f"skipped 1 unreadable folder(s) or file(s), e.g. {tmp_path / 'locked'}" in caplog.text
+    assert "link(s) to missing files" not in caplog.text
+    with pytest.raises(BadInputError, match="cannot be listed \\(Permission denied\\); check its rights"):
+        list_images(tmp_path / "locked")  # the folder asked for itself is still an error

@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,11 +133,16 @@ def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = 
     return _to_rgb(_upright(image, name), name)
 
 
+def is_image_name(path: Path) -> bool:
+    """Whether a name is a picture's: its extension is in ``IMAGE_EXTENSIONS`` (any letter case) and it is not hidden
+    (a name starting with "." is usually metadata, such as macOS ``._photo.jpg`` resource forks, not a picture)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
 def is_image_file(path: Path) -> bool:
-    """Whether a folder entry is an image to translate or train on: a file (or a link to one) whose extension is in
-    ``IMAGE_EXTENSIONS`` (any letter case), not hidden (a name starting with "." is usually metadata, such as macOS
-    ``._photo.jpg`` resource forks, not a picture)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    """Whether a folder entry is an image to translate or train on: a file (or a link to one) with a picture's name
+    (``is_image_name``)."""
+    return is_image_name(path) and path.is_file()
 
 
 def list_images(
@@ -144,8 +150,9 @@ def list_images(
 ) -> list[Path]:
     """List the image files inside a folder, sorted by path.
 
-    Hidden files and folders are skipped (see :func:`is_image_file`); links to files and folders are followed (each
-    folder is read once, so a link to a folder above cannot loop).
+    Hidden files and folders are skipped (see :func:`is_image_name`); links to files and folders are followed (each
+    folder is read once, under its real path where the tree holds it, so a link to a folder above cannot loop).
+    Sub-folders that cannot be read are skipped with a warning, as are links to missing pictures.
 
     Args:
         folder: the folder to list.
@@ -165,26 +172,40 @@ def list_images(
         raise BadInputError(f"'{folder}' is a file, not a folder; pass the folder that holds the images.")
     images: list[Path] = []
     broken: list[Path] = []  # links to pictures that are gone: said, since the user expects them to be read
+    unreadable: list[Path] = []  # sub-folders and entries the user may not read: said, the rest goes on
     seen = {Path(s).resolve() for s in skip}
-    pending = [folder]
-    while pending:
-        current = pending.pop()
+    # Real folders first, in name order, then linked ones: a folder reached both ways is read under its real path,
+    # whatever order the file system lists entries in.
+    pending, linked = deque([folder]), []
+    while pending or linked:
+        if not pending:
+            pending.extend(sorted(linked))
+            linked.clear()
+        current = pending.popleft()
         if current.resolve() in seen:
             continue
         seen.add(current.resolve())
         try:
-            entries = list(current.iterdir())
+            entries = sorted(current.iterdir())
         except OSError as exc:
-            raise BadInputError(f"Folder '{current}' cannot be listed ({exc.strerror}); check its rights") from exc
+            if current == folder:
+                raise BadInputError(f"Folder '{folder}' cannot be listed ({exc.strerror}); check its rights.") from exc
+            unreadable.append(current)
+            continue
         for path in entries:
-            if recursive and path.is_dir() and not path.name.startswith("."):
-                pending.append(path)
-            elif is_image_file(path):
-                images.append(path)
-            elif path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                broken.append(path)
+            try:
+                if recursive and path.is_dir() and not path.name.startswith("."):
+                    (linked if path.is_symlink() else pending).append(path)
+                elif is_image_file(path):
+                    images.append(path)
+                elif path.is_symlink() and not path.exists() and is_image_name(path):
+                    broken.append(path)
+            except OSError:  # a folder that may be listed but not searched
+                unreadable.append(path)
     if broken:
-        logger.warning("skipped %d link(s) to missing files, e.g. %s", len(broken), sorted(broken)[0])
+        logger.warning("skipped %d link(s) to missing files, e.g. %s", len(broken), min(broken))
+    if unreadable:
+        logger.warning("skipped %d unreadable folder(s) or file(s), e.g. %s", len(unreadable), min(unreadable))
     if not images:
         where = " (sub-folders too)" if recursive else ""
         raise BadInputError(
