@@ -261,11 +261,16 @@ def test_evaluate_folders_matches_files_in_sub_folders_by_their_path_as_translat
     write(tmp_path / "refs" / "night" / "out" / "day", blobs(3, 0))
     write(tmp_path / "refs" / "night" / "out" / "night", blobs(3, 1))
     write(tmp_path / "refs" / "night" / "out" / "night", blobs(1, 7), names=["extra"], ext=".tif")
+    write(tmp_path / "refs" / "run1", blobs(2, 9))  # no output is there: not searched (it would join FID's set)
     report = evaluate_folders(tmp_path / "refs" / "night" / "out", tmp_path / "refs", fid=False, networks=nets)
     # day/000 pairs with day/000, not with night/000: the same names in two sub-folders are two files
     assert report.metrics["l2"] == 0 and report.counts["l2"] == 6
     assert set(report.per_image) == {f"{d}/{i:03d}.png" for d in ("day", "night") for i in range(3)}
     assert report.unmatched == {"outputs": ["night/extra.tif"], "references": []}
+    (tmp_path / "prompts.json").write_text(json.dumps({"000.png": "a caption by bare name"}))
+    with pytest.raises(BadInputError, match=r"day/000.png has no caption in .*\(keys are paths inside the folder"):
+        evaluate_folders(tmp_path / "refs" / "night" / "out", tmp_path / "refs", tmp_path / "prompts.json", fid=False,
+                         networks=nets)  # fmt: skip
 
 
 def test_evaluate_folders_refuses_images_too_small_for_lpips_before_loading_it(tmp_path, nets):
@@ -333,6 +338,8 @@ def test_evaluate_folders_bad_input_messages(tmp_path, nets):
         evaluate_folders(tmp_path / "a", tmp_path / "a", dino_structure=True, networks=nets)
     with pytest.raises(BadInputError, match="are the same folder"):  # every score would be perfect
         evaluate_folders(tmp_path / "a", tmp_path / "a" / ".", networks=nets)
+    with pytest.raises(BadInputError, match="--outputs and --inputs are the same folder"):  # was "holds no images"
+        evaluate_folders(tmp_path / "a", tmp_path / "b", inputs=tmp_path / "a", dino_structure=True, networks=nets)
     write(tmp_path / "a", blobs(1, 0), names=["x"], ext=".jpg")
     write(tmp_path / "c", blobs(3, 0), names=["x", "y", "z"])
     with pytest.raises(BadInputError, match="share the name 'x'"):

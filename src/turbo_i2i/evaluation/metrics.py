@@ -157,13 +157,27 @@ class EvalReport:
 # ----------------------------------------------------------------------------------------------------- matching
 
 
-def _by_key(folder: Path, problems: list[str], skip: Sequence[Path] = ()) -> dict[str, Path]:
+def _by_key(
+    folder: Path, problems: list[str], skip: Sequence[Path] = (), within: set[str] | None = None
+) -> dict[str, Path]:
     """The images in ``folder`` and its sub-folders by key: the path inside ``folder`` without extension ("night/0001"
     for night/0001.png), the way ``turbo-i2i translate`` names a folder's outputs. Two files sharing a key are a
-    problem (which one would be meant?)."""
+    problem (which one would be meant?).
+
+    Args:
+        folder: the folder.
+        problems: where problems are listed.
+        skip: folders not to search.
+        within: only the files in these sub-folders (paths inside ``folder``, "." for itself); None: all.
+
+    Returns:
+        key -> file.
+    """
     found: dict[str, Path] = {}
     for path in pre.list_images(folder, recursive=True, skip=skip):
         key = path.relative_to(folder).with_suffix("").as_posix()
+        if within is not None and Path(key).parent.as_posix() not in within:
+            continue
         if key in found:
             problems.append(f"{found[key]} and {path.name} share the name {key!r}; keep one of them")
         else:
@@ -200,7 +214,8 @@ def _caption(prompts: dict, names: Sequence[str], stem: str) -> object:
 
 @dataclasses.dataclass
 class _Plan:
-    """What is scored, by output stem: the outputs, their references and inputs, their captions, the FID sets."""
+    """What is scored, by output key (path without extension): the outputs, their references and inputs, their
+    captions, the FID sets."""
 
     outputs: dict[str, Path]
     references: dict[str, Path]
@@ -224,7 +239,10 @@ def _plan(
     problems: list[str] = []
     # Neither folder is searched for the other's files (outputs written into a sub-folder of the references, say).
     outs = _by_key(outputs, problems, skip=[references])
-    refs = _by_key(references, problems, skip=[outputs])
+    # References and inputs are looked for in the folders the outputs are in (a tree translate mirrored): other
+    # sub-folders may hold anything, an earlier run's outputs say, which would otherwise join the FID reference set.
+    where = {Path(key).parent.as_posix() for key in outs}
+    refs = _by_key(references, problems, skip=[outputs], within=where)
     unmatched: dict[str, list[str]] = {}
     scored, partners = dict(outs), {}
     if not unpaired:
@@ -240,7 +258,7 @@ def _plan(
             )
     sources = {}
     if inputs is not None:
-        ins = _by_key(inputs, problems, skip=[outputs])
+        ins = _by_key(inputs, problems, skip=[outputs], within=where)
         sources = {s: ins[s] for s in scored if s in ins}
         unmatched["outputs without input"] = sorted(_name(p, outputs) for s, p in scored.items() if s not in ins)
         if not sources:
@@ -256,7 +274,8 @@ def _plan(
             caption = _caption(table, names, s)
             if not isinstance(caption, str) or not caption.strip():
                 why = "no caption" if caption is None else "a caption that is not a non-empty string"
-                problems.append(f"{names[0]} has {why} in {prompts}")
+                keys = f" (keys are paths inside the folder: {names[0]!r} or {s!r})" if "/" in s else ""
+                problems.append(f"{names[0]} has {why} in {prompts}{keys}")
             else:
                 captions[s] = caption
     fid_sets = None
@@ -345,7 +364,8 @@ def evaluate_folders(
 
     Raises:
         BadInputError: a missing or empty folder, no matching files, an unreadable image, a missing caption,
-            mismatched sizes, ``dino_structure`` without ``inputs``: one message listing every problem found.
+            mismatched sizes, an image under 16 pixels a side with ``lpips``, an input more than 4 times longer
+            than wide with ``dino_structure`` or that without ``inputs``: one message listing every problem found.
         TurboI2IError: a pretrained network can neither be found on disk nor downloaded.
     """
     from ..training.losses import CLIPSimLoss, LPIPSLoss
@@ -359,6 +379,8 @@ def evaluate_folders(
     if outputs.exists() and outputs.resolve() == references.resolve():  # every score would be perfect, and meaningless
         raise BadInputError(f"--outputs and --references are the same folder ({outputs}); pass the reference images.")
     inputs = Path(inputs) if dino_structure else None
+    if inputs is not None and outputs.exists() and outputs.resolve() == inputs.resolve():  # every distance 0
+        raise BadInputError(f"--outputs and --inputs are the same folder ({outputs}); pass the outputs' inputs.")
     plan = _plan(outputs, references, prompts, inputs, lpips=lpips, fid=fid, unpaired=unpaired)
     if not (plan.references or plan.captions or fid or dino_structure):
         raise BadInputError(
