@@ -373,9 +373,13 @@ def test_convert_reads_the_kind_and_defaults_of_the_model_its_file_name_or_name_
     for name, kind in (("day_to_night", "unpaired"), ("edge_to_image", "paired")):
         assert main([*args, "--name", name]) == 2
         err = capsys.readouterr().err
-        assert f"holds a stochastic paired model, not the {kind} one its model name says" in err, err
+        assert f"holds a stochastic paired model, not the {kind} one its file name or --name says" in err, err
     assert not (tmp_path / "b").exists()
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like a built-in backbone: the built-in is what loads, and is named
+    assert main(["convert", "--input", str(sketch), "--output", str(tmp_path / "t"), "--base-model", "tiny"]) == 0
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["base_model"] == "tiny"
     # a local copy of the backbone: the config names SD-Turbo (a folder may not point outside itself) and loads
     local = tmp_path / "sd-turbo-copy"
     local.mkdir()

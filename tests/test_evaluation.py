@@ -11,7 +11,6 @@ from turbo_i2i import preprocess as pre
 from turbo_i2i.cli import main
 from turbo_i2i.errors import BadInputError, TurboI2IError
 from turbo_i2i.evaluation import (
-    DINOStructureDistance,
     EvalNetworks,
     clip_score,
     clip_similarities,
@@ -292,9 +291,6 @@ def test_inputs_too_elongated_for_the_dino_distance_are_refused_before_it_runs(t
             tmp_path / "out", tmp_path / "ref", inputs=tmp_path / "in", dino_structure=True, fid=False,
             networks=EvalNetworks(),  # nothing is loaded before the refusal
         )  # fmt: skip
-    strip = torch.zeros(1, 3, 8, 512)
-    with pytest.raises(BadInputError, match="is 512x8"):
-        DINOStructureDistance(tiny_dino())(strip, strip)
 
 
 def test_evaluate_folders_unpaired_compares_sets(tmp_path, nets):
@@ -412,7 +408,12 @@ def test_cli_eval_bad_input_exits_2_with_one_message(folders, offline, capsys):
     args = ["eval", "--outputs", str(root / "outputs"), "--references", str(root / "references"), "--json"]
     assert main([*args, str(root / "prompts.json" / "scores.json")]) == 2
     assert "Cannot write the scores to" in capsys.readouterr().err
-    assert main([*args, ""]) == 2 and "--json needs a file name" in capsys.readouterr().err
+    for bad in ("", str(root / "results") + "/"):  # the second failed after the scoring ("Is a directory")
+        assert main([*args, bad]) == 2 and "--json needs a file name" in capsys.readouterr().err
+    (root / "link.json").symlink_to(root / "gone.json")  # a broken link by that name: refused after the scoring
+    assert main([*args, str(root / "link.json")]) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, str(root / ("x" * 300 + ".json"))]) == 2  # was an OSError traceback
+    assert "File name too long" in capsys.readouterr().err
 
 
 def test_cli_eval_offline_without_weights_exits_1_naming_what_is_missing(folders, offline, capsys):

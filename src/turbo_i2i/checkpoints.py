@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from .config import GeneratorConfig, check_hub_id
 from .errors import BadInputError, TurboI2IError, load_failure
 from .generator import OneStepGenerator
 from .hub import hub_offline
+from .pickles import load_tensor_pickle
 
 logger = logging.getLogger("turbo_i2i")
 
@@ -252,23 +252,6 @@ UNPAIRED_KEYS = ("rank_unet", "rank_vae", "vae_lora_target_modules", "sd_encoder
 UNPAIRED_VAE_PREFIXES = {"vae.": "a2b", "vae_b2a.": "b2a"}
 
 
-def load_tensor_pickle(path: str | os.PathLike) -> object:
-    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``): no pickled code runs.
-
-    torch's note on a pickle protocol other than its own is left out: it says nothing about whether the file is safe,
-    and it would be printed above our message for a refused file.
-
-    Args:
-        path: the pickle.
-
-    Returns:
-        what it holds.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_official(path: str | Path) -> dict:
     """Read an official pickle as plain tensors / lists / numbers, never executing pickled code.
 
@@ -419,9 +402,10 @@ def load_official(
     expected = {key: config_overrides.pop(key) for key in ("task", "stochastic") if key in config_overrides}
     if any(getattr(config, key) != value for key, value in expected.items()):
         wanted = _kind(expected.get("task", config.task), expected.get("stochastic", False))
+        found = _kind(config.task, config.stochastic)
         raise BadInputError(
-            f"{path} holds a {_kind(config.task, config.stochastic)} model, not the {wanted} one its model name says;"
-            " pass the name of the model it is (turbo-i2i convert --name)."
+            f"{path} holds {'an' if found[0] in 'aeiou' else 'a'} {found} model, not the {wanted} one its file name"
+            " or --name says; rename the file, or pass the name of the model it is."
         )
     for key, value in config_overrides.items():
         setattr(config, key, value)

@@ -365,7 +365,7 @@ def _models(_: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .backbone import DEFAULT_BACKBONE
+    from .backbone import BUILTIN_BACKBONES, DEFAULT_BACKBONE
     from .checkpoints import convert_official
     from .registry import MODELS, official_overrides
 
@@ -377,7 +377,7 @@ def _convert(args: argparse.Namespace) -> int:
     else:  # under its published file name, as translate --model FILE.pkl reads it
         overrides = official_overrides(args.input)
     base_model, backbone_path = args.base_model or DEFAULT_BACKBONE, None
-    if Path(base_model).exists():
+    if base_model not in BUILTIN_BACKBONES and Path(base_model).is_dir():  # the backbone loader's order
         # A model folder may not name a path outside itself (resolve_base_model), and the official files were all
         # trained on SD-Turbo: the config names it, the local copy is read now and passed again when loading.
         base_model, backbone_path = DEFAULT_BACKBONE, args.base_model
@@ -473,16 +473,30 @@ def _eval_demo(args: argparse.Namespace) -> int:
 
 def _check_new_file(path: str | None) -> None:
     """Refuse, before any work, a --json file that exists (nothing already written is replaced) or that cannot be
-    written where it is (found after minutes of scoring, the scores would be lost)."""
+    written where it is (found after minutes of scoring, the scores would be lost).
+
+    Args:
+        path: the --json value (None: not asked for).
+
+    Raises:
+        BadInputError: the name is empty or a folder's, the file (or a link by that name) exists, or its folder
+            cannot be written.
+    """
     if path is None:
         return
-    if not path.strip():
-        raise BadInputError("--json needs a file name.")
-    if Path(path).exists():
+    if not path.strip() or path.endswith(("/", os.sep)):
+        raise BadInputError(f"--json needs a file name, got {path!r}.")
+    try:
+        os.lstat(path)  # a broken link by that name too: "x" mode would refuse it after the scoring
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # a name too long, say
+        raise BadInputError(f"Cannot write the scores to {path} ({error.strerror}); pick another --json.") from error
+    else:
         raise BadInputError(f"{path} already exists; pick another --json (an existing file is never replaced).")
     folder = next(parent for parent in Path(path).absolute().parents if parent.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInputError(f"Cannot write the scores to {path}: {folder} is not a writable folder; pick another one")
+        raise BadInputError(f"Cannot write the scores to {path}: {folder} is not a writable folder; pick another.")
 
 
 def _write_json(path: str, values: dict) -> None:

@@ -346,7 +346,7 @@ class Translator:
         items = [images] if single else list(images)
         if not items:
             raise BadInputError("No images to translate.")
-        direction = self.check_options(direction=direction, batch_size=batch_size, tile_size=tile_size)
+        direction = self.check_options(prompt, direction, batch_size, tile_size)
         seed = None if seed is None else check_seed(seed)
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")

@@ -43,7 +43,8 @@ MAX_ASPECT_RATIO = 4.0
 
 
 def check_aspect_ratio(width: int, height: int, name: str) -> None:
-    """Refuse an image too elongated for the structure distance (see ``MAX_ASPECT_RATIO``).
+    """Refuse an image too elongated for the structure distance (see ``MAX_ASPECT_RATIO``): ``turbo-i2i eval``
+    checks its inputs with this before any network loads (the distance itself takes any size, slowly).
 
     Args:
         width, height: the image's size in pixels.
@@ -55,7 +56,7 @@ def check_aspect_ratio(width: int, height: int, name: str) -> None:
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise BadInputError(
             f"{name} is {width}x{height}: the DINO structure distance takes images up to {MAX_ASPECT_RATIO:g} times"
-            " longer than wide (its cost grows with the square of the aspect ratio); crop it or leave the metric out"
+            " longer than wide (its cost grows with the square of the aspect ratio); crop it or leave the metric out."
         )
 
 
@@ -185,11 +186,10 @@ class DINOStructureDistance(nn.Module):
             (N,) distances (0 for identical images).
 
         Raises:
-            BadInputError: the batches differ in length, or the inputs are too elongated (``MAX_ASPECT_RATIO``).
+            BadInputError: the batches differ in length.
         """
         if len(inputs) != len(outputs):
             raise BadInputError(f"DINO structure got {len(inputs)} inputs but {len(outputs)} outputs.")
-        check_aspect_ratio(inputs.shape[-1], inputs.shape[-2], "The input")
         size = self.resized_size(*inputs.shape[-2:])
         return structure_distance_from_keys(self.keys(inputs, size), self.keys(outputs, size))
 

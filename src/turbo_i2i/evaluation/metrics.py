@@ -301,7 +301,7 @@ def _plan(
         elif lpips and out in sizes and min(sizes[out]) < LPIPS_MIN_SIDE:  # its VGG halves the image four times
             problems.append(
                 f"{out} is {sizes[out][0]}x{sizes[out][1]}: LPIPS needs at least {LPIPS_MIN_SIDE} pixels a side;"
-                " pass --no-lpips (lpips=False) to score without it"
+                " pass --no-lpips (lpips=False) to score without it."
             )
     for path in sources.values():
         if path in sizes:

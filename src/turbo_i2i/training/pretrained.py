@@ -21,9 +21,9 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, OPENAI_DA
 from safetensors import SafetensorError
 from torch import nn
 
-from ..checkpoints import load_tensor_pickle
 from ..errors import BadInputError, TurboI2IError, load_failure
 from ..hub import hub_cache, hub_offline
+from ..pickles import load_tensor_pickle
 
 # LPIPS trunk name -> the torchvision weights enum its ImageNet weights come from (lpips asks torchvision for
 # ``pretrained=True``, which is IMAGENET1K_V1 of these).
