@@ -1,3 +1,4 @@
+import contextlib
 import subprocess
 import sys
 
@@ -427,4 +428,51 @@ def test_options_the_model_would_refuse_are_refused_before_it_loads(tmp_path, ca
     code = main(["translate", "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_inside_the_input_never_replaces_its_pictures(run, tmp_path, caplog):
+    src = tmp_path / "ow"
+    (src / "s").mkdir(parents=True)
+    write_picture(src / "a.png")
+    original = write_picture(src / "s" / "a.png", seed=5).read_bytes()  # an input picture, where a.png's output goes
+    code, err = run("--input", src, "--output", src / "s", "--overwrite")
+    assert code == 2 and "lies inside the input folder and holds 1 picture(s) already" in err, err
+    assert (src / "s" / "a.png").read_bytes() == original  # was replaced by the translation of ow/a.png
+    code, err = run("--input", src, "--output", src / "s")  # without --overwrite nothing is replaced: it says so
+    assert code == 0 and "its 1 picture(s) are not read as inputs" in err, err
+    assert (src / "s" / "a.png").read_bytes() == original
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--output", "{tmp}/afile/out"], "Cannot write {tmp}/afile/out: {tmp}/afile is not a writable folder"),
+        (["--output", ""], "--output: needs a path, got an empty string"),
+        (["--edges", "canny", "--canny-low", "300"], "Canny thresholds must satisfy"),
+    ],
+)
+def test_a_folder_run_that_would_fail_for_every_image_is_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, args, message
+):
+    from turbo_i2i.pipeline import Translator
+
+    monkeypatch.setattr(Translator, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "photos").mkdir()
+    write_picture(tmp_path / "photos" / "a.png")
+    (tmp_path / "afile").write_text("a file where a folder would go")
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) if not args[-1] else contextlib.nullcontext() as exit_info:
+        code = main(["translate", "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out"), *args])
+    code = exit_info.value.code if exit_info else code
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+
+
+def test_r_for_a_deterministic_model_is_refused_once_for_a_folder(run, tmp_path):
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        write_picture(tmp_path / "photos" / f"{i}.png", seed=i)
+    code, err = run("--input", tmp_path / "photos", "--output", tmp_path / "out", "--r", "0.5")
+    assert code == 2 and err.count("r applies only to stochastic models") == 1, err  # was once per image
     assert not (tmp_path / "out").exists()

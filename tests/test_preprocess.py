@@ -494,6 +494,12 @@ def test_save_image_round_trip_and_creates_folders(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.png"]
 
 
+def test_save_image_writes_a_name_as_long_as_the_file_system_allows(tmp_path):
+    name = "\u65e5" * 80 + ".png"  # 244 bytes: its temporary file's name used to pass the 255-byte limit
+    save_image(Image.new("RGB", (8, 8), (1, 2, 3)), tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_save_image_refuses_existing_file(tmp_path):
     path = tmp_path / "result.png"
     path.write_bytes(b"precious")

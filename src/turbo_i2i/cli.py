@@ -29,6 +29,13 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path that is not empty (an empty one would mean the current folder, silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a path, got an empty string")
+    return text
+
+
 def _step(text: str) -> int:
     """An argparse type: a training step (1 or more)."""
     value = int(text)
@@ -67,12 +74,18 @@ def _device(text: str) -> str:
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="translate an image, a folder of images (sub-folders too) or a video")
-    p.add_argument("--model", default="demo-circles", help="named model, model folder, official .pkl or hub id")
+    p.add_argument(
+        "--model", type=_path, default="demo-circles", help="named model, model folder, official .pkl or hub id"
+    )
     p.add_argument(
         "--base-model", help="backbone to load the model on (hub id or local diffusers folder) instead of its own"
     )
-    p.add_argument("--input", required=True, help="an image, a folder of images (sub-folders too) or a video (.mp4)")
-    p.add_argument("--output", required=True, help="output file (image or video) or folder (mirrors the input's tree)")
+    p.add_argument(
+        "--input", type=_path, required=True, help="an image, a folder of images (sub-folders too) or a video (.mp4)"
+    )
+    p.add_argument(
+        "--output", type=_path, required=True, help="output file (image or video) or folder (mirrors the input's tree)"
+    )
     p.add_argument("--prompt", help="caption of the output (default: the model's)")
     p.add_argument("--direction", choices=("a2b", "b2a"), help="unpaired models: which way to translate")
     p.add_argument("--r", type=float, help="stochastic models: faithfulness to the input in [0, 1]")
@@ -122,8 +135,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="turn an official img2img-turbo .pkl into our format")
-    p.add_argument("--input", required=True, help="the official .pkl file")
-    p.add_argument("--output", required=True, help="a new folder for config.json + model.safetensors")
+    p.add_argument("--input", type=_path, required=True, help="the official .pkl file")
+    p.add_argument("--output", type=_path, required=True, help="a new folder for config.json + model.safetensors")
     p.add_argument("--name", help="the named model it is, to record its default prompt/direction/r")
     p.add_argument("--base-model", default=None, help="backbone it was trained on (default stabilityai/sd-turbo)")
 
@@ -190,10 +203,14 @@ def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a folder of outputs against references (L2, LPIPS, CLIP, FID, DINO)")
-    p.add_argument("--outputs", required=True, help="folder of generated images")
-    p.add_argument("--references", required=True, help="folder of real images, matched to outputs by file name")
-    p.add_argument("--prompts", help="JSON file: file name -> caption; adds the CLIP image-caption similarity")
-    p.add_argument("--inputs", help="folder of the inputs the outputs came from (for --dino-structure)")
+    p.add_argument("--outputs", type=_path, required=True, help="folder of generated images")
+    p.add_argument(
+        "--references", type=_path, required=True, help="folder of real images, matched to outputs by file name"
+    )
+    p.add_argument(
+        "--prompts", type=_path, help="JSON file: file name -> caption; adds the CLIP image-caption similarity"
+    )
+    p.add_argument("--inputs", type=_path, help="folder of the inputs the outputs came from (for --dino-structure)")
     p.add_argument("--dino-structure", action="store_true", help="DINO ViT-B/8 structure distance to the inputs")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="clean-fid FID (default on)")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="LPIPS-VGG (default on)")
@@ -258,13 +275,15 @@ def _translate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         check_prompt(args.prompt)
     check_tile_size(args.tile)
+    pre.check_canny_thresholds(args.canny_low, args.canny_high)
     folder, video = source.is_dir(), source.is_file() and is_video(source)
     if not folder and target.is_dir():
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
     if folder:
-        folder_inputs(source, target)  # checked before the model loads
+        folder_inputs(source, target, args.overwrite)  # checked before the model loads
+    _check_writable(target if folder else target.parent, str(target))
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
     endings = OUTPUT_CODECS if video else pre.SAVE_EXTENSIONS
@@ -494,9 +513,23 @@ def _check_new_file(path: str | None) -> None:
         raise BadInputError(f"Cannot write the scores to {path} ({error.strerror}); pick another --json.") from error
     else:
         raise BadInputError(f"{path} already exists; pick another --json (an existing file is never replaced).")
-    folder = next(parent for parent in Path(path).absolute().parents if parent.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInputError(f"Cannot write the scores to {path}: {folder} is not a writable folder; pick another.")
+    _check_writable(Path(path).parent, f"the scores to {path}")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Refuse, before any work, a folder that can neither be written nor created: the nearest of it and its parents
+    that exists must be a folder this process may write.
+
+    Args:
+        folder: where files are to be written.
+        what: how the message names what would be written.
+
+    Raises:
+        BadInputError: naming the folder in the way.
+    """
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(f"Cannot write {what}: {existing} is not a writable folder; pick another place.")
 
 
 def _write_json(path: str, values: dict) -> None:

@@ -9,6 +9,7 @@ exist are kept unless ``overwrite``, so a stopped run continues where it was.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,12 @@ from .errors import BadInputError
 
 if TYPE_CHECKING:
     from .pipeline import Translator
+
+logger = logging.getLogger("turbo_i2i")
+
+
+# the options of Translator.__call__ that Translator.check_options takes
+_CHECKED = ("prompt", "direction", "tile_size", "r", "edges", "canny_thresholds")
 
 
 @dataclasses.dataclass
@@ -39,25 +46,41 @@ class FolderResult:
     inputs: int
 
 
-def folder_inputs(source: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+def folder_inputs(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """The images ``translate_folder`` would translate, checked without a model (so a caller can fail early).
 
     Args:
         source: the input folder; sub-folders are searched, hidden files and folders skipped.
         target: the output folder; when it lies inside ``source`` it is not searched.
+        overwrite: whether outputs that exist would be replaced.
 
     Returns:
         the input files, sorted.
 
     Raises:
-        BadInputError: ``source`` is missing or holds no images, or ``target`` is a file or ``source`` itself.
+        BadInputError: ``source`` is missing or holds no images; ``target`` is a file or ``source`` itself; or
+            ``target`` lies inside ``source``, holds pictures already and ``overwrite`` would replace them (they
+            cannot be told from the input's own pictures).
     """
     source, target = Path(source), Path(target)
     if target.resolve() == source.resolve():  # every output would land beside its input, or replace it
         raise BadInputError(f"The output folder {target} is the input folder; write the translations elsewhere.")
     if target.exists() and not target.is_dir():
         raise BadInputError(f"The input is a folder, so the output must be a folder; {target} is a file.")
-    return pre.list_images(source, recursive=True, skip=[target])
+    files = pre.list_images(source, recursive=True, skip=[target])
+    if source.resolve() in target.resolve().parents and target.is_dir():
+        held = [p for p in target.rglob("*") if pre.is_image_file(p)]
+        if held and overwrite:
+            raise BadInputError(
+                f"The output folder {target} lies inside the input folder and holds {len(held)} picture(s) already"
+                f" (e.g. {min(held)}), which overwriting could replace; write elsewhere, or move them out first."
+            )
+        if held:
+            logger.warning(
+                "the output folder %s lies inside the input folder: its %d picture(s) are not read as inputs",
+                target, len(held),
+            )  # fmt: skip
+    return files
 
 
 def translate_folder(
@@ -90,8 +113,8 @@ def translate_folder(
             (checked once, before any image is read).
     """
     source, target = Path(source), Path(target)
-    translator.check_options(options.get("prompt"), options.get("direction"), batch_size, options.get("tile_size"))
-    files = folder_inputs(source, target)
+    translator.check_options(batch_size=batch_size, **{k: v for k, v in options.items() if k in _CHECKED})
+    files = folder_inputs(source, target, overwrite)
     result = FolderResult([], [], [], len(files))
     pending: list[tuple[Path, Path, object]] = []
 

@@ -385,6 +385,21 @@ class OneStepGenerator(nn.Module):
             finally:
                 twin.r = 1.0
 
+    def check_r(self, r: float | None) -> None:
+        """Refuse an ``r`` this model cannot take.
+
+        Args:
+            r: the faithfulness of a stochastic model, in [0, 1]; None: the model's own.
+
+        Raises:
+            BadInputError: ``r`` given to a deterministic model, or outside [0, 1].
+        """
+        if r is not None:
+            if not self.config.stochastic:
+                raise BadInputError("r applies only to stochastic models; this one is deterministic.")
+            if not 0.0 <= r <= 1.0:
+                raise BadInputError(f"r must be in [0, 1], got {r}.")
+
     def forward(
         self,
         x: torch.Tensor,
@@ -412,11 +427,7 @@ class OneStepGenerator(nn.Module):
         direction = direction or self.config.default_direction
         if direction not in self.vae:
             raise BadInputError(f"Unknown direction {direction!r}; this model has {', '.join(self.vae)}.")
-        if r is not None:
-            if not self.config.stochastic:
-                raise BadInputError("r applies only to stochastic models; this one is deterministic.")
-            if not 0.0 <= r <= 1.0:
-                raise BadInputError(f"r must be in [0, 1], got {r}.")
+        self.check_r(r)
         if self.merged_strength is not None and self.merged_strength != (1.0 if r is None else r):
             self.unmerge_lora()  # per-call r: the merged weights hold another strength
         vae = self.vae[direction]

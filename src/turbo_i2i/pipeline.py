@@ -259,16 +259,19 @@ class Translator:
         direction: str | None = None,
         batch_size: int = 8,
         tile_size: int | None = None,
-    ) -> str:
+        r: float | None = None,
+        edges: str | None = "default",
+        canny_thresholds: tuple[int, int] = (100, 200),
+    ) -> tuple[str, str | None]:
         """Refuse options every call with them would refuse, before any image is read (a folder is checked once).
 
         Args:
             prompt: one caption, or None for the model's default (which must exist); a list is checked per image
                 by ``__call__``.
-            direction, batch_size, tile_size: as in ``__call__``.
+            direction, batch_size, tile_size, r, edges, canny_thresholds: as in ``__call__``.
 
         Returns:
-            the direction (the model's default for None).
+            (the direction, the edge extraction): the model's own for None / "default".
 
         Raises:
             BadInputError: naming the option.
@@ -280,9 +283,15 @@ class Translator:
             )
         check_batch_size(batch_size)
         check_tile_size(tile_size)
+        self.generator.check_r(r)
+        edges = self.config.preprocess if edges == "default" else edges
+        if edges not in ("canny", "sketch", None):
+            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or none.")
+        if edges == "canny":
+            pre.check_canny_thresholds(*canny_thresholds)
         if prompt is None or isinstance(prompt, str):
             self._resolve_prompt(prompt, direction)
-        return direction
+        return direction, edges
 
     def prepare(self, image: ImageInput, edges: str | None, canny_thresholds: tuple[int, int]) -> Image.Image:
         """Load one input as RGB and apply the edge / sketch extraction the model expects."""
@@ -346,7 +355,7 @@ class Translator:
         items = [images] if single else list(images)
         if not items:
             raise BadInputError("No images to translate.")
-        direction = self.check_options(prompt, direction, batch_size, tile_size)
+        direction, edges = self.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
         seed = None if seed is None else check_seed(seed)
         if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
@@ -356,7 +365,6 @@ class Translator:
         prompts = [self._resolve_prompt(p, direction) for p in prompts]
         if r is None and self.config.stochastic:
             r = self.config.default_r
-        edges = self.config.preprocess if edges == "default" else edges
         # 2. preprocess: RGB, edges, model size (multiples of 8)
         inputs = [self.prepare(image, edges, canny_thresholds) for image in items]
         low, high = INPUT_RANGES[self.config.input_range]

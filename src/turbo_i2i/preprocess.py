@@ -328,6 +328,22 @@ def tensor_to_pil(tensor: torch.Tensor) -> list[Image.Image]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_canny_thresholds(low_threshold: object, high_threshold: object) -> None:
+    """Refuse Canny thresholds that are not numbers with 0 <= low <= high <= 255.
+
+    Args:
+        low_threshold, high_threshold: the hysteresis thresholds (0-255 gradient scale).
+
+    Raises:
+        BadInputError: naming both.
+    """
+    if not (_is_number(low_threshold) and _is_number(high_threshold) and 0 <= low_threshold <= high_threshold <= 255):
+        raise BadInputError(
+            "Canny thresholds must satisfy 0 <= low <= high <= 255, "
+            f"got low={low_threshold!r}, high={high_threshold!r}."
+        )
+
+
 def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
     """Canny edge map: white (255) edges on black, the input of the edge_to_image model.
 
@@ -348,11 +364,7 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
     Raises:
         BadInputError: the thresholds are out of range or in the wrong order.
     """
-    if not (_is_number(low_threshold) and _is_number(high_threshold) and 0 <= low_threshold <= high_threshold <= 255):
-        raise BadInputError(
-            "Canny thresholds must satisfy 0 <= low <= high <= 255, "
-            f"got low={low_threshold!r}, high={high_threshold!r}."
-        )
+    check_canny_thresholds(low_threshold, high_threshold)
     edges = cv2.Canny(np.ascontiguousarray(np.asarray(_condition_input(image))), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), mode="RGB")
 
@@ -556,7 +568,8 @@ def _savable(image: Image.Image, fmt: str) -> Image.Image:
 
 def _write_atomically(image: Image.Image, path: Path, fmt: str) -> None:
     """Write to a temporary sibling file, fsync it, then rename it over ``path``; remove the temporary on failure."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # A short name: the picture's own may be as long as the file system allows (255 bytes), with nothing to add.
+    tmp = path.with_name(f".turbo-i2i-{secrets.token_hex(6)}.tmp")
     options = {"quality": _LOSSY_QUALITY} if fmt in ("JPEG", "WEBP") else {}
     # os.open with mode 0o666 lets the umask set the permissions, as a plain open() would (mkstemp forces 0o600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
