@@ -1,4 +1,5 @@
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -232,3 +233,23 @@ def test_translate_folder_checks_its_options_once_before_reading_any_image(trans
     with pytest.raises(BadInputError, match="is the input folder"):  # was "holds no images"
         translate_folder(translator, tmp_path / "src", tmp_path / "src" / ".", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_arguments_of_the_wrong_kind_are_named_not_tracebacks(translator, tiny_model_dir):
+    for bad, kind in ((None, "NoneType"), (5, "int"), (b"in.png", "bytes"), ({"a": 1}, "dict")):
+        with pytest.raises(BadInputError, match=f"a tensor or a list of them, got a {kind}"):
+            translator(bad)  # were TypeErrors, or "Image file 'a' does not exist" for the dict's key
+    with pytest.raises(BadInputError, match=r"got shape \(2, 1, 32, 32\)"):  # named the batch's (1, 32, 32) items
+        translator(torch.rand(2, 1, 32, 32))
+    with pytest.raises(BadInputError, match="prompt must be a string or a list of strings, got bytes"):
+        translator(picture(32, 32), prompt=b"a caption")  # was "Got 9 prompts for 1 images"
+    graded = torch.rand(3, 32, 32, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned about converting a tensor that requires grad
+        assert translator(graded).size == (32, 32)
+    for device, message in (("bogus", "'bogus' is not a torch device"), ("cuda:64", "this machine has")):
+        with pytest.raises(BadInputError, match=message):
+            Translator.from_pretrained(tiny_model_dir, device=device)  # were PyTorch RuntimeErrors
+    with pytest.raises(BadInputError, match="floating-point torch dtype"):
+        Translator.from_pretrained(tiny_model_dir, dtype=torch.int8)
+    assert Translator.from_pretrained(tiny_model_dir, dtype="float32").dtype == torch.float32  # a name is taken

@@ -53,22 +53,13 @@ def _port(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """An argparse type: a torch device this machine has (a GPU asked for where there is none is named here, not in
-    a PyTorch traceback)."""
-    import torch
+    """An argparse type: a torch device this machine has (``devices.check_device``)."""
+    from .devices import check_device
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from error
-    available = {
-        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "mps": int(torch.backends.mps.is_available()),
-    }
-    if device.type in available and (device.index or 0) >= available[device.type]:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: this machine has {available[device.type] or 'no'} {device.type} device(s)"
-        )
+        check_device(text)
+    except BadInputError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
     return text
 
 

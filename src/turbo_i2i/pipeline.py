@@ -16,6 +16,7 @@ from PIL import Image
 from . import preprocess as pre
 from .backbone import Backbone, encode_prompt
 from .config import INPUT_RANGES, GeneratorConfig
+from .devices import check_device, check_dtype
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
@@ -181,7 +182,8 @@ class Translator:
         Args:
             name_or_path: see ``registry.load_model``.
             device: where to run (CPU when None).
-            dtype: weight dtype (float32 by default; bfloat16/float16 for speed, see the README's performance table).
+            dtype: weight dtype or its name (float32 by default; bfloat16/float16 for speed, see the README's
+                performance table).
             fast: merge LoRA into the base weights, sub-pixel upsampling, and channels-last memory where it is
                 faster (same results up to float rounding).
             compile: ``torch.compile`` the generator pass: True or a mode, as for ``Translator`` (slow first call,
@@ -192,6 +194,7 @@ class Translator:
         Returns:
             a ``Translator``.
         """
+        device, dtype = check_device(device), check_dtype(dtype)
         generator, backbone = load_model(
             name_or_path, device=device, dtype=torch.float32 if fast else dtype, base_model=base_model
         )
@@ -300,6 +303,7 @@ class Translator:
                 raise BadInputError(f"A tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}.")
             if not image.is_floating_point():  # 0-255 values would be clamped to black and white
                 raise BadInputError(f"A tensor image must hold floats in [0, 1], not {image.dtype}: divide by 255.")
+            image = image.detach()  # a tensor that needs a gradient is read, not differentiated through
             check_tensor_range(image)
             image = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         rgb = pre.load_image_or_pil(image, max_pixels=self.max_pixels)
@@ -347,7 +351,11 @@ class Translator:
         single = isinstance(images, (str, os.PathLike, Image.Image)) or (
             isinstance(images, torch.Tensor) and images.ndim == 3
         )
-        if isinstance(images, torch.Tensor) and images.ndim not in (3, 4):
+        if not isinstance(images, (str, os.PathLike, Image.Image, torch.Tensor, list, tuple)):
+            raise BadInputError(
+                f"Expected an image path, a PIL image, a tensor or a list of them, got a {type(images).__name__}."
+            )
+        if isinstance(images, torch.Tensor) and (images.ndim not in (3, 4) or images.shape[-3] != 3):
             raise BadInputError(
                 "A tensor must be one image (3, H, W) or a batch (N, 3, H, W) in [0, 1], got shape"
                 f" {tuple(images.shape)}."
@@ -357,7 +365,7 @@ class Translator:
             raise BadInputError("No images to translate.")
         direction, edges = self.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
         seed = None if seed is None else check_seed(seed)
-        if not (prompt is None or isinstance(prompt, str) or isinstance(prompt, Sequence)):
+        if isinstance(prompt, (bytes, bytearray)) or not (prompt is None or isinstance(prompt, (str, Sequence))):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(items):
