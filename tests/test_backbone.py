@@ -94,3 +94,9 @@ def test_a_hub_cache_named_after_import_is_used(tmp_path, monkeypatch):
     loaded = load_backbone("someone/tiny-sd")  # offline (conftest): from the cache or not at all
     for name, tensor in tiny.unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[name], tensor), name
+
+
+def test_a_local_folder_that_is_not_a_backbone_is_bad_input_naming_what_it_lacks(tmp_path):
+    (tmp_path / "unet").mkdir()  # used to end in "could not load ... huggingface-cli download", exit 1
+    with pytest.raises(BadInputError, match="not in the diffusers layout: it has no tokenizer, text_encoder, vae"):
+        load_backbone(tmp_path)

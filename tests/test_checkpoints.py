@@ -157,6 +157,9 @@ def test_not_an_official_checkpoint_is_named(tmp_path):
     torch.save({"state_dict_unet": {}}, tmp_path / "partial.pkl")
     with pytest.raises(BadInputError, match="rank_unet"):
         load_official(tmp_path / "partial.pkl", "tiny")
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # one of our own models' files
+    with pytest.raises(BadInputError, match="needs no converting; pass its folder as the model"):
+        load_official(tmp_path / "model.safetensors", "tiny")
 
 
 def test_convert_official_to_our_format(tmp_path):

@@ -23,6 +23,7 @@ from .errors import BadInputError, TurboI2IError
 from .hub import hub_cache, hub_offline
 
 DEFAULT_BACKBONE = "stabilityai/sd-turbo"
+BACKBONE_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")  # the folders a diffusers backbone has
 
 # SD-Turbo's scheduler (DDPM, scaled_linear betas); the one step runs at the last training timestep.
 SCHEDULER_CONFIG = {
@@ -245,6 +246,12 @@ def load_backbone(
             raise BadInputError(
                 f"Backbone {name!r} is neither a folder in the diffusers layout, a hub id (owner/name), nor one of the"
                 f" built-in backbones ({', '.join(BUILTIN_BACKBONES)})."
+            )
+        missing = [part for part in BACKBONE_PARTS if not (Path(name) / part).is_dir()] if Path(name).is_dir() else []
+        if missing:  # a folder of something else: bad input, not weights to download
+            raise BadInputError(
+                f"Backbone folder {name!r} is not in the diffusers layout: it has no {', '.join(missing)} folder(s)"
+                f" (expected {', '.join(BACKBONE_PARTS)}, as in a download of {DEFAULT_BACKBONE})."
             )
         kwargs = {"local_files_only": local_files_only, "cache_dir": hub_cache()}
         try:

@@ -261,6 +261,11 @@ def read_official(path: str | Path) -> dict:
     Returns:
         the checkpoint dict.
     """
+    if Path(path).suffix == ".safetensors":  # what turbo-i2i itself writes
+        raise BadInputError(
+            f"{path} is a safetensors file, as turbo-i2i's own models hold, not an official .pkl: a turbo-i2i model"
+            " needs no converting; pass its folder as the model."
+        )
     try:
         state = load_tensor_pickle(path)
     except FileNotFoundError as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import preprocess as pre
 from .errors import BadInputError
@@ -132,22 +133,23 @@ def translate_folder(
         pending.clear()
 
     claimed: dict[Path, Path] = {}
-    for path in tqdm(files, desc="translating", unit="img", disable=not progress):
-        out = target / path.relative_to(source).with_suffix(".png")
-        if out in claimed:  # a.jpg and a.png both become a.png: the second would overwrite the first
-            result.failed.append(f"{path}: same output file {out} as {claimed[out]}; rename one of them.")
-            continue
-        claimed[out] = path
-        if out.exists() and not overwrite:
-            result.skipped.append(out)
-            continue
-        try:
-            image = pre.load_image(path, max_pixels=translator.max_pixels)
-        except BadInputError as error:
-            result.failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
-            continue
-        pending.append((path, out, image))
-        if len(pending) == batch_size:
-            flush()
+    with logging_redirect_tqdm(loggers=[logger]):  # warnings (an animated file, say) above the bar, not in its line
+        for path in tqdm(files, desc="translating", unit="img", disable=not progress):
+            out = target / path.relative_to(source).with_suffix(".png")
+            if out in claimed:  # a.jpg and a.png both become a.png: the second would overwrite the first
+                result.failed.append(f"{path}: same output file {out} as {claimed[out]}; rename one of them.")
+                continue
+            claimed[out] = path
+            if out.exists() and not overwrite:
+                result.skipped.append(out)
+                continue
+            try:
+                image = pre.load_image(path, max_pixels=translator.max_pixels)
+            except BadInputError as error:
+                result.failed.append(str(error))  # a bad file is reported; the rest of the folder is still translated
+                continue
+            pending.append((path, out, image))
+            if len(pending) == batch_size:
+                flush()
     flush()
     return result
