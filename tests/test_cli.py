@@ -440,7 +440,7 @@ def test_an_output_folder_inside_the_input_never_replaces_its_pictures(run, tmp_
     assert code == 2 and "lies inside the input folder and holds 1 picture(s) already" in err, err
     assert (src / "s" / "a.png").read_bytes() == original  # was replaced by the translation of ow/a.png
     code, err = run("--input", src, "--output", src / "s")  # without --overwrite nothing is replaced: it says so
-    assert code == 0 and "its 1 picture(s) are not read as inputs" in err, err
+    assert code == 0 and err.count("its 1 picture(s) are not read as inputs") == 1, err  # once: listed once
     assert (src / "s" / "a.png").read_bytes() == original
 
 

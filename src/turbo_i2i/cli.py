@@ -272,8 +272,7 @@ def _translate(args: argparse.Namespace) -> int:
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
-    if folder:
-        folder_inputs(source, target, args.overwrite)  # checked before the model loads
+    files = folder_inputs(source, target, args.overwrite) if folder else []  # checked before the model loads
     _check_writable(target if folder else target.parent, str(target))
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
@@ -306,7 +305,7 @@ def _translate(args: argparse.Namespace) -> int:
         pre.save_image(translator(image, **options), target, overwrite=args.overwrite)
         return 0
     result = translate_folder(
-        translator, source, target, batch_size=args.batch_size, overwrite=args.overwrite, **options
+        translator, source, target, batch_size=args.batch_size, overwrite=args.overwrite, files=files, **options
     )
     if result.skipped:
         logger.warning(

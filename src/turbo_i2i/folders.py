@@ -92,6 +92,7 @@ def translate_folder(
     batch_size: int = 8,
     overwrite: bool = False,
     progress: bool = True,
+    files: list[Path] | None = None,
     **options,
 ) -> FolderResult:
     """Translate every image under ``source`` into the same place under ``target``, as .png.
@@ -103,6 +104,8 @@ def translate_folder(
         batch_size: images per forward pass.
         overwrite: replace outputs that exist (otherwise they are kept and counted as skipped).
         progress: show a progress bar.
+        files: the inputs, as ``folder_inputs(source, target, overwrite)`` listed them for a caller that checked
+            early (None: listed here).
         **options: the rest of ``Translator.__call__``'s arguments (prompt, direction, r, seed, edges, ...), the
             same for every image.
 
@@ -115,7 +118,7 @@ def translate_folder(
     """
     source, target = Path(source), Path(target)
     translator.check_options(batch_size=batch_size, **{k: v for k, v in options.items() if k in _CHECKED})
-    files = folder_inputs(source, target, overwrite)
+    files = folder_inputs(source, target, overwrite) if files is None else files
     result = FolderResult([], [], [], len(files))
     pending: list[tuple[Path, Path, object]] = []
 
