@@ -334,6 +334,9 @@ def test_evaluate_folders_bad_input_messages(tmp_path, nets):
         evaluate_folders(tmp_path / "a", tmp_path / "a", dino_structure=True, networks=nets)
     with pytest.raises(BadInputError, match="are the same folder"):  # every score would be perfect
         evaluate_folders(tmp_path / "a", tmp_path / "a" / ".", networks=nets)
+    for bad in (0, 1.5):  # the command line refused these; from Python they were taken
+        with pytest.raises(BadInputError, match="batch_size must be a whole number"):
+            evaluate_folders(tmp_path / "a", tmp_path / "b", networks=nets, batch_size=bad)
     with pytest.raises(BadInputError, match="--outputs and --inputs are the same folder"):  # was "holds no images"
         evaluate_folders(tmp_path / "a", tmp_path / "b", inputs=tmp_path / "a", dino_structure=True, networks=nets)
     write(tmp_path / "a", blobs(1, 0), names=["x"], ext=".jpg")

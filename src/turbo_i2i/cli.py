@@ -265,7 +265,7 @@ def _translate(args: argparse.Namespace) -> int:
     # What can be checked without the model is, so a folder is not refused file by file after it loaded.
     if args.prompt is not None:
         check_prompt(args.prompt)
-    check_tile_size(args.tile)
+    check_tile_size(args.tile, "--tile")
     pre.check_canny_thresholds(args.canny_low, args.canny_high)
     folder, video = source.is_dir(), source.is_file() and is_video(source)
     if not folder and target.is_dir():

@@ -1,7 +1,9 @@
-"""The torch device and dtype a caller names, checked before anything is loaded: a GPU this machine does not have, or
-a dtype given as something else, is named in our message instead of a PyTorch traceback."""
+"""The compute settings a caller names, checked before anything is loaded: a GPU this machine does not have, a dtype
+or a batch size given as something else, is named in our message instead of a PyTorch or Python traceback."""
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -54,3 +56,16 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise BadInputError(f"dtype must be a floating-point torch dtype such as torch.bfloat16, got {dtype!r}.")
     return dtype
+
+
+def check_batch_size(batch_size: object) -> None:
+    """Refuse a batch size that is not a whole number of at least 1.
+
+    Args:
+        batch_size: images per forward pass.
+
+    Raises:
+        BadInputError: naming the value.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a whole number, at least 1, got {batch_size!r}.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -16,7 +15,7 @@ from PIL import Image
 from . import preprocess as pre
 from .backbone import Backbone, encode_prompt
 from .config import INPUT_RANGES, GeneratorConfig
-from .devices import check_device, check_dtype
+from .devices import check_batch_size, check_device, check_dtype
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
@@ -67,19 +66,6 @@ def check_tensor_range(image: torch.Tensor) -> None:
         )
 
 
-def check_batch_size(batch_size: object) -> None:
-    """Refuse a batch size that is not a whole number of at least 1.
-
-    Args:
-        batch_size: images per forward pass.
-
-    Raises:
-        BadInputError: naming the value.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise BadInputError(f"batch_size must be a whole number, at least 1, got {batch_size!r}.")
-
-
 def check_prompt(prompt: object) -> str:
     """Refuse a prompt that is not a non-empty string (a caller can check one before loading a model).
 
@@ -99,17 +85,18 @@ def check_prompt(prompt: object) -> str:
     return prompt
 
 
-def check_tile_size(tile_size: int | None) -> None:
+def check_tile_size(tile_size: int | None, name: str = "tile_size") -> None:
     """Refuse a tile size ``Translator`` cannot use.
 
     Args:
         tile_size: pixels, or None (no tiling).
+        name: how the message names the option (``--tile`` on the command line).
 
     Raises:
         BadInputError: not a multiple of 8 (the VAE's factor), or too small for the tiles' overlap.
     """
     if tile_size is not None and (tile_size % 8 or tile_size < 2 * TILE_OVERLAP):
-        raise BadInputError(f"tile_size must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
+        raise BadInputError(f"{name} must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
 
 
 class Translator:

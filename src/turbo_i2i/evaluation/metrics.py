@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import preprocess as pre
+from ..devices import check_batch_size
 from ..errors import BadInputError, TurboI2IError, format_problems
 from .dino_structure import check_aspect_ratio
 
@@ -373,6 +374,7 @@ def evaluate_folders(
     from .dino_structure import DINOStructureDistance
     from .fid import compute_fid
 
+    check_batch_size(batch_size)
     if dino_structure and inputs is None:
         raise BadInputError("The DINO structure distance compares outputs with their inputs; pass the inputs folder.")
     outputs, references = Path(outputs), Path(references)
