@@ -60,4 +60,4 @@ def test_cli_tile_option(tiny_model_dir, tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "out.png"), "--tile", "128"]) == 0
     assert Image.open(tmp_path / "out.png").size == (200, 150)
     assert main([*args, "--output", str(tmp_path / "bad.png"), "--tile", "60"]) == 2
-    assert "tile_size" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+    assert "--tile must be a multiple of 8" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
