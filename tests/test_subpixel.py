@@ -142,3 +142,40 @@ def test_lora_dropout_in_training_runs_the_plain_path():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
     with torch.no_grad():  # in eval mode dropout is the identity, and the summed weight applies again
         torch.testing.assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kernels_of_an_unchanged_weight_are_computed_once(monkeypatch):
+    from turbo_i2i import subpixel
+
+    computed = []
+    monkeypatch.setattr(subpixel, "phase_kernels", lambda w: computed.append(w) or phase_kernels(w))
+    plain = upsampler()
+    fast = SubPixelUpsample(plain.conv)
+    x = torch.randn(1, 6, 4, 4, dtype=torch.float64)
+    for _ in range(3):
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-12)
+    assert len(computed) == 1
+    fast(x.contiguous(memory_format=torch.channels_last))  # kernels laid out for the other layout
+    assert len(computed) == 2
+    plain.conv.weight.mul_(2)  # an in-place change the version counter sees
+    torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-12)
+    assert len(computed) == 3
+
+
+@torch.no_grad()
+def test_kernels_follow_merging_at_another_strength():
+    # peft merges into weight.data in place (same storage, same version): cached kernels of the first merge must not
+    # outlive it
+    generator, backbone = make_generator(stochastic=True, trained_seed=2, default_r=0.4)
+    generator.double()
+    fast = copy.deepcopy(generator)
+    use_subpixel_upsampling(fast)
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    e = embed(backbone).double()
+    noise = torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for r in (0.4, 0.9, 0.4):
+        fast.merge_lora(r)
+        torch.testing.assert_close(fast(x, e, r=r, noise=noise), generator(x, e, r=r, noise=noise), rtol=0, atol=1e-10)
+        fast(x, e, r=0.7, noise=noise)  # unmerges: the base weights again
+        torch.testing.assert_close(fast(x, e, r=0.2, noise=noise), generator(x, e, r=0.2, noise=noise), rtol=0, atol=1e-10)

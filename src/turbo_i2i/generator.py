@@ -35,6 +35,7 @@ from .adapters import (
 )
 from .backbone import OneStepSchedule
 from .config import GeneratorConfig
+from .derived import clear_derived_weights
 from .errors import BadInputError
 
 SKIP_CONV_INIT = 1e-5  # "zero-conv": near-zero so training starts from the plain VAE decode
@@ -361,12 +362,14 @@ class OneStepGenerator(nn.Module):
         self.unmerge_lora()
         strength = 1.0 if r is None else float(r)
         merge_lora(self._mergeable(), strength)
+        clear_derived_weights(self)  # peft changed weight.data in place, which the caches' keys cannot see
         self.merged_strength = strength
 
     def unmerge_lora(self) -> None:
         """Restore the separate LoRA branches (needed for another strength, for training and for saving)."""
         if self.merged_strength is not None:
             unmerge_lora(self._mergeable(), self.merged_strength)
+            clear_derived_weights(self)
             self.merged_strength = None
 
     # --- the forward pass ----------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from diffusers.models.upsampling import Upsample2D
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .derived import DerivedWeights
+
 
 def phase_kernels(weight: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
     """The four 2x2 kernels that replace a 3x3 kernel applied after nearest-neighbour 2x upsampling.
@@ -81,6 +83,7 @@ class SubPixelUpsample(nn.Module):
     def __init__(self, conv: nn.Module):
         super().__init__()
         self.conv = conv
+        self._kernels: DerivedWeights[dict[tuple[int, int], torch.Tensor]] = DerivedWeights()
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None, *args, **kwargs):
         """Same call as ``Upsample2D.forward`` (which also ignores further arguments).
@@ -105,11 +108,27 @@ class SubPixelUpsample(nn.Module):
             (n, weight.shape[0], 2 * h, 2 * w), dtype=hidden_states.dtype, device=hidden_states.device,
             memory_format=layout,
         )  # fmt: skip
-        for (a, b), kernel in phase_kernels(weight).items():
+        for (a, b), kernel in self._phase_kernels(weight, layout).items():
             # output row 2i + a reads low-resolution rows i + a - 1 and i + a: padded rows i + a and i + a + 1
-            kernel = kernel.contiguous(memory_format=layout)  # oneDNN picks NHWC only when the weight is NHWC too
             out[:, :, a::2, b::2] = F.conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernel, bias)
         return out
+
+    def _phase_kernels(self, weight: torch.Tensor, layout: torch.memory_format) -> dict[tuple[int, int], torch.Tensor]:
+        """The four kernels of ``weight`` in ``layout``; kept between calls while the weight is the unchanged base.
+
+        A merged or LoRA-free upsampler's kernels are reused (computing them took longer than the convolutions of
+        the UNet's 1280-channel upsamplers); a LoRA sum made for this call, or a weight autograd must see, gets fresh
+        ones.
+        """
+
+        def compute() -> dict[tuple[int, int], torch.Tensor]:
+            # oneDNN picks NHWC only when the weight is NHWC too
+            return {phase: k.contiguous(memory_format=layout) for phase, k in phase_kernels(weight).items()}
+
+        base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
+        if weight is not base.weight or (torch.is_grad_enabled() and weight.requires_grad):
+            return compute()
+        return self._kernels.get(weight, compute, layout)
 
 
 class Swap(NamedTuple):
