@@ -117,8 +117,8 @@ class SubPixelUpsample(nn.Module):
         """The four kernels of ``weight`` in ``layout``; kept between calls while the weight is the unchanged base.
 
         A merged or LoRA-free upsampler's kernels are reused (computing them took longer than the convolutions of
-        the UNet's 1280-channel upsamplers); a LoRA sum made for this call, or a weight autograd must see, gets fresh
-        ones.
+        the UNet's 1280-channel upsamplers); a LoRA sum made for this call, a weight autograd must see, and a compiled
+        graph (which cannot trace a cache) get fresh ones.
         """
 
         def compute() -> dict[tuple[int, int], torch.Tensor]:
@@ -126,7 +126,8 @@ class SubPixelUpsample(nn.Module):
             return {phase: k.contiguous(memory_format=layout) for phase, k in phase_kernels(weight).items()}
 
         base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
-        if weight is not base.weight or (torch.is_grad_enabled() and weight.requires_grad):
+        fresh = weight is not base.weight or (torch.is_grad_enabled() and weight.requires_grad)
+        if fresh or torch.compiler.is_compiling():
             return compute()
         return self._kernels.get(weight, compute, layout)
 
