@@ -308,6 +308,20 @@ def test_evaluate_folders_unpaired_compares_sets(tmp_path, nets):
     )
 
 
+def test_unpaired_references_are_taken_whole_and_paired_ones_named_when_none_is_beside_the_outputs(tmp_path, nets):
+    # outputs in a sub-folder (translate mirrored the input tree), the real night images flat: as sets, they compare
+    write(tmp_path / "night", stripes(5, 1), names=list("vwxyz"))
+    write(tmp_path / "out" / "day", blobs(4, 2), names=list("abcd"))
+    report = evaluate_folders(tmp_path / "out", tmp_path / "night", lpips=False, unpaired=True, networks=nets)
+    assert report.metrics["fid"] == pytest.approx(
+        compute_fid(tmp_path / "out" / "day", tmp_path / "night", nets.inception), rel=1e-9
+    )
+    # paired, the references are looked for beside the outputs only: none there is bad input naming where (was a
+    # StopIteration traceback)
+    with pytest.raises(BadInputError, match=r"it has no image in the outputs' folders: 'day'.*--unpaired"):
+        evaluate_folders(tmp_path / "out", tmp_path / "night", networks=nets)
+
+
 def test_evaluate_folders_lists_every_problem_before_loading_any_network(folders, offline):
     root, _, _ = folders
     (root / "outputs" / "003.png").write_bytes(b"truncated")

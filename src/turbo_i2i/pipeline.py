@@ -19,9 +19,9 @@ from .devices import check_batch_size, check_device, check_dtype
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
+from .prepack import prepack_weights
 from .registry import load_model
 from .seeds import check_seed
-from .prepack import prepack_weights
 from .subpixel import use_subpixel_upsampling
 from .tiling import translate_tiled
 

@@ -240,10 +240,11 @@ def _plan(
     problems: list[str] = []
     # Neither folder is searched for the other's files (outputs written into a sub-folder of the references, say).
     outs = _by_key(outputs, problems, skip=[references])
-    # References and inputs are looked for in the folders the outputs are in (a tree translate mirrored): other
-    # sub-folders may hold anything, an earlier run's outputs say, which would otherwise join the FID reference set.
+    # Paired, references and inputs are looked for in the folders the outputs are in (a tree translate mirrored):
+    # other sub-folders may hold anything, an earlier run's outputs say, which would otherwise join the FID reference
+    # set. Unpaired, the references are a set of their own (real night images for day->night outputs), taken whole.
     where = {Path(key).parent.as_posix() for key in outs}
-    refs = _by_key(references, problems, skip=[outputs], within=where)
+    refs = _by_key(references, problems, skip=[outputs], within=None if unpaired else where)
     unmatched: dict[str, list[str]] = {}
     scored, partners = dict(outs), {}
     if not unpaired:
@@ -252,10 +253,15 @@ def _plan(
         unmatched["outputs"] = sorted(_name(p, outputs) for s, p in outs.items() if s not in refs)
         unmatched["references"] = sorted(_name(p, references) for s, p in refs.items() if s not in outs)
         if not scored:
+            example = (
+                f"e.g. {next(iter(outs))!r} vs {next(iter(refs))!r}"
+                if refs
+                else f"it has no image in the outputs' folders: {', '.join(repr(w) for w in sorted(where))}"
+            )
             raise BadInputError(
-                f"No file in {outputs} has a partner of the same name in {references} (e.g. {next(iter(outs))!r} vs"
-                f" {next(iter(refs))!r}); outputs are matched to references by path inside the folder without"
-                " extension. Pass --unpaired to compare the two folders as sets (FID only)."
+                f"No file in {outputs} has a partner of the same name in {references} ({example}); outputs are"
+                " matched to references by path inside the folder without extension. Pass --unpaired to compare the"
+                " two folders as sets (FID only)."
             )
     sources = {}
     if inputs is not None:
@@ -346,7 +352,7 @@ def evaluate_folders(
     Args:
         outputs: folder of generated images.
         references: folder of real images; matched to the outputs by path inside the folder without extension
-            (sub-folders are searched).
+            (looked for in the sub-folders the outputs are in); unpaired, all of it.
         prompts: JSON file mapping file names (an output's or its reference's path inside its folder, with or
             without extension) to captions; given, ``clip_sim`` is computed.
         inputs: folder of the inputs the outputs were translated from (needed by ``dino_structure``).
