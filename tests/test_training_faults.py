@@ -264,6 +264,48 @@ def test_an_inf_discriminator_loss_skips_only_its_update(dataset, tmp_path, monk
     assert any(not torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items())
 
 
+def poison_gradients(optimizer):
+    """Every gradient of ``optimizer``'s parameters becomes NaN in the backward pass (the losses stay finite)."""
+    return [p.register_hook(lambda g: g * float("nan")) for group in optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("part", ["generator", "discriminator"])
+def test_a_nan_gradient_is_caught_with_clipping_off_too(dataset, tmp_path, part, caplog):
+    # with --max-grad-norm 0 only a clipped norm was checked: a NaN gradient went into the weights
+    trainer = make_trainer(dataset, tmp_path, max_grad_norm=0.0)
+    hooks = poison_gradients(trainer.optimizer_g if part == "generator" else trainer.optimizer_d)
+    weights = {k: v.clone() for k, v in trainer.unwrapped.trained_state_dict().items()}
+    d_weights = {k: v.detach().clone() for k, v in trainer.discriminator.named_parameters()}
+    with caplog.at_level("WARNING", logger="turbo_i2i"):
+        logs = trainer.train_step()
+    assert f"the {part} gradient is NaN or Inf; its update was skipped" in caplog.text
+    assert logs["skipped_steps"] == 1
+    assert all(torch.equal(v, d_weights[k]) for k, v in trainer.discriminator.named_parameters())
+    g_equal = [torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items()]
+    assert all(g_equal) if part == "generator" else not all(g_equal)  # D's fault spares G's finite update
+    for hook in hooks:
+        hook.remove()
+    trainer.train_step()
+    assert all(torch.isfinite(v).all() for v in trainer.unwrapped.trained_state_dict().values())
+
+
+def test_unpaired_nan_gradients_are_caught_with_clipping_off_too(tmp_path):
+    from trainers import make_unpaired, make_unpaired_trainer
+
+    data = make_unpaired(tmp_path / "data", n=6)
+    for part in ("g", "d"):
+        trainer = make_unpaired_trainer(data, tmp_path / part, max_grad_norm=0.0)
+        hooks = poison_gradients(getattr(trainer, f"optimizer_{part}"))
+        weights = {k: v.clone() for k, v in trainer.unwrapped.trained_state_dict().items()}
+        d_weights = {k: v.detach().clone() for k, v in trainer.discriminator.named_parameters()}
+        assert trainer.train_step()["skipped_steps"] == 1, part
+        assert all(torch.equal(v, d_weights[k]) for k, v in trainer.discriminator.named_parameters()), part
+        g_equal = [torch.equal(v, weights[k]) for k, v in trainer.unwrapped.trained_state_dict().items()]
+        assert all(g_equal) if part == "g" else not all(g_equal), part
+        for hook in hooks:
+            hook.remove()
+
+
 def test_too_many_bad_steps_in_a_row_stop_with_the_step_and_the_last_checkpoint(dataset, tmp_path):
     trainer = make_trainer(dataset, tmp_path, max_bad_steps=2, checkpoint_every=2)
     poison(trainer, {1, 3, 4, 5, 6, 7})  # one isolated bad step, then a run of them from step 4 (0-based 3)

@@ -101,6 +101,11 @@ def step_scheduler(scheduler) -> None:
         scheduler.step()
 
 
+def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients an optimiser's next step will use (of its parameters that have one), in parameter order."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
 class TrainerBase:
     """The run machinery shared by the trainers.
 
@@ -211,6 +216,27 @@ class TrainerBase:
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad.reshape(1), reduction="sum")
         return not bool(bad.sum())
+
+    def gradients_finite(self, optimizer: torch.optim.Optimizer, max_norm: float = 0.0) -> bool:
+        """Unscale ``optimizer``'s gradients, clip them to ``max_norm`` and say whether they are finite.
+
+        Checked with clipping off too (``max_norm`` 0): a NaN gradient would otherwise reach the weights. Under fp16
+        the scaler skips a step whose gradients overflowed by itself, which is routine, not a fault: True.
+
+        Args:
+            optimizer: the optimiser about to step.
+            max_norm: clip the gradients' total norm to this (0: no clipping).
+
+        Returns:
+            whether the step may be taken.
+        """
+        self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(gradients(optimizer))
+        return self.scaler.is_enabled() or self.is_finite(norm)
 
     def average_over_processes(self, tensors: list[torch.Tensor], bucket_numel: int = 2**24) -> None:
         """Average ``tensors`` over the data-parallel processes, in place (nothing in one process).

@@ -300,14 +300,8 @@ class PairedTrainer(TrainerBase):
                 with self._sync_on(self.model, micro == k - 1), self.without_autocast():
                     self.accelerator.backward(self.scaler.scale(terms["loss_g"] / k))
                 fakes.append((batch["target"].to(self.device), terms["output"].detach().float()))
-        if self.config.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
-            norm = self.accelerator.clip_grad_norm_(
-                self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
-            )
-            # fp16's scaler skips overflowing steps itself (and lowers the scale): that is routine, not a fault.
-            if not self.scaler.is_enabled() and not self.is_finite(norm):
-                return self.skip_update(logs, "generator gradient")
+        if not self.gradients_finite(self.optimizer_g, self.config.max_grad_norm):
+            return self.skip_update(logs, "generator gradient")
         self.scaler.step(self.optimizer_g)
         step_scheduler(self.scheduler_g)
         self.optimizer_g.zero_grad(set_to_none=True)
@@ -338,6 +332,8 @@ class PairedTrainer(TrainerBase):
                 with self._sync_on(self.discriminator, i == len(fakes) - 1), self.without_autocast():
                     self.accelerator.backward(self.scaler.scale(loss_d))
         logs["loss_d"] = total
+        if bad is None and not self.gradients_finite(self.optimizer_d):
+            bad = "discriminator gradient"
         if bad is None:
             self.scaler.step(self.optimizer_d)
         step_scheduler(self.scheduler_d)  # the LR is a function of the step number

@@ -60,6 +60,7 @@ from .data import check_batchable
 from .loop import (
     Metrics,
     TrainerBase,
+    gradients,
     make_accelerator,
     step_scheduler,
     step_seed,
@@ -113,11 +114,6 @@ def make_optimizer(params: list[torch.nn.Parameter], config: UnpairedTrainConfig
             raise BadInputError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-
-
-def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The gradients an optimiser's next step will use (of its parameters that have one), in parameter order."""
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 class UnpairedTrainer(TrainerBase):
@@ -395,14 +391,9 @@ class UnpairedTrainer(TrainerBase):
                 return "generator loss"
             self.accelerator.backward(self.scaler.scale(loss))
         self.average_over_processes(gradients(self.optimizer_g))  # an overflow on any process reaches all
-        if self.config.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer_g)  # clip the true gradients, not the scaled ones
-            norm = self.accelerator.clip_grad_norm_(
-                self.optimizer_g.param_groups[0]["params"], self.config.max_grad_norm
-            )
-            if not self.scaler.is_enabled() and not self.is_finite(norm):
-                self.optimizer_g.zero_grad(set_to_none=True)
-                return "generator gradient"
+        if not self.gradients_finite(self.optimizer_g, self.config.max_grad_norm):
+            self.optimizer_g.zero_grad(set_to_none=True)
+            return "generator gradient"
         self.scaler.step(self.optimizer_g)
         self.scaler.update()  # per generator step: the public schedule takes three, each unscaled once
         self.optimizer_g.zero_grad(set_to_none=True)
@@ -410,8 +401,8 @@ class UnpairedTrainer(TrainerBase):
 
     def _discriminator_step(self, fakes: list[tuple], logs: dict) -> str | None:
         """One discriminator step on each batch's (real_a, real_b, images) of the iteration, their gradients summed
-        (each loss divided by their number); returns "discriminator loss" when one was NaN/Inf (the update then
-        dropped)."""
+        (each loss divided by their number); returns "discriminator loss" or "discriminator gradient" when one was
+        NaN/Inf (the update then dropped)."""
         from .discriminators import discriminator_loss
 
         # The generator's GAN terms also left gradients on D's heads: D must learn from its own loss only.
@@ -433,8 +424,11 @@ class UnpairedTrainer(TrainerBase):
         logs.update(totals)
         if bad is None:
             self.average_over_processes(gradients(self.optimizer_d))
-            self.scaler.step(self.optimizer_d)  # under fp16: unscaled, or skipped after an overflow
-            self.scaler.update()
+            if self.gradients_finite(self.optimizer_d):
+                self.scaler.step(self.optimizer_d)  # under fp16: skipped after an overflow
+                self.scaler.update()
+            else:
+                bad = "discriminator gradient"
         step_scheduler(self.scheduler_d)  # the LR is a function of the step number
         self.optimizer_d.zero_grad(set_to_none=True)
         return bad
