@@ -189,6 +189,25 @@ def test_bad_paths_are_bad_input(translator, clip, tmp_path):
         translate_video(translator, tmp_path / "text.mp4", tmp_path / "o.mp4", progress=False)
 
 
+def test_refused_options_and_frameless_clips_leave_no_frames_folder(translator, clip, tmp_path):
+    # a run refused for its options used to leave out.mp4.frames/, which then refused the corrected run (and its
+    # --resume, whose options differ)
+    out = tmp_path / "out.mp4"
+    for bad in ({"r": 0.5}, {"direction": "b2a"}, {"edges": "blur"}, {"batch_size": 0}, {"tile_size": 5}):
+        with pytest.raises(BadInputError):
+            translate_video(translator, clip, out, progress=False, **bad)
+        assert not frames_dir(out).exists(), bad
+    corrupt = write_clip(tmp_path / "bad.avi", moving_circle_frames(), codec="mjpeg")
+    data = bytearray(corrupt.read_bytes())
+    first = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8)
+    data[first + 2 : first + 300] = b"\x55" * 298  # the first frame is garbage: nothing to resume from
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(CorruptFrameError, match="Frame 1 .*No frame was written"):
+        translate_video(translator, corrupt, out, progress=False)
+    assert not frames_dir(out).exists() and not out.exists()
+    assert translate_video(translator, clip, out, progress=False).frames == 12
+
+
 # --- the command line: videos and folders ------------------------------------------------------------------------
 
 

@@ -195,7 +195,8 @@ def write_video(frames: list[Path], target: str | os.PathLike, fps: float) -> Pa
 
     target = Path(target)
     codec = OUTPUT_CODECS[target.suffix.lower()]
-    width, height = Image.open(frames[0]).size
+    with Image.open(frames[0]) as first:
+        width, height = first.size
     if codec == "libx264":
         # 4:2:0 (what every player decodes) needs even sides; odd sizes keep every pixel with 4:4:4 instead.
         pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
@@ -211,7 +212,8 @@ def write_video(frames: list[Path], target: str | os.PathLike, fps: float) -> Pa
     try:
         writer.send(None)
         for path in frames:
-            writer.send(np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"))))
+            with Image.open(path) as frame:
+                writer.send(np.ascontiguousarray(np.asarray(frame.convert("RGB"))))
         writer.close()
         os.replace(tmp, target)
     except BaseException:
@@ -271,8 +273,8 @@ def translate_video(
     source, target = Path(source), Path(target)
     if target.suffix.lower() not in OUTPUT_CODECS:
         raise BadInputError(f"Cannot write a video to '{target}'; use one of {', '.join(OUTPUT_CODECS)}.")
-    if batch_size < 1:
-        raise BadInputError(f"batch_size must be at least 1, got {batch_size}.")
+    # before anything is written: a refused option must not leave a frames folder that blocks the corrected run
+    translator.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
     if target.exists() and not overwrite:
         raise BadInputError(f"'{target}' already exists; pass --overwrite to replace it.")
     info = probe(source)
@@ -326,10 +328,12 @@ def translate_video(
                 write_video(_frame_files(work, written), target, info.fps)
                 kept = f" The {written} frame(s) before it were written to '{target}' (playable)."
             else:
+                shutil.rmtree(work)  # nothing to resume from
                 kept = " No frame was written."
             raise CorruptFrameError(error.frame, f"{error}{kept}") from None
         flush()
     if total == 0:
+        shutil.rmtree(work)
         raise BadInputError(f"Video '{source}' has no frames.")
     write_video(_frame_files(work, total), target, info.fps)
     shutil.rmtree(work)
