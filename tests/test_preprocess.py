@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from turbo_i2i import preprocess
-from turbo_i2i.errors import BadInputError
+from turbo_i2i.errors import BadInputError, TurboI2IError
 from turbo_i2i.preprocess import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -518,16 +519,27 @@ def test_save_image_overwrites_when_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png"]
 
 
-def test_save_image_failure_leaves_no_partial_or_temp_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "code, kind",
+    [
+        (errno.ENOSPC, TurboI2IError),
+        (errno.EDQUOT, TurboI2IError),
+        (errno.EIO, TurboI2IError),
+        (errno.EACCES, BadInputError),
+    ],
+)
+def test_save_image_failure_leaves_no_partial_or_temp_file(tmp_path, monkeypatch, code, kind):
+    # the README's exit codes: a full disk is a failure of the machine (1), a folder one may not write to bad input (2)
     path = tmp_path / "result.png"
     path.write_bytes(b"old")
 
     def crash(src, dst):
-        raise OSError(28, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(preprocess.os, "replace", crash)
-    with pytest.raises(BadInputError, match="No space left"):
+    with pytest.raises(TurboI2IError, match=os.strerror(code)) as error:
         save_image(_noise(), path, overwrite=True)
+    assert type(error.value) is kind
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png"]
 

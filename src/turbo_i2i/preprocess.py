@@ -7,6 +7,7 @@ never as a PIL or OS traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import BadInputError
+from .errors import BadInputError, TurboI2IError
 
 logger = logging.getLogger("turbo_i2i")
 
@@ -412,7 +413,8 @@ def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = Fa
 
     Raises:
         BadInputError: the extension is unknown, the file exists and ``overwrite`` is False, the path is a folder,
-            or the file cannot be written.
+            or the file cannot be written there.
+        TurboI2IError: the disk is full, a quota is reached, or an I/O error.
     """
     path = Path(path)
     if not isinstance(image, Image.Image):
@@ -431,9 +433,10 @@ def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = Fa
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(_savable(image, fmt), path, fmt)
     except OSError as exc:
-        raise BadInputError(
-            f"Cannot write '{path}' ({exc.strerror or exc}); check the folder and free space."
-        ) from exc
+        # A full disk, a quota or an I/O error is the machine's failure (exit 1, and a folder run stops there: the
+        # next file would fail alike); anything else (permissions, a name too long) is the path's (exit 2).
+        kind = TurboI2IError if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else BadInputError
+        raise kind(f"Cannot write '{path}' ({exc.strerror or exc}); check the folder and free space.") from exc
     return path
 
 
