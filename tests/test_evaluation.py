@@ -1,6 +1,7 @@
 """Evaluation: clean-mode FID, CLIP score, folder scoring and ``turbo-i2i eval``, on tiny seeded stand-in networks."""
 
 import json
+import os
 import socket
 
 import numpy as np
@@ -180,6 +181,18 @@ def test_load_inception_runs_a_cached_file_the_clean_fid_way(offline):
         load_inception(path=offline / "junk.pt")
     with pytest.raises(BadInputError, match="does not exist"):
         load_inception(path=offline / "nothing.pt")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_an_inception_file_another_user_left_in_the_shared_tmp_is_not_loaded(offline):
+    # clean-fid's /tmp copy is found for convenience; one planted there by someone else would be run as code
+    shared = fid_module.CLEANFID_FOLDER
+    shared.mkdir()
+    torch.jit.script(_ScriptedInception()).save(str(shared / "inception-2015-12-05.pt"))
+    assert isinstance(load_inception(), torch.nn.Module)  # this user's own copy is used
+    os.chown(shared / "inception-2015-12-05.pt", 12345, 12345)
+    with pytest.raises(TurboI2IError, match="not on disk and offline"):
+        load_inception()
 
 
 # ---------------------------------------------------------------------------------------------------------- CLIP

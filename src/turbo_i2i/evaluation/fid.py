@@ -77,6 +77,16 @@ def _inception_candidates(path: str | os.PathLike | None) -> list[Path]:
     return [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, CLEANFID_FOLDER / INCEPTION_FILE]
 
 
+def _usable(candidate: Path) -> bool:
+    """Whether a found Inception file may be loaded: in clean-fid's shared /tmp, only a copy this user owns (anyone
+    on the machine can put a file there, and it would be loaded as code and decide every FID)."""
+    if not candidate.is_file():
+        return False
+    if candidate.parent != CLEANFID_FOLDER or not hasattr(os, "getuid"):
+        return True
+    return candidate.stat().st_uid == os.getuid()
+
+
 def _inception_missing(looked_for: Sequence[Path], reason: str) -> str:
     """The message for an Inception network that could not be loaded, with how to provide it."""
     where = " and ".join(str(p) for p in looked_for)
@@ -97,7 +107,8 @@ def load_inception(
     """clean-fid's Inception v3 feature network (the 2015 TensorFlow weights as TorchScript), frozen.
 
     Looked for in the torch hub cache (``torch.hub.get_dir()/checkpoints``, moved by ``TORCH_HOME``), then where
-    clean-fid keeps it (``/tmp``); downloaded into the torch hub cache when missing and downloads are allowed.
+    clean-fid keeps it (``/tmp``, a copy this user owns); downloaded into the torch hub cache when missing and
+    downloads are allowed.
 
     Args:
         path: a local copy of ``inception-2015-12-05.pt`` to use instead.
@@ -119,7 +130,7 @@ def load_inception(
     if path is not None and not Path(path).is_file():
         raise BadInputError(f"Inception weights file {str(path)!r} does not exist.")
     candidates = _inception_candidates(path)
-    found = next((p for p in candidates if p.is_file()), None)
+    found = next((p for p in candidates if _usable(p)), None)
     if found is None:
         offline = hub_offline() if local_files_only is None else local_files_only
         if offline:
