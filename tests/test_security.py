@@ -166,9 +166,23 @@ OFFICIAL_CASES = {
         "unet_lora_targets must be a list of module names",
     ),
     "target names no module": (
-        {"unet_lora_target_modules": ["no_such_module"], "state_dict_unet": {}, "state_dict_vae": {}},
+        {
+            "unet_lora_target_modules": ["no_such_module"],
+            "state_dict_unet": {"a.lora_A.default.weight": torch.ones(8, 2)},
+            "state_dict_vae": {"b.lora_A.default.weight": torch.ones(4, 2)},
+        },
         "LoRA targets do not fit the backbone",
-    ),
+    ),  # fmt: skip
+    # ranks the tensors contradict, or none to check them against: refused before adapters of that rank are built
+    "rank larger than its tensors": (
+        {
+            "rank_unet": 4096,
+            "state_dict_unet": {"a.lora_A.default.weight": torch.ones(8, 2)},
+            "state_dict_vae": {"b.lora_A.default.weight": torch.ones(4, 2)},
+        },
+        r"tensor 'unet.a.lora_A.default.weight' has LoRA rank 8, but the model declares unet_lora_rank=4096",
+    ),  # fmt: skip
+    "no LoRA tensors": ({"rank_vae": 4096, "state_dict_unet": {}, "state_dict_vae": {}}, "holds no LoRA weights"),
 }
 
 
@@ -212,7 +226,7 @@ TENSOR_CASES = {
     "wrong shape": (_set(FIRST, lambda t: torch.zeros(3)), rf"'{FIRST}' has shape \(3,\).*but \(32,\)"),
     "missing tensor": (lambda s: s.pop(FIRST), rf"lacks 1 trained tensors, e.g. '{FIRST}'"),
     "extra tensor": (lambda s: s.__setitem__("unet.backdoor.weight", torch.zeros(1)), "'unet.backdoor.weight'"),
-    "empty file": (lambda s: s.clear(), "lacks"),
+    "empty file": (lambda s: s.clear(), "holds no LoRA weights for the unet and the vae"),
 }
 
 
@@ -236,6 +250,16 @@ def test_a_problem_is_found_before_any_backbone_is_loaded(model_dir, monkeypatch
     rewrite(model_dir, _set(FIRST, lambda t: t.to(torch.int8)))
     monkeypatch.setattr(turbo_i2i.checkpoints, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
     with pytest.raises(BadInputError, match="dtype int8"):
+        load_pretrained(model_dir)
+
+
+def test_a_config_claiming_another_lora_rank_is_refused_before_the_generator_is_built(model_dir, monkeypatch):
+    # adapters are built from the config's rank (up to 4096) before the tensors are loaded: tens of GB at full size
+    config = json.loads((model_dir / CONFIG_NAME).read_text())
+    config["vae_lora_rank"] = 4096
+    (model_dir / CONFIG_NAME).write_text(json.dumps(config))
+    monkeypatch.setattr(turbo_i2i.checkpoints, "build_generator", lambda *a, **k: pytest.fail("generator built"))
+    with pytest.raises(BadInputError, match=r"has LoRA rank 4, but the model declares vae_lora_rank=4096"):
         load_pretrained(model_dir)
 
 

@@ -193,6 +193,38 @@ def check_tensors(tensors: dict, source: str | Path) -> None:
             raise BadInputError(f"{source}: tensor {name!r} holds NaN or Inf values; the file is damaged.")
 
 
+def check_ranks(config: GeneratorConfig, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse LoRA ranks the file's own tensors contradict, before the generator is built with them.
+
+    The adapters are built from the config's ranks (up to 4096) before the tensors are loaded into them: a file
+    claiming rank 4096 would make the loader allocate tens of GB of adapters for a few MB of weights.
+
+    Args:
+        config: the model's config, as read.
+        tensors: its trained tensors under our names (``unet.`` / ``vae.<direction>.``).
+        source: the file, for the message.
+
+    Raises:
+        BadInputError: a ``lora_A`` tensor of another rank, or no LoRA tensor for a part that has adapters.
+    """
+    ranks = {"unet": config.unet_lora_rank, "vae": config.vae_lora_rank}
+    targets = {"unet": config.unet_lora_targets, "vae": config.vae_lora_targets}
+    found = dict.fromkeys(ranks, False)
+    for name, value in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        part = name.partition(".")[0]
+        if part in ranks and value.ndim and value.shape[0] != ranks[part]:
+            raise BadInputError(
+                f"{source}: tensor {name!r} has LoRA rank {value.shape[0]}, but the model declares"
+                f" {part}_lora_rank={ranks[part]}; the file is damaged or was edited."
+            )
+        found[part] = True
+    missing = [part for part in ranks if targets[part] and not found[part]]
+    if missing:
+        raise BadInputError(f"{source} holds no LoRA weights for the {' and the '.join(missing)}; it is damaged.")
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
@@ -233,6 +265,7 @@ def load_pretrained(
     if (folder / TEXT_ENCODER_NAME).is_file():
         text_state = _read_safetensors(folder / TEXT_ENCODER_NAME)
         check_tensors(text_state, folder / TEXT_ENCODER_NAME)
+    check_ranks(config, state, folder / WEIGHTS_NAME)
     generator, backbone = build_generator(config, device, dtype, backbone_path)
     generator.load_trained_state_dict(state)
     if text_state is not None:
@@ -415,6 +448,7 @@ def load_official(
     for key, value in config_overrides.items():
         setattr(config, key, value)
     config.__post_init__()  # re-validate after the overrides
+    check_ranks(config, tensors, path)
     try:
         generator, backbone = build_generator(config, device, dtype, backbone_path)
     except BadInputError:
