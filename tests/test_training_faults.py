@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from turbo_i2i.cli import main
 from turbo_i2i.errors import BadInputError, CheckpointWriteError, TrainingDivergedError
@@ -383,6 +383,12 @@ def test_resuming_from_a_damaged_or_hostile_checkpoint_is_bad_input(dataset, tmp
         make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
     assert not marker.exists()
     weights = checkpoint / "model" / "model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] * float("nan")  # a NaN weight is refused as a model folder's is, not trained on
+    save_file(state, weights)
+    with pytest.raises(BadInputError, match=rf"tensor '{name}' holds NaN or Inf"):
+        make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(BadInputError, match=r"Cannot resume from .*step_0000002.*SafetensorError"):
         make_trainer(dataset, tmp_path, max_steps=2).load_checkpoint(checkpoint)

@@ -24,7 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
-from ..checkpoints import TEXT_ENCODER_NAME, WEIGHTS_NAME, readable_like_other_files, save_pretrained
+from ..checkpoints import (
+    TEXT_ENCODER_NAME,
+    WEIGHTS_NAME,
+    check_tensors,
+    readable_like_other_files,
+    save_pretrained,
+)
 from ..errors import BadInputError, CheckpointWriteError, TrainingDivergedError, load_failure
 from ..generator import OneStepGenerator
 from .compute import HALF_PRECISION
@@ -481,9 +487,14 @@ class TrainerBase:
             # absent in checkpoints written before skipped steps were counted
             self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
             self.bad_steps_in_row = int(trainer_state.get("bad_steps_in_row", 0))
-            self.unwrapped.load_trained_state_dict(load_file(folder / "model" / WEIGHTS_NAME))
+            # checked as a model folder's are: a NaN or integer tensor would otherwise train on silently
+            weights = load_file(folder / "model" / WEIGHTS_NAME)
+            check_tensors(weights, folder / "model" / WEIGHTS_NAME)
+            self.unwrapped.load_trained_state_dict(weights)
             if self._text_encoder_to_save is not None:
-                self._text_encoder_to_save.load_state_dict(load_file(folder / "model" / TEXT_ENCODER_NAME))
+                text_weights = load_file(folder / "model" / TEXT_ENCODER_NAME)
+                check_tensors(text_weights, folder / "model" / TEXT_ENCODER_NAME)
+                self._text_encoder_to_save.load_state_dict(text_weights)
             state = load_state(folder / OPTIMIZER_STATE)
             for name, stateful in self._states().items():
                 stateful.load_state_dict(state[name])
