@@ -10,11 +10,28 @@ from turbo_i2i.pipeline import Translator
 from turbo_i2i.tiling import tile_starts, translate_tiled
 
 
-@pytest.mark.parametrize("length,tile,overlap", [(100, 100, 16), (200, 64, 16), (1000, 256, 64), (136, 128, 64)])
-def test_tiles_cover_the_image_with_the_overlap(length, tile, overlap):
+@pytest.mark.parametrize(
+    "length,tile,overlap",
+    [(100, 100, 16), (200, 64, 16), (1000, 256, 64), (136, 128, 64), (1000, 128, 64), (2040, 512, 64), (4096, 128, 8)],
+)
+def test_tiles_cover_the_image_with_the_overlap_on_the_latent_grid(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + tile == length
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
+    assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
+    # on the VAE's grid (all but a last start that cannot be): was 244 for (1000, 256, 64)
+    assert all(s % 8 == 0 for s in starts[:-1]) and (starts[-1] % 8 == 0 or (length - tile) % 8)
+
+
+def test_a_noise_map_is_shared_by_the_tiles_where_they_overlap():
+    x = torch.rand(1, 3, 200, 328, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 25, 41, generator=torch.Generator().manual_seed(1))
+    up = torch.nn.functional.interpolate
+
+    def translate(t, noise):  # the output is the noise it was given, at pixel size: blending must give the map back
+        assert noise.shape[-2:] == (t.shape[-2] // 8, t.shape[-1] // 8)
+        return up(noise, scale_factor=8.0, mode="nearest")
+
+    torch.testing.assert_close(translate_tiled(translate, x, 128, 64, noise=noise), up(noise, scale_factor=8.0))
 
 
 def test_a_pointwise_translation_is_reproduced_exactly_and_tiles_stay_small():
@@ -50,6 +67,34 @@ def test_translator_tiles_large_images_and_checks_the_tile_size(tiny_model_dir):
     assert diff.mean() < 40  # the same model on the same picture: tiles change details, not the whole image
     with pytest.raises(BadInputError, match="tile_size"):
         translator(image, tile_size=100)
+
+
+@torch.no_grad()
+def test_a_stochastic_models_tiles_start_from_one_noise_map(tmp_path):
+    from conftest import make_generator
+
+    from turbo_i2i.checkpoints import save_pretrained
+
+    generator, _ = make_generator(stochastic=True, trained_seed=3, prompts={"a2b": "a sketch"}, default_r=0.4)
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "model"))
+    calls = []
+    hook = translator.generator.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["noise"].clone()), with_kwargs=True
+    )
+    image = Image.fromarray(np.uint8(np.random.default_rng(0).integers(0, 256, (136, 264, 3))))
+    first = translator(image, tile_size=128, seed=5)
+    hook.remove()
+    rows, cols = tile_starts(136, 128, 64), tile_starts(264, 128, 64)
+    assert len(calls) == len(rows) * len(cols) == 8
+    # each tile's noise is its part of one map: rebuilt from the tiles, every latent pixel agrees between them
+    whole = torch.full((1, calls[0].shape[1], 17, 33), float("nan"))
+    for k, (top, left) in enumerate((t, le) for t in rows for le in cols):
+        part = whole[..., top // 8 : top // 8 + 16, left // 8 : left // 8 + 16]
+        seen = ~part.isnan()
+        assert torch.equal(part[seen], calls[k][seen]), k
+        part.copy_(calls[k])
+    assert not whole.isnan().any()
+    assert np.array_equal(np.asarray(translator(image, tile_size=128, seed=5)), np.asarray(first))  # seeded
 
 
 def test_cli_tile_option(tiny_model_dir, tmp_path, capsys):

@@ -86,6 +86,7 @@ def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(transl
 
     class Recording:  # the translator, recording what each call was asked for
         config = translator.config
+        check_options = translator.check_options
 
         def __call__(self, images, **options):
             calls.append(options["tile_size"])

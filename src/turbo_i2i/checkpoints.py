@@ -205,7 +205,8 @@ def check_ranks(config: GeneratorConfig, tensors: dict[str, torch.Tensor], sourc
         source: the file, for the message.
 
     Raises:
-        BadInputError: a ``lora_A`` tensor of another rank, or no LoRA tensor for a part that has adapters.
+        BadInputError: a ``lora_A`` tensor of another rank, or no LoRA tensor for a part that has adapters (all but
+            ``train_all`` models).
     """
     ranks = {"unet": config.unet_lora_rank, "vae": config.vae_lora_rank}
     targets = {"unet": config.unet_lora_targets, "vae": config.vae_lora_targets}
@@ -220,7 +221,8 @@ def check_ranks(config: GeneratorConfig, tensors: dict[str, torch.Tensor], sourc
                 f" {part}_lora_rank={ranks[part]}; the file is damaged or was edited."
             )
         found[part] = True
-    missing = [part for part in ranks if targets[part] and not found[part]]
+    # a train_all model has no adapters (every weight is trained instead)
+    missing = [part for part in ranks if targets[part] and not found[part] and not config.train_all]
     if missing:
         raise BadInputError(f"{source} holds no LoRA weights for the {' and the '.join(missing)}; it is damaged.")
 

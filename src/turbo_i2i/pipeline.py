@@ -224,6 +224,13 @@ class Translator:
 
     # --- recipe steps --------------------------------------------------------------------------------------------
 
+    def _noise(self, x: torch.Tensor, r: float | None, rng: torch.Generator | None) -> torch.Tensor | None:
+        """The latent noise map for images ``x`` when the model draws one (r < 1), as the generator would draw it."""
+        if r is None or r >= 1.0:
+            return None
+        shape = (x.shape[0], self.generator.unet.config.in_channels, x.shape[-2] // 8, x.shape[-1] // 8)
+        return torch.randn(shape, generator=rng, device=x.device, dtype=x.dtype)
+
     def _resolve_prompt(self, prompt: str | None, direction: str) -> str:
         if prompt is None:
             prompt = self.config.prompts.get(direction)
@@ -390,7 +397,11 @@ class Translator:
                         sample_posterior=sample_posterior, generator=rng,
                     )  # fmt: skip
                     with torch.no_grad():
-                        y = translate_tiled(translate, x, tile_size, TILE_OVERLAP) if tile_size else translate(x)
+                        if not tile_size:
+                            y = translate(x)
+                        else:  # one noise map for the whole image, each tile taking its part
+                            noise = self._noise(x, r, rng)
+                            y = translate_tiled(translate, x, tile_size, TILE_OVERLAP, noise=noise)
                     # 5. back to PIL at the input's size
                     for i, out in zip(chunk, pre.tensor_to_pil(y)):
                         outputs[i] = (

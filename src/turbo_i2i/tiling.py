@@ -13,22 +13,30 @@ from collections.abc import Callable
 import torch
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 8) -> list[int]:
     """Start offsets of tiles of ``tile`` pixels covering ``length`` pixels with at least ``overlap`` shared.
+
+    The starts are multiples of ``align`` (all but the last where ``length - tile`` is not): with the VAE's factor 8,
+    every tile's latents then lie on the whole image's latent grid, so neighbours encode their shared pixels alike and
+    a stochastic model's tiles can take their part of one noise map.
 
     Args:
         length: the image side.
         tile: the tile side (at most ``length``).
         overlap: pixels shared by neighbouring tiles (less than ``tile``).
+        align: what the starts are multiples of.
 
     Returns:
         offsets, first 0 and last ``length - tile``, evenly spread.
     """
     if length <= tile:
         return [0]
-    count = -(-(length - overlap) // (tile - overlap))  # ceil: enough tiles that neighbours share >= overlap
+    span = tile - overlap - align  # rounding a start moves it by up to align / 2: spaced so no overlap shrinks
+    if span <= 0:
+        span, align = tile - overlap, 1
+    count = 1 + -(-(length - tile) // span)  # ceil: enough tiles that neighbours share >= overlap
     step = (length - tile) / (count - 1)
-    return [round(i * step) for i in range(count)]
+    return [min(length - tile, align * round(i * step / align)) for i in range(count - 1)] + [length - tile]
 
 
 def _ramp(tile: int, overlap: int, first: bool, last: bool, device, dtype) -> torch.Tensor:
@@ -44,15 +52,22 @@ def _ramp(tile: int, overlap: int, first: bool, last: bool, device, dtype) -> to
 
 
 def translate_tiled(
-    translate: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int = 64
+    translate: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int = 64,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply ``translate`` to overlapping tiles of ``x`` and blend the results into one image.
 
     Args:
-        translate: images (N, 3, h, w) -> images (N, C, h, w), e.g. one generator call.
+        translate: images (N, 3, h, w) -> images (N, C, h, w), e.g. one generator call; with ``noise``, called as
+            ``translate(tile, noise=the tile's part of it)``.
         x: the images (N, 3, H, W); H and W multiples of 8.
         tile: tile side in pixels (a multiple of 8).
         overlap: pixels shared by neighbouring tiles (a multiple of 8, less than ``tile``).
+        noise: a latent noise map of the whole image (N, C, H / 8, W / 8), so a stochastic model's neighbouring
+            tiles start from the same noise where they overlap (a map per tile would blend two different pictures).
 
     Returns:
         (N, C, H, W): ``translate(x)`` itself when the image fits one tile, else the blend of the tiles.
@@ -60,14 +75,20 @@ def translate_tiled(
     if tile % 8 or overlap % 8 or not 0 <= overlap < tile:
         raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of 8 with overlap < tile.")
     height, width = x.shape[-2:]
+    if height % 8 or width % 8:
+        raise ValueError(f"image sides must be multiples of 8, got {height}x{width}.")
     if height <= tile and width <= tile:
-        return translate(x)
+        return translate(x) if noise is None else translate(x, noise=noise)
     th, tw = min(tile, height), min(tile, width)
     out = weight_sum = None
     rows, cols = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
     for i, top in enumerate(rows):
         for j, left in enumerate(cols):
-            y = translate(x[..., top : top + th, left : left + tw]).float()
+            part = x[..., top : top + th, left : left + tw]
+            if noise is None:
+                y = translate(part).float()
+            else:  # starts are multiples of 8 (tile_starts): the tile's latents are these of the whole map
+                y = translate(part, noise=noise[..., top // 8 : (top + th) // 8, left // 8 : (left + tw) // 8]).float()
             wy = _ramp(th, overlap, i == 0, i == len(rows) - 1, y.device, y.dtype)
             wx = _ramp(tw, overlap, j == 0, j == len(cols) - 1, y.device, y.dtype)
             w = wy[:, None] * wx[None, :]
