@@ -75,21 +75,28 @@ def test_long_prompt_is_reported_as_truncated():
     assert embeds.shape == (2, 77, 32) and truncated == ["red " * 100]
 
 
-def test_a_hub_cache_named_after_import_is_used(tmp_path, monkeypatch):
-    # huggingface_hub reads HF_HUB_CACHE once, on import; a notebook that sets it later must still be followed (the
-    # backbone used to be looked for in the import-time cache while the message and the loss networks used the new one)
+def cache_tiny_backbone(cache, repo="someone/tiny-sd"):
+    """Put the tiny backbone into a hub cache folder as a download of ``repo`` would; returns the backbone."""
     from diffusers import DDPMScheduler
 
     tiny = load_backbone("tiny")
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "models--someone--tiny-sd" / "snapshots" / commit
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
     for part in ("tokenizer", "text_encoder", "unet", "vae"):
         getattr(tiny, part).save_pretrained(snapshot / part)
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
         snapshot / "scheduler"
     )
-    (tmp_path / "models--someone--tiny-sd" / "refs").mkdir()
-    (tmp_path / "models--someone--tiny-sd" / "refs" / "main").write_text(commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return tiny
+
+
+def test_a_hub_cache_named_after_import_is_used(tmp_path, monkeypatch):
+    # huggingface_hub reads HF_HUB_CACHE once, on import; a notebook that sets it later must still be followed (the
+    # backbone used to be looked for in the import-time cache while the message and the loss networks used the new one)
+    tiny = cache_tiny_backbone(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     loaded = load_backbone("someone/tiny-sd")  # offline (conftest): from the cache or not at all
     for name, tensor in tiny.unet.state_dict().items():
@@ -100,3 +107,26 @@ def test_a_local_folder_that_is_not_a_backbone_is_bad_input_naming_what_it_lacks
     (tmp_path / "unet").mkdir()  # used to end in "could not load ... huggingface-cli download", exit 1
     with pytest.raises(BadInputError, match="not in the diffusers layout: it has no tokenizer, text_encoder, vae"):
         load_backbone(tmp_path)
+
+
+def test_an_unreachable_hub_reads_the_cache_at_once_instead_of_retrying(tmp_path, monkeypatch, caplog):
+    # downloads allowed but no network: huggingface_hub retried each file for minutes before our message
+    from huggingface_hub import utils
+
+    import turbo_i2i.hub
+
+    class NoNetwork:
+        def head(self, *args, **kwargs):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(utils, "get_session", lambda: NoNetwork())
+    assert not turbo_i2i.hub.hub_reachable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    tiny = cache_tiny_backbone(tmp_path)
+    with caplog.at_level("WARNING", logger="turbo_i2i"):
+        loaded = load_backbone("someone/tiny-sd")
+    assert "cannot be reached; looking for someone/tiny-sd in the local cache only" in caplog.text
+    assert torch.equal(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight)
+    with pytest.raises(TurboI2IError, match="the hub could not be reached and it is not in the local cache"):
+        load_backbone("nobody/no-such-model")

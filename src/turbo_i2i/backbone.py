@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import BadInputError, TurboI2IError
-from .hub import hub_cache, hub_offline
+from .hub import hub_cache, hub_offline, hub_reachable
+
+logger = logging.getLogger("turbo_i2i")
 
 DEFAULT_BACKBONE = "stabilityai/sd-turbo"
 BACKBONE_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")  # the folders a diffusers backbone has
@@ -205,9 +208,11 @@ def _build_builtin(name: str) -> Backbone:
     return Backbone(build_clip_tokenizer(), text_encoder, unet, vae, schedule, name)
 
 
-def _missing_weights_message(name: str, error: Exception) -> str:
+def _missing_weights_message(name: str, error: Exception, unreachable: bool = False) -> str:
+    reason = "the hub could not be reached and it is not in the local cache" if unreachable else None
+    reason = reason or f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"
     return (
-        f"Could not load the backbone {name!r} ({type(error).__name__}: {(str(error) or '-').splitlines()[0]})."
+        f"Could not load the backbone {name!r} ({reason})."
         f" It was looked for as a local folder in the diffusers layout (tokenizer/, text_encoder/, unet/, vae/,"
         f" scheduler/) and as a Hugging Face hub id in the local cache ({hub_cache()}) and, unless HF_HUB_OFFLINE=1,"
         f" on the hub. To provide it: download it once on a machine with a network"
@@ -253,7 +258,10 @@ def load_backbone(
                 f"Backbone folder {name!r} is not in the diffusers layout: it has no {', '.join(missing)} folder(s)"
                 f" (expected {', '.join(BACKBONE_PARTS)}, as in a download of {DEFAULT_BACKBONE})."
             )
-        kwargs = {"local_files_only": local_files_only, "cache_dir": hub_cache()}
+        unreachable = not local_files_only and not Path(name).is_dir() and not hub_reachable()
+        if unreachable:  # the cache may hold it; asking the hub would only retry for minutes
+            logger.warning("The Hugging Face hub cannot be reached; looking for %s in the local cache only.", name)
+        kwargs = {"local_files_only": local_files_only or unreachable, "cache_dir": hub_cache()}
         try:
             tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs)
             text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kwargs)
@@ -261,7 +269,7 @@ def load_backbone(
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **kwargs)
             scheduler_config = DDPMScheduler.load_config(name, subfolder="scheduler", **kwargs)
         except (OSError, ValueError) as error:  # huggingface_hub's offline/not-found errors are OSErrors
-            raise TurboI2IError(_missing_weights_message(name, error)) from error
+            raise TurboI2IError(_missing_weights_message(name, error, unreachable)) from error
         backbone = Backbone(
             tokenizer, text_encoder, unet, vae, OneStepSchedule.from_config(dict(scheduler_config)), name
         )

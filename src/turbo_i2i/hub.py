@@ -41,3 +41,26 @@ def hub_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub answers one request now, through the session (and proxies) huggingface_hub uses.
+
+    Without a network, huggingface_hub retries every file it is asked for with growing waits: minutes of "Retrying
+    in 8s" lines before the loader's own message. One request without retries tells the loaders to read the local
+    cache instead.
+
+    Args:
+        timeout: seconds to wait for the answer.
+
+    Returns:
+        True when it answered (whatever the status), False on any failure to connect.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # the HTTP client's own error types (name resolution, refused, timeout, proxy)
+        return False
+    return True
