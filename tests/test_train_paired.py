@@ -279,3 +279,25 @@ def test_clip_is_not_loaded_when_the_terms_that_use_it_are_off(dataset, tmp_path
     config = PairedTrainConfig(**options, disc="clip", lambda_gan=0.0, lambda_clipsim=0.0, eval_metrics="")
     trainer = PairedTrainer(config, loss_networks=(tiny_lpips(), None))
     assert trainer.discriminator is None and trainer.clipsim is None
+
+
+def test_missing_networks_offline_name_the_train_commands_options(dataset, tmp_path, monkeypatch, capsys):
+    # the loaders' paragraphs used to end in eval's --no-fid and Python's tiny_lpips(), which train does not take
+    from turbo_i2i.evaluation import fid
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(fid, "CLEANFID_FOLDER", tmp_path / "cleanfid")
+    args = ["train", "paired", "--dataset", str(dataset), "--base-model", "tiny", "--transform", "no_resize",
+            "--max-steps", "1", "--report-to", "none"]  # fmt: skip
+    expected = {  # each run goes one network further
+        (): ["--inception-path FILE", "leaving fid out of --eval-metrics"],
+        ("--eval-metrics", ""): ["--lpips-path FILE", "--lambda-lpips 0"],
+        ("--eval-metrics", "", "--lambda-lpips", "0"): ["--clip-path FILE", "--lambda-clipsim 0 with --disc patchgan"],
+    }
+    for i, (extra, names) in enumerate(expected.items()):
+        assert main([*args, *extra, "--output-dir", str(tmp_path / f"run{i}")]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "--no-fid" not in err and "tiny_" not in err, err
+        assert all(name in err for name in names), err

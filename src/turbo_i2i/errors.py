@@ -1,6 +1,7 @@
 """Errors that the CLI turns into a one-paragraph message and an exit code instead of a traceback."""
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -72,3 +73,21 @@ def format_problems(where: str, problems: Sequence[str], limit: int = MAX_LISTED
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def with_hint(hint: str | None) -> Iterator[None]:
+    """Add a front end's own advice (its option names) to a loader's missing-weights paragraph, which names only
+    the Python arguments: the same loaders serve ``turbo-i2i eval``, ``turbo-i2i train`` and Python code.
+
+    Args:
+        hint: the sentence to add (None: nothing). Bad input passes through unchanged.
+    """
+    try:
+        yield
+    except BadInputError:
+        raise
+    except TurboI2IError as error:
+        if hint is None:
+            raise
+        raise TurboI2IError(f"{error} {hint}") from error

@@ -201,10 +201,9 @@ def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> str:
     """The message for DINO weights that could not be loaded, with how to provide them."""
     return (
         f"Could not load the DINO weights {name!r} the structure distance is measured with ({reason}). They were"
-        f" looked for {looked_for}. To provide them: {hint}, or pass path= (--dino-path on the command line) a local"
-        f" model.safetensors / pytorch_model.bin or a folder holding one; with HF_HUB_OFFLINE=1 nothing is"
-        f" downloaded, unset it to let it be fetched. Tests and smoke runs can use tiny_dino(), which needs no"
-        f" weights."
+        f" looked for {looked_for}. To provide them: {hint}, or pass path= a local model.safetensors /"
+        f" pytorch_model.bin or a folder holding one; with HF_HUB_OFFLINE=1 nothing is downloaded, unset it to let it"
+        f" be fetched."
     )
 
 

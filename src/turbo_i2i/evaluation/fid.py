@@ -93,9 +93,8 @@ def _inception_missing(looked_for: Sequence[Path], reason: str) -> str:
     return (
         f"Could not load the Inception v3 network FID is measured with ({reason}). It was looked for as {where}."
         f" To provide it: download {INCEPTION_URL} once on a machine with a network and copy the file to"
-        f" {looked_for[0]}, or pass path= (--inception-path on the command line) a local copy of {INCEPTION_FILE};"
+        f" {looked_for[0]}, or pass path= a local copy of {INCEPTION_FILE};"
         f" with HF_HUB_OFFLINE=1 nothing is downloaded, unset it to let it be fetched."
-        f" Tests and smoke runs can use tiny_inception(), which needs no weights; --no-fid skips FID."
     )
 
 

@@ -16,7 +16,6 @@ unless noted):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ from torch import nn
 
 from .. import preprocess as pre
 from ..devices import check_batch_size
-from ..errors import BadInputError, TurboI2IError, format_problems
+from ..errors import BadInputError, format_problems, with_hint
 from .dino_structure import check_aspect_ratio
 
 METRICS = ("l2", "lpips", "clip_sim", "fid", "dino_structure")
@@ -54,11 +53,21 @@ class EvalNetworks:
     dino: nn.Module | None = None
 
 
+# What ``turbo-i2i eval`` adds to a loader's missing-weights paragraph (which names Python's ``path=``).
+EVAL_HINTS = {
+    "lpips": "With turbo-i2i eval, --lpips-path FILE passes a local copy; --no-lpips skips LPIPS.",
+    "clip": "With turbo-i2i eval, --clip-path FILE passes a local copy; leaving out --prompts skips the CLIP score.",
+    "inception": "With turbo-i2i eval, --inception-path FILE passes a local copy; --no-fid skips FID.",
+    "dino": "With turbo-i2i eval, --dino-path FILE passes a local copy; leaving out --dino-structure skips it.",
+}
+
+
 def load_networks(
     needed: Sequence[str],
     given: EvalNetworks | None = None,
     weights: dict[str, str | os.PathLike] | None = None,
     device: torch.device | str | None = None,
+    hints: dict[str, str] | None = None,
 ) -> EvalNetworks:
     """The networks for some metrics: the given ones, the rest loaded by the standard loaders.
 
@@ -67,6 +76,8 @@ def load_networks(
         given: networks to use as they are (moved to ``device`` when one is given).
         weights: local weight files by network: "lpips", "clip", "inception", "dino" (else caches / downloads).
         device: where the networks run (CPU when None).
+        hints: by network, a sentence added to its missing-weights message (a front end's options,
+            ``EVAL_HINTS`` for ``turbo-i2i eval``).
 
     Returns:
         an ``EvalNetworks`` with every network the metrics need.
@@ -84,32 +95,24 @@ def load_networks(
     if unknown:
         raise BadInputError(f"Unknown network(s) {sorted(unknown)} in weights; expected {', '.join(WEIGHT_KEYS)}.")
     nets = dataclasses.replace(given) if given is not None else EvalNetworks()
+    hints = hints or {}
     if "lpips" in needed and nets.lpips is None:
-        with _cli_hint("--lpips-path FILE", "--no-lpips skips LPIPS"):
+        with with_hint(hints.get("lpips")):
             nets.lpips = load_lpips(path=weights.get("lpips"))
     if "clip_sim" in needed and nets.clip is None:
-        with _cli_hint("--clip-path FILE", "leaving out --prompts skips the CLIP score"):
+        with with_hint(hints.get("clip")):
             nets.clip = load_clip(path=weights.get("clip"))
     if "fid" in needed and nets.inception is None:
-        nets.inception = load_inception(path=weights.get("inception"))
+        with with_hint(hints.get("inception")):
+            nets.inception = load_inception(path=weights.get("inception"))
     if "dino_structure" in needed and nets.dino is None:
-        nets.dino = load_dino(path=weights.get("dino"))
+        with with_hint(hints.get("dino")):
+            nets.dino = load_dino(path=weights.get("dino"))
     if device is not None:
         for net in (nets.lpips, nets.inception, nets.dino, nets.clip[0] if nets.clip else None):
             if net is not None:
                 net.to(device)
     return nets
-
-
-@contextlib.contextmanager
-def _cli_hint(flag: str, skip: str):
-    """Add the ``turbo-i2i eval`` spelling to a shared loader's missing-weights paragraph (it names ``path=``)."""
-    try:
-        yield
-    except BadInputError:
-        raise
-    except TurboI2IError as error:
-        raise TurboI2IError(f"{error} With turbo-i2i eval, {flag} passes a local copy; {skip}.") from error
 
 
 @dataclasses.dataclass
@@ -397,7 +400,7 @@ def evaluate_folders(
         )
     needed = ["lpips"] * (lpips and bool(plan.references)) + ["clip_sim"] * bool(plan.captions)
     needed += ["fid"] * fid + ["dino_structure"] * dino_structure
-    nets = load_networks(needed, networks, weights, device)
+    nets = load_networks(needed, networks, weights, device, EVAL_HINTS)
     lpips_loss = LPIPSLoss(nets.lpips) if "lpips" in needed else None
     clip_loss = CLIPSimLoss(*nets.clip) if "clip_sim" in needed else None
     dino = DINOStructureDistance(nets.dino) if dino_structure else None

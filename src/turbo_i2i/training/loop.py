@@ -121,13 +121,22 @@ class TrainerBase:
     ``discriminator`` (a module or None) with ``optimizer_d`` / ``scheduler_d``, and ``step = 0``; and it defines
     ``unwrapped`` (the generator), ``train_step()`` and ``evaluate()``.
 
-    Numerical faults: a subclass's ``train_step`` checks each loss (and the clipped gradient norm) with
-    :meth:`is_finite` before it is used; a NaN/Inf drops the update through :meth:`skip_update` and every step ends in
-    :meth:`end_step`. A skipped step still advances the step counter and the LR schedules, so the data order and the
-    learning rate stay functions of (seed, step) whatever was skipped; only the weights and optimiser moments keep
-    their values. Skipped steps are counted (``skipped_steps`` in the logs and checkpoints), and more than
+    Numerical faults: a subclass's ``train_step`` checks each loss with :meth:`is_finite` (and each gradient norm,
+    :meth:`gradients_finite`) before it is used; a NaN/Inf drops the update through :meth:`skip_update` and every
+    step ends in :meth:`end_step`. A skipped step still advances the step counter and the LR schedules, so the data
+    order and the learning rate stay functions of (seed, step) whatever was skipped; only the weights and optimiser
+    moments keep their values. Skipped steps are counted (``skipped_steps`` in the logs and checkpoints), and more than
     ``config.max_bad_steps`` of them in a row stop the run with :class:`~turbo_i2i.errors.TrainingDivergedError`.
     """
+
+    # What ``turbo-i2i train`` adds to a loader's missing-weights paragraph (``errors.with_hint``); each trainer adds
+    # its loss networks' own (their weights' options differ).
+    network_hints: dict[str, str] = {
+        "inception": "With turbo-i2i train, --inception-path FILE passes a local copy; leaving fid out of"
+        " --eval-metrics skips FID (--eval-metrics '' for no metric).",
+        "dino": "With turbo-i2i train, --dino-path FILE passes a local copy; leaving dino_structure out of"
+        " --eval-metrics skips it.",
+    }
 
     collate_fn = staticmethod(lambda items: items)  # replaced by the data set's collate function
     config: object
@@ -762,7 +771,7 @@ class TrainerBase:
 
         paths = (("inception", self.config.inception_path), ("dino", self.config.dino_path))
         nets = load_networks(metric_names(self.config.eval_metrics), weights={k: v for k, v in paths if v},
-                             device=self.accelerator.device)  # fmt: skip
+                             device=self.accelerator.device, hints=self.network_hints)  # fmt: skip
         return translation_metrics(nets.inception, nets.dino)
 
 

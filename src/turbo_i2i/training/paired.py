@@ -26,6 +26,7 @@ import torch
 from ..backbone import Backbone, encode_prompt, tokenize
 from ..checkpoints import build_generator
 from ..config import STOCHASTIC_DEFAULT_R, GeneratorConfig
+from ..errors import with_hint
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
 from .compute import (
@@ -109,6 +110,13 @@ class PairedTrainer(TrainerBase):
         metrics: evaluation metrics beyond L2/LPIPS/CLIP-sim (see ``loop.Metrics``); None builds them from
             ``config.eval_metrics`` with the pretrained networks (tests pass tiny stand-ins).
     """
+
+    network_hints = {
+        **TrainerBase.network_hints,
+        "lpips": "With turbo-i2i train, --lpips-path FILE passes a local copy; --lambda-lpips 0 trains without it.",
+        "clip": "With turbo-i2i train, --clip-path FILE passes a local copy;"
+        " --lambda-clipsim 0 with --disc patchgan trains without it.",
+    }
 
     collate_fn = staticmethod(collate)
 
@@ -211,11 +219,16 @@ class PairedTrainer(TrainerBase):
         lpips_net, clip = prebuilt if prebuilt is not None else (None, None)
         lpips = clipsim = None
         if self.config.lambda_lpips > 0:
-            lpips = LPIPSLoss(lpips_net if lpips_net is not None else load_lpips(path=self.config.lpips_path))
+            if lpips_net is None:
+                with with_hint(self.network_hints["lpips"]):
+                    lpips_net = load_lpips(path=self.config.lpips_path)
+            lpips = LPIPSLoss(lpips_net)
             lpips.to(self.device)
         # CLIP serves the CLIP-sim term and the vision-aided D; with both off (weight 0) it is not loaded at all
         if self.config.lambda_clipsim > 0 or (self.config.disc == "clip" and self.config.lambda_gan > 0):
-            clip = clip if clip is not None else load_clip(path=self.config.clip_path)
+            if clip is None:
+                with with_hint(self.network_hints["clip"]):
+                    clip = load_clip(path=self.config.clip_path)
             self._clip = clip
         if self.config.lambda_clipsim > 0:
             clipsim = CLIPSimLoss(*clip).to(self.device)

@@ -57,7 +57,6 @@ def _lpips_missing_message(net: str, where: str, url: str, cached: Path, reason:
         f" To provide them: download {url} once on a machine with a network and copy the file to {cached}, or point"
         f" TORCH_HOME at a folder that holds hub/checkpoints/{cached.name}, or pass path= a local copy of that file;"
         f" with HF_HUB_OFFLINE=1 nothing is downloaded, unset it to let torch hub fetch the file."
-        f" Tests and smoke runs can use tiny_lpips(), which needs no weights."
     )
 
 
@@ -188,7 +187,6 @@ def _clip_missing_message(name: str, pretrained: str, looked_for: str, reason: s
         f"Could not load the CLIP weights {name!r} / {pretrained!r} ({reason}). They were looked for {looked_for}."
         f" To provide them: {hint}, or pass path= a local open_clip checkpoint file (.safetensors, .bin or .pt)"
         f" for {name!r}; with HF_HUB_OFFLINE=1 nothing is downloaded, unset it to let open_clip fetch the weights."
-        f" Tests and smoke runs can use tiny_clip(), which needs no weights."
     )
 
 

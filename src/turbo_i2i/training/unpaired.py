@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..backbone import Backbone, encode_prompt
 from ..checkpoints import build_generator
 from ..config import GeneratorConfig
-from ..errors import BadInputError
+from ..errors import BadInputError, with_hint
 from ..generator import OneStepGenerator
 from ..subpixel import use_subpixel_upsampling
 from .compute import (
@@ -132,6 +132,13 @@ class UnpairedTrainer(TrainerBase):
             full-size architecture with random weights); the trainer keeps its UNet and VAE, and its text encoder is
             freed once the captions are encoded unless the caller still holds it.
     """
+
+    network_hints = {
+        **TrainerBase.network_hints,
+        "lpips": "With turbo-i2i train, --lpips-path FILE passes a local copy;"
+        " --lambda-cycle-lpips 0 --lambda-idt-lpips 0 train without it.",
+        "clip": "With turbo-i2i train, --clip-path FILE passes a local copy; --disc patchgan trains without it.",
+    }
 
     collate_fn = staticmethod(collate_unpaired)
 
@@ -225,10 +232,14 @@ class UnpairedTrainer(TrainerBase):
         lpips_net, clip = prebuilt if prebuilt is not None else (None, None)
         lpips = None
         if self.config.lambda_cycle_lpips > 0 or self.config.lambda_idt_lpips > 0:
-            lpips = LPIPSLoss(lpips_net if lpips_net is not None else load_lpips(path=self.config.lpips_path))
+            if lpips_net is None:
+                with with_hint(self.network_hints["lpips"]):
+                    lpips_net = load_lpips(path=self.config.lpips_path)
+            lpips = LPIPSLoss(lpips_net)
             lpips.to(self.device)
         if self.config.disc == "clip" and self.config.lambda_gan > 0 and clip is None:
-            clip = load_clip(path=self.config.clip_path)
+            with with_hint(self.network_hints["clip"]):
+                clip = load_clip(path=self.config.clip_path)
         return lpips, clip
 
     def _discriminators(self, clip) -> torch.nn.ModuleDict | None:
