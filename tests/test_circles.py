@@ -48,7 +48,7 @@ def test_same_seed_same_samples_different_seed_different():
     rng = np.random.default_rng(3)
     for a in first:
         np.testing.assert_array_equal(np.asarray(make_sample(rng).input), np.asarray(a.input))
-    with pytest.raises(BadInputError, match="at least"):
+    with pytest.raises(BadInputError, match="from 16 to 2048"):
         make_sample(np.random.default_rng(0), size=8)
 
 
@@ -206,6 +206,23 @@ def test_write_dataset_refuses_non_empty_folder(tmp_path):
     write_dataset(empty, n=4, seed=0, size=32)  # an existing empty folder is fine
     with pytest.raises(BadInputError):
         write_dataset(tmp_path / "x", n=0, seed=0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"size": 100000}, "from 16 to 2048 pixels, got 100000"),  # 99999 was a 149 GiB MemoryError traceback
+        ({"size": 30}, "multiple of 8"),  # training without resizing refused such a data set later
+        ({"seed": 10**23}, "seed must be between"),
+    ],
+)
+def test_write_dataset_refuses_sizes_and_seeds_it_cannot_use_before_writing(tmp_path, options, message):
+    with pytest.raises(BadInputError, match=message):
+        write_dataset(tmp_path / "data", **{"n": 4, "seed": 0, **options})
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "file.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="is a file, not a folder"):
+        write_dataset(tmp_path / "file.txt", n=4, seed=0, size=32)
 
 
 ERRORS = ("fill_error", "background_error", "fill_error_outline", "fill_error_inside", "fill_colour_offset")

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadInputError
+from ..seeds import check_seed
 
 # Canonical name -> RGB. Every pair is more than 100 apart in RGB (Euclidean), so even a tiny model trained for a
 # short while can tell them apart and the "closer to fill than to background" rule in the metrics is unambiguous.
@@ -63,6 +64,7 @@ SHAPES = ("circle", "square", "triangle")
 SHAPE_PROBABILITIES = (0.6, 0.2, 0.2)
 MAX_SHAPES = 3
 MIN_SIZE = 16
+MAX_SIZE = 2048  # 4x the backbone's 512 px; --size 99999 ended in a 149 GiB MemoryError traceback
 # Seed evaluate() uses by default; training data should be written with other seeds so the metrics are held out.
 EVAL_SEED = 20240917
 BATCH_SIZE = 16
@@ -304,16 +306,16 @@ def make_sample(rng: np.random.Generator, size: int = 64) -> CirclesSample:
 
     Args:
         rng: a ``numpy.random.default_rng`` generator; the sample depends only on its state.
-        size: image side in pixels (at least 16).
+        size: image side in pixels (``MIN_SIZE`` to ``MAX_SIZE``).
 
     Returns:
         The sample.
 
     Raises:
-        BadInputError: ``size`` is too small to draw shapes on.
+        BadInputError: ``size`` is too small to draw shapes on, or too large.
     """
-    if size < MIN_SIZE:
-        raise BadInputError(f"The circles image size must be at least {MIN_SIZE} pixels, got {size}.")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise BadInputError(f"The circles image size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}.")
     count = int(rng.integers(1, MAX_SHAPES + 1))
     fill, background = (str(name) for name in rng.choice(list(COLOURS), size=2, replace=False))
     width = outline_width(size)
@@ -361,7 +363,9 @@ def make_samples(n: int, seed: int, size: int = 64) -> list[CirclesSample]:
 
 def _check_empty_target(out_dir: Path) -> None:
     """Refuse to write into a file or a folder that already holds something, so no data set is mixed or lost."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"{out_dir} is a file, not a folder; pick a new folder for the data set.")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise BadInputError(f"The data set folder {out_dir} already exists and is not empty; pick a new folder.")
 
 
@@ -378,20 +382,25 @@ def write_dataset(
         out_dir: the folder to create (it may exist if empty).
         n: total number of samples.
         seed: the seed; the same seed gives byte-identical files.
-        size: image side in pixels.
+        size: image side in pixels (a multiple of 8 from ``MIN_SIZE`` to ``MAX_SIZE``).
         test_fraction: share of samples held out for ``test``, in [0, 1).
 
     Returns:
         {"train": number of training pairs, "test": number of test pairs}.
 
     Raises:
-        BadInputError: ``out_dir`` exists and is not empty, or ``n``/``test_fraction`` are out of range.
+        BadInputError: ``out_dir`` is a file or a folder that is not empty, or ``n``, ``test_fraction``, ``size`` or
+            ``seed`` are out of range.
     """
     out_dir = Path(out_dir)
     if n < 1:
         raise BadInputError(f"A circles data set needs at least one sample, got n={n}.")
     if not 0 <= test_fraction < 1:
         raise BadInputError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    # multiples of 8, as the model takes them without resizing (training's no_resize refused the data set)
+    if size % 8:
+        raise BadInputError(f"The circles image size must be a multiple of 8 (the model's factor), got {size}.")
+    seed = check_seed(seed)
     _check_empty_target(out_dir)
 
     n_test = min(n - 1, round(n * test_fraction))
