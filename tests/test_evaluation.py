@@ -346,7 +346,7 @@ def test_evaluate_folders_lists_every_problem_before_loading_any_network(folders
         evaluate_folders(root / "outputs", root / "references", root / "prompts.json")
     message = str(error.value)
     assert message.startswith("7 problems with the evaluation files:")
-    assert "003.png' is not an image" in message
+    assert "003.png' cannot be decoded" in message
     assert "004.png is 16x16 but" in message
     assert "001.png has a caption that is not a non-empty string" in message
     assert "002.png has no caption" in message
@@ -418,6 +418,11 @@ def test_cli_eval_prints_the_table_and_writes_json(folders, nets, monkeypatch, c
     assert main([*l2_only, "--json", str(out.with_name("l2.json"))]) == 0
     assert set(json.loads(out.with_name("l2.json").read_text())["metrics"]) == {"l2"}
     capsys.readouterr()
+    monkeypatch.chdir(root)
+    assert main([*l2_only, "--json", "-"]) == 0  # standard output, JSON only (it wrote a file named "-")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metrics"] == json.loads(out.with_name("l2.json").read_text())["metrics"]
+    assert not (root / "-").exists()
     before = out.read_text()
     for taken in (out, root):  # a scores file, a folder: never replaced
         assert main([*l2_only, "--json", str(taken)]) == 2

@@ -16,6 +16,7 @@ from trainers import (
 )
 
 from turbo_i2i.cli import main
+from turbo_i2i.errors import BadInputError
 from turbo_i2i.pipeline import Translator
 from turbo_i2i.training.circles import write_dataset
 from turbo_i2i.training.loop import LOG_FILE
@@ -301,3 +302,19 @@ def test_missing_networks_offline_name_the_train_commands_options(dataset, tmp_p
         err = capsys.readouterr().err
         assert "Traceback" not in err and "--no-fid" not in err and "tiny_" not in err, err
         assert all(name in err for name in names), err
+
+
+def test_problems_of_both_splits_are_listed_in_one_message(dataset, tmp_path):
+    # the test split used to be checked only once the training split passed: a second run to see its problems
+    import shutil
+
+    data = shutil.copytree(dataset, tmp_path / "data")
+    captions = json.loads((data / "train_prompts.json").read_text())
+    captions[next(iter(captions))] = "   "
+    (data / "train_prompts.json").write_text(json.dumps(captions))
+    (data / "test_prompts.json").unlink()
+    options = dict(dataset=str(data), output_dir=str(tmp_path / "run"), base_model="tiny", transform="no_resize")
+    with pytest.raises(BadInputError) as error:
+        PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), None))
+    message = str(error.value)
+    assert "train_prompts.json" in message and "test_prompts.json is missing" in message, message

@@ -483,6 +483,18 @@ def test_a_resume_without_a_checkpoint_keeps_an_existing_model(dataset, tmp_path
     assert [json.loads(line)["step"] for line in (run / loop.LOG_FILE).read_text().splitlines()] == [1, 2]
 
 
+def test_a_resume_with_nothing_left_to_train_says_so(dataset, tmp_path, caplog):
+    run = tmp_path / "run"
+    make_trainer(dataset, run, max_steps=2, checkpoint_every=2).train()
+    for options, resume, stop_at, limit in (({"max_steps": 2}, True, None, "--max-steps is 2"),
+                                            ({"max_steps": 4}, True, 1, "--stop-at is 1")):  # fmt: skip
+        caplog.clear()
+        trainer = make_trainer(dataset, run, checkpoint_every=2, **options)
+        with caplog.at_level("WARNING", logger="turbo_i2i"):
+            trainer.train(resume=resume, stop_at=stop_at)
+        assert trainer.step == 2 and f"already at step 2, {limit}: nothing to train" in caplog.text
+
+
 def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
     """Options the checkpoint's contents depend on must match (they used to fail as a "damaged" checkpoint, or be
     ignored: --disc none threw the saved discriminator away); other changes go on with a warning naming them."""
@@ -502,6 +514,18 @@ def test_a_resume_with_other_options_names_them(dataset, tmp_path, capsys):
     code = main(train_args(dataset, run, "--resume", "--max-steps", "4", "--learning-rate", "5e-4"))
     err = capsys.readouterr().err
     assert code == 0 and "resuming with changed options: learning_rate 0.001 -> 0.0005" in err
+
+
+def test_a_checkpoint_of_the_other_trainer_is_named_as_such(dataset, tmp_path):
+    # an unpaired run resumed with train paired listed "other options" (--unet-lora-rank, --train-all None, ...)
+    trainer = make_trainer(dataset, tmp_path, max_steps=2, checkpoint_every=2)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoints" / "step_0000002"
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    state["config"].update(lambda_cycle=1.0, lambda_idt=1.0, step_mode="joint")
+    (checkpoint / TRAINER_STATE).write_text(json.dumps(state))
+    with pytest.raises(BadInputError, match=r"another kind of training run \(its options include lambda_cycle,"):
+        make_trainer(dataset, tmp_path, max_steps=4).load_checkpoint(checkpoint)
 
 
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_first_step(dataset, tmp_path, capsys):

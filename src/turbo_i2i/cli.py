@@ -18,6 +18,7 @@ from .seeds import check_seed
 
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+STDOUT = "-"  # --json -: the JSON on standard output instead of the table
 logger = logging.getLogger("turbo_i2i")
 
 
@@ -189,7 +190,7 @@ def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-demo", help="measure a circles model on held-out samples (IoU, colour errors)")
     p.add_argument("--model", default="demo-circles")
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--json", help="also write the numbers to this file; -: print them instead")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -206,7 +207,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="clean-fid FID (default on)")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="LPIPS-VGG (default on)")
     p.add_argument("--unpaired", action="store_true", help="folders as sets: no name matching, no L2/LPIPS")
-    p.add_argument("--json", help="also write the scores (and per-image values) to this file")
+    p.add_argument("--json", help="also write the scores (and per-image values) to this file; -: print them instead")
     p.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="images per FID forward pass (default 16)")
     for net, what in (("lpips", "VGG16 trunk .pth"), ("clip", "open_clip ViT-B-32"), ("inception", "FID Inception"),
@@ -469,6 +470,9 @@ def _eval_demo(args: argparse.Namespace) -> int:
     _check_new_file(args.json)
     translator = Translator.from_pretrained(args.model)
     scores = evaluate(lambda images, prompts: translator(images, prompt=prompts), n=args.n)
+    if args.json == STDOUT:
+        _write_json(args.json, scores)
+        return 0
     print(
         f"IoU {scores['iou']:.4f}  fill error {scores['fill_error']:.2f}/255 (on the outline"
         f" {scores['fill_error_outline']:.2f}, inside it {scores['fill_error_inside']:.2f}; colour offset"
@@ -491,7 +495,7 @@ def _check_new_file(path: str | None) -> None:
         BadInputError: the name is empty or a folder's, the file (or a link by that name) exists, or its folder
             cannot be written.
     """
-    if path is None:
+    if path is None or path == STDOUT:
         return
     if not path.strip() or path.endswith(("/", os.sep)):
         raise BadInputError(f"--json needs a file name, got {path!r}.")
@@ -523,9 +527,13 @@ def _check_writable(folder: Path, what: str) -> None:
 
 
 def _write_json(path: str, values: dict) -> None:
-    """Write ``values`` as JSON to a new file ``path`` (its folder created), exit 2 where it cannot be written."""
+    """Write ``values`` as JSON to a new file ``path`` (its folder created), exit 2 where it cannot be written; "-"
+    prints it (the command then prints no table, so the output can be piped to a JSON reader)."""
     import json
 
+    if path == STDOUT:
+        print(json.dumps(values, indent=2))
+        return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "x") as f:  # "x": never replace a file that appeared meanwhile
@@ -548,7 +556,8 @@ def _eval(args: argparse.Namespace) -> int:
         dino_structure=args.dino_structure, unpaired=args.unpaired, device=args.device, batch_size=args.batch_size,
         weights={net: path for net, path in weights.items() if path},
     )  # fmt: skip
-    print(report.table())
+    if args.json != STDOUT:
+        print(report.table())
     if args.json:
         _write_json(args.json, report.to_dict())
     return 0

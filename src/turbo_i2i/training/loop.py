@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -110,6 +111,33 @@ def step_scheduler(scheduler) -> None:
 def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The gradients an optimiser's next step will use (of its parameters that have one), in parameter order."""
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def load_splits(*builders: Callable[[], Any]) -> list[Any]:
+    """Build each split's data set, listing every split's problems in one message.
+
+    The test split used to be checked only once the training split passed, so a second run was needed to see its
+    problems.
+
+    Args:
+        builders: each builds one split's data set (or returns None).
+
+    Returns:
+        the data sets, in order.
+
+    Raises:
+        BadInputError: the problems of every split that has some, one split's message after the other.
+    """
+    results, messages = [], []
+    for build in builders:
+        try:
+            results.append(build())
+        except BadInputError as error:
+            results.append(None)
+            messages.append(str(error))
+    if messages:
+        raise BadInputError("\n".join(messages))
+    return results
 
 
 class TrainerBase:
@@ -536,6 +564,13 @@ class TrainerBase:
         if not saved:  # a checkpoint from before options were saved with it
             return
         now = asdict(self.config)
+        foreign = sorted(set(saved) - set(now))  # options are only ever added: these belong to another trainer
+        if foreign:
+            raise BadInputError(
+                f"{folder} was written by another kind of training run (its options include {', '.join(foreign[:3])},"
+                f" which this one does not take): resume it with the command that wrote it (turbo-i2i train paired"
+                f" or train unpaired)."
+            )
 
         def contents(config: dict) -> dict:  # what the checkpoint's contents depend on
             d_on = config.get("disc", "none") != "none" and config.get("lambda_gan", 0) > 0
@@ -707,6 +742,12 @@ class TrainerBase:
         elif self.step == 0:  # a new run (a trainer that has trained goes on with its own run)
             self.check_unused_output_dir()
         end = min(self.config.max_steps, stop_at if stop_at is not None else math.inf)
+        if self.step >= end:  # a resume past the end: say so rather than exit as if it had trained
+            limit = "--max-steps" if end == self.config.max_steps else "--stop-at"
+            logger.warning(
+                "already at step %d, %s is %d: nothing to train (pass a larger %s, or --resume PATH to an earlier"
+                " checkpoint)", self.step, limit, end, limit,
+            )  # fmt: skip
         main = self.accelerator.is_main_process
         # A resume hides from TensorBoard what earlier runs logged after this step (their log lines are set aside)
         purge = {"tensorboard": {"purge_step": self.step + 1}} if resume else {}
@@ -832,4 +873,4 @@ def _flat(config: dict) -> dict:
 
 
 def _fmt(logs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+    return " ".join(f"{k}={v:.4g}" for k, v in logs.items())  # .4f showed a learning rate of 5e-6 as 0.0000

@@ -41,6 +41,7 @@ from .data import PairedDataset, check_batchable, collate
 from .loop import (
     Metrics,
     TrainerBase,
+    load_splits,
     make_accelerator,
     step_scheduler,
     step_seed,
@@ -132,10 +133,12 @@ class PairedTrainer(TrainerBase):
         self.device = self.accelerator.device
         config = self.config = resolve_mixed_precision(config, self.device)
         self.output_dir = Path(config.output_dir)
-        self.train_data = PairedDataset(
-            config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+        self.train_data, self.test_data = load_splits(
+            lambda: PairedDataset(
+                config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+            ),
+            self._test_split,
         )
-        self.test_data = self._test_split()
         for data in (self.train_data, self.test_data):  # evaluation batches test pairs as training batches its own
             if data is not None:
                 check_batchable(data, config.batch_size)

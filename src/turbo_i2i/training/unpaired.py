@@ -61,6 +61,7 @@ from .loop import (
     Metrics,
     TrainerBase,
     gradients,
+    load_splits,
     make_accelerator,
     step_scheduler,
     step_seed,
@@ -156,13 +157,17 @@ class UnpairedTrainer(TrainerBase):
         self.device = self.accelerator.device
         config = self.config = resolve_mixed_precision(config, self.device)
         self.output_dir = Path(config.output_dir)
-        self.train_data = UnpairedDataset(
-            config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+        self.train_data, self.test_data = load_splits(
+            lambda: UnpairedDataset(
+                config.dataset, "train", config.transform, skip_bad=config.skip_bad, seed=config.seed
+            ),
+            lambda: (
+                UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)
+                if has_split(config.dataset, "test")
+                else None
+            ),
         )
         check_batchable(self.train_data, config.batch_size)
-        self.test_data = None
-        if has_split(config.dataset, "test"):
-            self.test_data = UnpairedDataset(config.dataset, "test", config.eval_transform, skip_bad=config.skip_bad)
         if metrics is None and self.test_data is not None and config.metric_names:
             metrics = self.load_metrics()  # at start-up, so a missing network fails now, not after hours
         self.metrics = metrics
