@@ -79,9 +79,15 @@ def test_folder_passed_as_file(tmp_path):
 def test_text_file_named_png(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")
-    with pytest.raises(BadInputError, match="not an image") as info:
+    with pytest.raises(BadInputError, match="cannot be decoded: it is damaged .* or not really a PNG file") as info:
         load_image(path)
     assert "notes.png" in str(info.value)
+    (tmp_path / "empty.jpg").write_bytes(b"")  # was "not an image turbo-i2i reads ...; use one of .jpg, ..."
+    with pytest.raises(BadInputError, match=r"empty.jpg' is empty \(0 bytes\)"):
+        load_image(tmp_path / "empty.jpg")
+    (tmp_path / "notes.txt").write_text("text")
+    with pytest.raises(BadInputError, match="not an image turbo-i2i reads .*; use one of .jpg"):
+        load_image(tmp_path / "notes.txt")
 
 
 def test_corrupt_bytes_after_valid_signature(tmp_path):

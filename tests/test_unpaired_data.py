@@ -125,7 +125,14 @@ def test_random_transform_differs_per_item_and_epoch_only_by_seed(tmp_path):
 def test_an_image_size_the_model_cannot_take_is_a_problem_of_that_image(tmp_path):
     root = write_unpaired(tmp_path / "d")
     Image.new("RGB", (20, 16)).save(root / "train_B" / "001.png")
-    with pytest.raises(BadInputError, match="train_B/001.png is 20x16: training needs sides that are multiples of 8"):
+    with pytest.raises(
+        BadInputError,
+        match=r"train_B/001.png is 20x16: training needs sides that are multiples of 8"
+        r".* such as resize_512 \(--transform\)",
+    ):
         UnpairedDataset(root, transform="no_resize")
+    Image.new("RGB", (20, 16)).save(root / "test_A" / "009.png")  # the test split's transform is --eval-transform's
+    with pytest.raises(BadInputError, match=r"test_A/009.png is 20x16: .* \(--eval-transform\)"):
+        UnpairedDataset(root, "test", transform="no_resize", skip_bad=False)
     data = UnpairedDataset(root, transform="no_resize", skip_bad=True)
     assert len(data.files["B"]) == 2 and data.sizes == {(16, 16)}

@@ -85,11 +85,20 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise
     except Image.DecompressionBombError as exc:
         # Raised by Image.open itself, before our check, when the header exceeds Pillow's global hard limit.
+        # (Pillow's own limit is in its message; ours is the one that applies, so only ours is named)
         raise BadInputError(
-            f"Image '{path}' is too large to load safely ({str(exc).rstrip('.')}); the limit is {max_pixels} pixels, "
-            "so downscale it."
+            f"Image '{path}' is too large to load safely (its header claims more than {max_pixels} pixels);"
+            " downscale it."
         ) from exc
     except Image.UnidentifiedImageError as exc:
+        if path.stat().st_size == 0:
+            raise BadInputError(f"Image '{path}' is empty (0 bytes); re-export or re-download it.") from exc
+        if is_image_name(path):  # the right ending: damaged (cut off in its header), or another kind of file
+            raise BadInputError(
+                f"Image '{path}' cannot be decoded: it is damaged (cut off early, say) or not really a"
+                f" {path.suffix.lstrip('.').upper()} file (turbo-i2i reads PNG, JPEG, WebP, BMP, GIF and TIFF);"
+                " re-export or re-download it."
+            ) from exc
         raise BadInputError(
             f"'{path}' is not an image turbo-i2i reads (PNG, JPEG, WebP, BMP, GIF or TIFF); use one of"
             f" {', '.join(IMAGE_EXTENSIONS)}."

@@ -109,16 +109,17 @@ class PairTransform:
             size = self.random_crop
         return size
 
-    def size_problem(self, size: tuple[int, int]) -> str | None:
+    def size_problem(self, size: tuple[int, int], option: str = "--transform") -> str | None:
         """Why an image of ``size`` cannot be trained on after this transform, or None: the generator needs sides
-        that are multiples of 8 (the VAE works on 8x8 pixel blocks); training does not pad as translation does."""
+        that are multiples of 8 (the VAE works on 8x8 pixel blocks); training does not pad as translation does.
+        ``option`` is the one that sets this transform, named in the advice."""
         width, height = self.output_size(size)
         if width % 8 == 0 and height % 8 == 0:
             return None
         made = "" if (width, height) == tuple(size) else f", which {self.name} makes {width}x{height}"
         return (
             f"is {size[0]}x{size[1]}{made}: training needs sides that are multiples of 8; use a resizing transform"
-            f" such as resize_512 (--transform; --eval-transform for unpaired test images)"
+            f" such as resize_512 ({option})"
         )
 
     def apply(self, images: list[Image.Image], generator: torch.Generator) -> list[Image.Image]:

@@ -70,14 +70,16 @@ def read_caption(path: Path, problems: list[str]) -> str | None:
     return caption
 
 
-def _check_image(path: Path, label: str, transform: PairTransform) -> tuple[str | None, tuple[int, int] | None]:
-    """Why an image cannot be used (decoded as training will decode it, its size after ``transform``), or None;
-    and its size after the transform."""
+def _check_image(
+    path: Path, label: str, transform: PairTransform, option: str
+) -> tuple[str | None, tuple[int, int] | None]:
+    """Why an image cannot be used (decoded as training will decode it, its size after ``transform``, which
+    ``option`` sets), or None; and its size after the transform."""
     try:
         size = load_image(path).size
     except BadInputError as exc:
         return f"{label}: {exc}", None
-    problem = transform.size_problem(size)
+    problem = transform.size_problem(size, option)
     return (None if problem is None else f"{label} {problem}"), transform.output_size(size)
 
 
@@ -144,7 +146,10 @@ class UnpairedDataset(Dataset):
         checks = [(d, name, path) for d in DOMAINS for name, path in (found[d] or {}).items()]
         with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
             # map keeps the order of the files, so messages are deterministic.
-            results = list(pool.map(lambda c: _check_image(c[2], f"{split}_{c[0]}/{c[1]}", self.transform), checks))
+            option = "--transform" if split == "train" else "--eval-transform"
+            results = list(
+                pool.map(lambda c: _check_image(c[2], f"{split}_{c[0]}/{c[1]}", self.transform, option), checks)
+            )
         image_problems = [problem for problem, _ in results]
         bad = {(d, name) for (d, name, _), problem in zip(checks, image_problems) if problem is not None}
         self.sizes = {size for problem, size in results if problem is None}
