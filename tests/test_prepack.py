@@ -9,10 +9,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from turbo_i2i.pipeline import Translator
-from turbo_i2i.prepack import PackedConv2d, PackedLinear, _bf16_native, prepack_weights
+from turbo_i2i.precision import computes_natively
+from turbo_i2i.prepack import PackedConv2d, PackedLinear, prepack_weights
 from turbo_i2i.subpixel import SubPixelUpsample, use_subpixel_upsampling
 
-needs_bf16 = pytest.mark.skipif(not _bf16_native(), reason="this CPU has no native bf16 kernels, so nothing is packed")
+needs_bf16 = pytest.mark.skipif(
+    not computes_natively(torch.device("cpu"), torch.bfloat16), reason="no native bf16 on this CPU: nothing is packed"
+)
 
 
 def packed_layers(model):

@@ -5,8 +5,10 @@ AVX-512 kernels read, on every call. A ``Translator``'s weights do not change be
 once: ``prepack_weights`` swaps each plain ``nn.Conv2d`` and ``nn.Linear`` for a subclass that shares its parameters
 (names, state dict and values unchanged) and keeps the reordered copy (a ``DerivedWeights``, dropped when the weight
 changes). The copy is used where it applies: bf16 on the CPU, no autograd, not inside ``torch.compile`` (inductor packs
-weights itself); everywhere else the layer runs as before. The convolutions give the same numbers as unpacked ones
-(tested); the copies take as much memory as the bf16 weights. README, Performance, has what it saves.
+weights itself); everywhere else the layer runs as before. An upsampler whose convolution is packed packs its
+sub-pixel kernels too (``subpixel.py``). The convolutions give the same numbers as unpacked ones (tested; linear layers
+round differently at bf16's last bit); the copies take about as much memory as the bf16 weights. README, Performance,
+has what it saves (``benchmarks/weight_caches.py``).
 
 ``torch.ops.mkldnn._reorder_convolution_weight`` and ``_convolution_pointwise`` (and the linear pair) are the ops
 inductor's CPU backend runs for the same purpose; they are internal to torch, which this project pins.
@@ -14,19 +16,14 @@ inductor's CPU backend runs for the same purpose; they are internal to torch, wh
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .derived import DerivedWeights
-
-
-@functools.cache
-def _bf16_native() -> bool:
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+from .derived import DerivedWeights, clear_derived_weights
+from .precision import computes_natively
 
 
 def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -46,7 +43,7 @@ def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and (bias is None or bias.dtype == weight.dtype)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
-        and _bf16_native()
+        and computes_natively(x.device, x.dtype)
     )
 
 
@@ -103,19 +100,32 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 
 
-def _packed_twin(module: nn.Module) -> nn.Module | None:
-    """A packed layer sharing ``module``'s parameters, or None where ``module`` is not a plain conv or linear."""
-    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        twin = PackedConv2d(
+def _twin(module: nn.Module, packed: bool) -> nn.Module | None:
+    """``module``'s packed (or, for a packed one, plain) twin sharing its parameters; None where there is none."""
+    convs, linears = (nn.Conv2d, PackedConv2d), (nn.Linear, PackedLinear)
+    if type(module) is convs[not packed] and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        twin = convs[packed](
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
             module.dilation, module.groups, bias=module.bias is not None, device="meta",
         )  # fmt: skip
-    elif type(module) is nn.Linear:
-        twin = PackedLinear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    elif type(module) is linears[not packed]:
+        twin = linears[packed](module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     else:
         return None
     twin.weight, twin.bias = module.weight, module.bias
     return twin.train(module.training)
+
+
+def _swap(model: nn.Module, packed: bool) -> int:
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            twin = _twin(child, packed)
+            if twin is not None:
+                setattr(parent, name, twin)
+                swapped += 1
+    clear_derived_weights(model)  # values kept for the old layers (the sub-pixel kernels' packed copies, say)
+    return swapped
 
 
 def prepack_weights(model: nn.Module) -> int:
@@ -130,11 +140,16 @@ def prepack_weights(model: nn.Module) -> int:
     Returns:
         how many layers were swapped.
     """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            twin = _packed_twin(child)
-            if twin is not None:
-                setattr(parent, name, twin)
-                swapped += 1
-    return swapped
+    return _swap(model, packed=True)
+
+
+def unpack_weights(model: nn.Module) -> int:
+    """Undo ``prepack_weights``: plain layers again, sharing the same parameters; the packed copies are freed.
+
+    Args:
+        model: the model.
+
+    Returns:
+        how many layers were swapped back.
+    """
+    return _swap(model, packed=False)

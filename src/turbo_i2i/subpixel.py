@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .derived import DerivedWeights
-from .prepack import conv2d
+from .prepack import PackedConv2d, conv2d
 
 
 def phase_kernels(weight: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
@@ -129,12 +129,14 @@ class SubPixelUpsample(nn.Module):
         for this call, a weight autograd must see, and a compiled graph (which cannot trace a cache) get fresh ones.
         """
 
+        base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
+
         def compute(keep: bool) -> dict[tuple[int, int], Phase]:
             # oneDNN picks NHWC only when the weight is NHWC too
             kernels = {p: k.contiguous(memory_format=layout) for p, k in phase_kernels(weight).items()}
-            return {p: Phase(k, DerivedWeights() if keep else None) for p, k in kernels.items()}
+            pack = keep and isinstance(base, PackedConv2d)  # packed as the layer itself is (prepack_weights)
+            return {p: Phase(k, DerivedWeights() if pack else None) for p, k in kernels.items()}
 
-        base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
         fresh = weight is not base.weight or (torch.is_grad_enabled() and weight.requires_grad)
         if fresh or torch.compiler.is_compiling():
             return compute(keep=False)
