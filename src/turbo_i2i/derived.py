@@ -1,4 +1,4 @@
-"""Values computed from a module's weights (sub-pixel kernels, oneDNN-packed copies), kept until the weights change.
+"""Values computed from a module's weights (the sub-pixel upsamplers' kernels), kept until the weights change.
 
 Inference calls a model with the same weights over and over, so what is derived from them need not be recomputed on
 every call: the sub-pixel kernels of the UNet's and VAE's six upsamplers cost more per call than some of its

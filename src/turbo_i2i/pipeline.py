@@ -19,7 +19,6 @@ from .devices import check_batch_size, check_device, check_dtype
 from .errors import BadInputError
 from .generator import OneStepGenerator
 from .precision import dtype_name, warn_if_emulated
-from .prepack import prepack_weights
 from .registry import load_model
 from .seeds import check_seed
 from .subpixel import use_subpixel_upsampling
@@ -108,8 +107,7 @@ class Translator:
         backbone: the backbone it was built on (its tokenizer and text encoder encode prompts).
         max_pixels: images whose header claims more pixels are refused before decoding.
         fast: merge LoRA into the base weights (at the model's default r), sub-pixel upsampling (``subpixel.py``),
-            channels-last memory on GPU and in half precision on CPU, on GPU ``torch.backends.cudnn.benchmark``, and
-            for bf16 on CPU weights kept in oneDNN's layout (``prepack.py``).
+            channels-last memory on GPU and in half precision on CPU, and on GPU ``torch.backends.cudnn.benchmark``.
         dtype: cast weights to this dtype (after merging, so merged weights round once); None keeps them.
         compile: ``torch.compile`` the whole generator pass as one function: True, or a ``torch.compile`` mode
             ("default", "reduce-overhead": CUDA graphs on GPUs, "max-autotune", ...). The first call compiles, and so
@@ -146,9 +144,6 @@ class Translator:
             warn_if_emulated(self.device, dtype, f"dtype {dtype_name(dtype)}")
             generator.to(dtype)
             self.text_encoder.to(dtype)
-        if fast and self.device.type == "cpu" and not compile:
-            # bf16 on the CPU: weights kept in oneDNN's layout instead of reordered on every call (prepack.py)
-            prepack_weights(generator)
         # One function for the whole pass, not its parts: the VAE encoder's skips then never leave the compiled graph,
         # which CUDA graphs ("reduce-overhead") need (compiled apart, the UNet's graph overwrote the encoder's
         # outputs before the decoder read them). A call's output is read before the next call, as CUDA graphs need.

@@ -7,7 +7,6 @@ user asked for bf16 to go faster and gets the opposite, so they are told.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -20,7 +19,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@functools.cache  # asked per layer call by prepack.py
 def _cpu_computes_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU has oneDNN kernels with native arithmetic for the half precision ``dtype``."""
     if not torch.backends.mkldnn.is_available():

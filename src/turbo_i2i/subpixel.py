@@ -29,7 +29,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .derived import DerivedWeights
-from .prepack import PackedConv2d, conv2d
 
 
 def phase_kernels(weight: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
@@ -70,13 +69,6 @@ def _effective_weight(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return weight, base.bias
 
 
-class Phase(NamedTuple):
-    """One output phase's 2x2 kernel, and where its packed copy is kept (None: not kept, for a one-call kernel)."""
-
-    kernel: torch.Tensor
-    packed: DerivedWeights | None
-
-
 class SubPixelUpsample(nn.Module):
     """``Upsample2D`` (nearest 2x, then a 3x3 convolution) as four 2x2 convolutions on the low-resolution input.
 
@@ -91,7 +83,7 @@ class SubPixelUpsample(nn.Module):
     def __init__(self, conv: nn.Module):
         super().__init__()
         self.conv = conv
-        self._kernels: DerivedWeights[dict[tuple[int, int], Phase]] = DerivedWeights()
+        self._kernels: DerivedWeights[dict[tuple[int, int], torch.Tensor]] = DerivedWeights()
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None, *args, **kwargs):
         """Same call as ``Upsample2D.forward`` (which also ignores further arguments).
@@ -116,31 +108,28 @@ class SubPixelUpsample(nn.Module):
             (n, weight.shape[0], 2 * h, 2 * w), dtype=hidden_states.dtype, device=hidden_states.device,
             memory_format=layout,
         )  # fmt: skip
-        for (a, b), (kernel, packed) in self._phase_kernels(weight, layout).items():
+        for (a, b), kernel in self._phase_kernels(weight, layout).items():
             # output row 2i + a reads low-resolution rows i + a - 1 and i + a: padded rows i + a and i + a + 1
-            out[:, :, a::2, b::2] = conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernel, bias, packed)
+            out[:, :, a::2, b::2] = F.conv2d(padded[:, :, a : a + h + 1, b : b + w + 1], kernel, bias)
         return out
 
-    def _phase_kernels(self, weight: torch.Tensor, layout: torch.memory_format) -> dict[tuple[int, int], Phase]:
+    def _phase_kernels(self, weight: torch.Tensor, layout: torch.memory_format) -> dict[tuple[int, int], torch.Tensor]:
         """The four kernels of ``weight`` in ``layout``; kept between calls while the weight is the unchanged base.
 
         A merged or LoRA-free upsampler's kernels are reused (computing them took longer than the convolutions of
-        the UNet's 1280-channel upsamplers), with a place for their packed copies (``prepack.py``); a LoRA sum made
-        for this call, a weight autograd must see, and a compiled graph (which cannot trace a cache) get fresh ones.
+        the UNet's 1280-channel upsamplers); a LoRA sum made for this call, a weight autograd must see, and a compiled
+        graph (which cannot trace a cache) get fresh ones.
         """
 
-        base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
-
-        def compute(keep: bool) -> dict[tuple[int, int], Phase]:
+        def compute() -> dict[tuple[int, int], torch.Tensor]:
             # oneDNN picks NHWC only when the weight is NHWC too
-            kernels = {p: k.contiguous(memory_format=layout) for p, k in phase_kernels(weight).items()}
-            pack = keep and isinstance(base, PackedConv2d)  # packed as the layer itself is (prepack_weights)
-            return {p: Phase(k, DerivedWeights() if pack else None) for p, k in kernels.items()}
+            return {phase: k.contiguous(memory_format=layout) for phase, k in phase_kernels(weight).items()}
 
+        base = self.conv.get_base_layer() if isinstance(self.conv, LoraLayer) else self.conv
         fresh = weight is not base.weight or (torch.is_grad_enabled() and weight.requires_grad)
         if fresh or torch.compiler.is_compiling():
-            return compute(keep=False)
-        return self._kernels.get(weight, lambda: compute(keep=True), layout)
+            return compute()
+        return self._kernels.get(weight, compute, layout)
 
 
 class Swap(NamedTuple):
