@@ -195,6 +195,7 @@ def test_an_inception_file_another_user_left_in_the_shared_tmp_is_not_loaded(off
     os.chown(shared / "inception-2015-12-05.pt", 12345, 12345)
     with pytest.raises(TurboI2IError, match="not on disk and offline"):
         load_inception()
+    assert isinstance(load_inception(path=shared / "inception-2015-12-05.pt"), torch.nn.Module)  # named: the user's
 
 
 # ---------------------------------------------------------------------------------------------------------- CLIP

@@ -66,10 +66,14 @@ def test_a_png_claiming_100000_by_100000_is_refused_before_decoding(tmp_path, tr
     assert path.stat().st_size < 200
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    with pytest.raises(BadInputError, match=rf"Image '{path}' is too large"):
+    with pytest.raises(BadInputError, match=rf"Image '{path}' is too large .*claims more than {pre.MAX_PIXELS} pix"):
         pre.load_image(path)
     with pytest.raises(BadInputError, match="too large"):
         translator(path)
+    # a caller's limit above Pillow's own: the message names the limit that refused it, Pillow's
+    pillow = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadInputError, match=rf"more than {pillow} pixels, the most Pillow decodes"):
+        pre.load_image(path, max_pixels=10**11)
     assert time.perf_counter() - started < 1.0
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 50 << 20  # 30 GB never allocated
 

@@ -161,6 +161,31 @@ def test_kernels_of_an_unchanged_weight_are_computed_once(monkeypatch):
     plain.conv.weight.mul_(2)  # an in-place change the version counter sees
     torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-12)
     assert len(computed) == 3
+    # new data with the version counter kept: a freed address (which the allocator may hand out again for a tensor of
+    # the same size; the kept kernels hold the old storage so it cannot) must not pass for the old weight
+    plain, x = upsampler(128, 128, dtype=torch.float32), torch.randn(1, 128, 4, 4)
+    fast = SubPixelUpsample(plain.conv)
+    for _ in range(3):
+        fast(x)
+        shape = plain.conv.weight.shape
+        plain.conv.weight.data = torch.empty(0)  # the old storage freed first, then one of its size
+        plain.conv.weight.data = torch.randn(shape)
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_kept_in_inference_mode_do_not_break_a_later_backward():
+    # a frozen, LoRA-free upsampler keeps its kernels under autograd too; ones made in inference mode cannot be saved
+    plain = upsampler().requires_grad_(False)
+    fast = SubPixelUpsample(plain.conv)
+    with torch.inference_mode():
+        fast(torch.randn(1, 6, 4, 4, dtype=torch.float64))
+    grads = []
+    for module in (plain, fast):
+        x = torch.randn(1, 6, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_()
+        module(x).square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-10)
 
 
 @torch.no_grad()

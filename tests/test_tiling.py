@@ -95,6 +95,12 @@ def test_a_stochastic_models_tiles_start_from_one_noise_map(tmp_path):
         part.copy_(calls[k])
     assert not whole.isnan().any()
     assert np.array_equal(np.asarray(translator(image, tile_size=128, seed=5)), np.asarray(first))  # seeded
+    # an image within one tile draws as an untiled call does (the posterior sample first): the same picture
+    small = image.crop((0, 0, 96, 64))
+    for posterior in (False, True):
+        untiled = translator(small, seed=3, sample_posterior=posterior)
+        assert np.array_equal(np.asarray(translator(small, tile_size=128, seed=3, sample_posterior=posterior)),
+                              np.asarray(untiled)), posterior  # fmt: skip
 
 
 def test_cli_tile_option(tiny_model_dir, tmp_path, capsys):

@@ -392,8 +392,8 @@ class Translator:
                         sample_posterior=sample_posterior, generator=rng,
                     )  # fmt: skip
                     with torch.no_grad():
-                        if not tile_size:
-                            y = translate(x)
+                        if not tile_size or max(x.shape[-2:]) <= tile_size:
+                            y = translate(x)  # (the generator's own draws, in its order: the same image as untiled)
                         else:  # one noise map for the whole image, each tile taking its part
                             noise = self._noise(x, r, rng)
                             y = translate_tiled(translate, x, tile_size, TILE_OVERLAP, noise=noise)

@@ -85,9 +85,12 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise
     except Image.DecompressionBombError as exc:
         # Raised by Image.open itself, before our check, when the header exceeds Pillow's global hard limit.
-        # (Pillow's own limit is in its message; ours is the one that applies, so only ours is named)
+        # Pillow refuses above twice its MAX_IMAGE_PIXELS, whatever max_pixels allows: name the limit that was hit.
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        limit = min(max_pixels, pillow_limit) if pillow_limit else max_pixels
+        source = "" if limit == max_pixels else ", the most Pillow decodes"
         raise BadInputError(
-            f"Image '{path}' is too large to load safely (its header claims more than {max_pixels} pixels);"
+            f"Image '{path}' is too large to load safely (its header claims more than {limit} pixels{source});"
             " downscale it."
         ) from exc
     except Image.UnidentifiedImageError as exc:

@@ -78,8 +78,9 @@ def _inception_candidates(path: str | os.PathLike | None) -> list[Path]:
 
 
 def _usable(candidate: Path) -> bool:
-    """Whether a found Inception file may be loaded: in clean-fid's shared /tmp, only a copy this user owns (anyone
-    on the machine can put a file there, and it would be loaded as code and decide every FID)."""
+    """Whether an Inception file found without being asked for may be loaded: in clean-fid's shared /tmp, only a copy
+    this user owns (anyone on the machine can put a file there, and it would be loaded as code and decide every FID);
+    a file the user names is theirs to choose."""
     if not candidate.is_file():
         return False
     if candidate.parent != CLEANFID_FOLDER or not hasattr(os, "getuid"):
@@ -129,7 +130,7 @@ def load_inception(
     if path is not None and not Path(path).is_file():
         raise BadInputError(f"Inception weights file {str(path)!r} does not exist.")
     candidates = _inception_candidates(path)
-    found = next((p for p in candidates if _usable(p)), None)
+    found = next((p for p in candidates if (p.is_file() if path is not None else _usable(p))), None)
     if found is None:
         offline = hub_offline() if local_files_only is None else local_files_only
         if offline:

@@ -873,4 +873,5 @@ def _flat(config: dict) -> dict:
 
 
 def _fmt(logs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in logs.items())  # .4f showed a learning rate of 5e-6 as 0.0000
+    # counts as integers; other values with 4 significant digits (.4f showed a learning rate of 5e-6 as 0.0000)
+    return " ".join(f"{k}={int(v)}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in logs.items())
