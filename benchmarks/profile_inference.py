@@ -27,16 +27,11 @@ from torch.profiler import ProfilerActivity, profile
 def main(argv: list[str] | None = None) -> int:
     from turbo_i2i import preprocess as pre
     from turbo_i2i.benchmark import (
-        OFFICIAL_PAIRED,
         PROMPT,
-        _randomize_lora,
-        default_precision,
         default_reference,
-        random_backbone,
+        random_fast_translator,
         synchronize,
     )
-    from turbo_i2i.generator import OneStepGenerator
-    from turbo_i2i.pipeline import Translator
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", type=Path, default=default_reference(Path(__file__).resolve().parents[1]))
@@ -47,11 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    backbone = random_backbone(args.reference, device=device)
-    generator = OneStepGenerator(OFFICIAL_PAIRED, backbone.unet, backbone.vae, backbone.schedule).to(device)
-    _randomize_lora(generator, seed=1)
-    backbone.text_encoder.to(device)
-    translator = Translator(generator, backbone, fast=True, dtype=default_precision(device))
+    translator = random_fast_translator(args.reference, device)
+    generator = translator.generator
     images = [Image.effect_noise((args.size, args.size), 64).convert("RGB") for _ in range(args.batch)]
     embeds = translator.encode_prompt(PROMPT).expand(args.batch, -1, -1)
     x = pre.pil_to_tensor(images, (-1.0, 1.0), device).to(translator.dtype)

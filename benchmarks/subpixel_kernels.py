@@ -25,18 +25,13 @@ from PIL import Image
 def main(argv: list[str] | None = None) -> int:
     from turbo_i2i import preprocess as pre
     from turbo_i2i.benchmark import (
-        OFFICIAL_PAIRED,
         PROMPT,
-        _randomize_lora,
-        default_precision,
         default_reference,
         machine_description,
-        random_backbone,
+        random_fast_translator,
         synchronize,
     )
     from turbo_i2i.cpu_memory import reuse_freed_memory
-    from turbo_i2i.generator import OneStepGenerator
-    from turbo_i2i.pipeline import Translator
     from turbo_i2i.subpixel import SubPixelUpsample, phase_kernels
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,11 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         reuse_freed_memory()  # as the turbo-i2i inference commands do
-    backbone = random_backbone(args.reference, device=device)
-    generator = OneStepGenerator(OFFICIAL_PAIRED, backbone.unet, backbone.vae, backbone.schedule).to(device)
-    _randomize_lora(generator, seed=1)
-    backbone.text_encoder.to(device)
-    translator = Translator(generator, backbone, fast=True, dtype=default_precision(device))
+    translator = random_fast_translator(args.reference, device)
+    generator = translator.generator
     layout = torch.channels_last if translator.channels_last else torch.contiguous_format
     image = Image.effect_noise((args.size, args.size), 64).convert("RGB")
     x = pre.pil_to_tensor([image], (-1.0, 1.0), device).to(translator.dtype).contiguous(memory_format=layout)

@@ -101,6 +101,24 @@ def random_backbone(
     return Backbone(build_clip_tokenizer(), text_encoder, unet, vae, OneStepSchedule.from_config({}), str(reference))
 
 
+def random_fast_translator(reference: str | Path, device: torch.device) -> Translator:
+    """The fast path as the diagnostic scripts under ``benchmarks/`` time it: the full-size architecture with random
+    weights, the edge model's LoRA ranks (non-zero updates), merged, in ``default_precision(device)``.
+
+    Args:
+        reference: the configs folder (``default_reference()``).
+        device: where it runs.
+
+    Returns:
+        the ``Translator`` (its generator is ``.generator``).
+    """
+    backbone = random_backbone(reference, device=device)
+    generator = OneStepGenerator(OFFICIAL_PAIRED, backbone.unet, backbone.vae, backbone.schedule).to(device)
+    _randomize_lora(generator, seed=1)
+    backbone.text_encoder.to(device)
+    return Translator(generator, backbone, fast=True, dtype=default_precision(device))
+
+
 def _randomize_lora(generator: OneStepGenerator, seed: int) -> None:
     # B starts at zero (the adapter adds nothing); a trained model's B is not zero, and merging must be checked on it.
     gen = torch.Generator().manual_seed(seed)
