@@ -129,6 +129,24 @@ def test_stochastic_model_seed_and_r(tmp_path):
     assert np.array_equal(faithful, np.asarray(translator(image, r=1.0, seed=99)))  # r = 1 uses no noise
 
 
+@pytest.mark.parametrize("sample_posterior", [False, True])
+def test_a_seeded_images_result_does_not_depend_on_its_batch(tmp_path, sample_posterior):
+    """Each image draws its noise (and posterior sample) from the seed alone: the same result alone, second in a
+    list, in a batch of one or of three, and three copies of one image come out alike (each drew another noise map
+    from one shared generator before)."""
+    generator, _ = make_generator(stochastic=True, trained_seed=2, prompts={"a2b": "a sketch"}, default_r=0.4)
+    translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "s"))
+    a, b = picture(32, 32), picture(32, 32).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    options = dict(seed=3, sample_posterior=sample_posterior)
+    alone = np.asarray(translator(b, **options), dtype=int)
+    for batch_size in (1, 3):
+        outputs = translator([a, b, b, b], batch_size=batch_size, **options)
+        for out in outputs[1:]:  # batched convolutions may round a pixel by one level
+            assert np.abs(np.asarray(out, dtype=int) - alone).max() <= 1, batch_size
+    other_seed = np.asarray(translator(b, seed=4, sample_posterior=sample_posterior), dtype=int)
+    assert np.abs(other_seed - alone).mean() > 5
+
+
 def test_unpaired_directions(tmp_path):
     generator, _ = make_generator("unpaired", trained_seed=4, prompts={"a2b": "night", "b2a": "day"})
     translator = Translator.from_pretrained(save_pretrained(generator, tmp_path / "u"))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import Decoder, DiagonalGaussianDistribution, Encoder
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .adapters import (
@@ -411,7 +412,7 @@ class OneStepGenerator(nn.Module):
         r: float | None = None,
         noise: torch.Tensor | None = None,
         sample_posterior: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Translate a batch in one UNet evaluation.
 
@@ -422,7 +423,8 @@ class OneStepGenerator(nn.Module):
             r: stochastic models only: 1 = faithful to the input, 0 = pure text-to-image from ``noise``.
             noise: the latent noise map for r < 1 (drawn from ``generator`` when None).
             sample_posterior: sample the VAE posterior (with ``generator``) instead of taking its mode.
-            generator: RNG for the noise map and posterior sampling, so the same seed gives the same image.
+            generator: RNG for the noise map and posterior sampling, so the same seed gives the same image; a list
+                (one per image) makes each image's draws independent of the others in the batch.
 
         Returns:
             images (N, 3, H, W) in [-1, 1].
@@ -442,7 +444,7 @@ class OneStepGenerator(nn.Module):
             z = z * vae.scaling_factor
             if r is not None and r < 1.0:
                 if noise is None:
-                    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                    noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
                 z = z * r + noise * (1.0 - r)
             t = torch.full((z.shape[0],), self.schedule.timestep, device=z.device, dtype=torch.long)
             prediction = self.unet(z, t, encoder_hidden_states=prompt_embeds.to(z.dtype)).sample

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import preprocess as pre
@@ -219,12 +220,12 @@ class Translator:
 
     # --- recipe steps --------------------------------------------------------------------------------------------
 
-    def _noise(self, x: torch.Tensor, r: float | None, rng: torch.Generator | None) -> torch.Tensor | None:
+    def _noise(self, x: torch.Tensor, r: float | None, rngs: list[torch.Generator] | None) -> torch.Tensor | None:
         """The latent noise map for images ``x`` when the model draws one (r < 1), as the generator would draw it."""
         if r is None or r >= 1.0:
             return None
         shape = (x.shape[0], self.generator.unet.config.in_channels, x.shape[-2] // 8, x.shape[-1] // 8)
-        return torch.randn(shape, generator=rng, device=x.device, dtype=x.dtype)
+        return randn_tensor(shape, generator=rngs, device=x.device, dtype=x.dtype)
 
     def _resolve_prompt(self, prompt: str | None, direction: str) -> str:
         if prompt is None:
@@ -329,7 +330,9 @@ class Translator:
             prompt: one caption for all, one per image, or None for the model's default for ``direction``.
             direction: "a2b" or "b2a" for unpaired models (default: the model's).
             r: stochastic models: faithfulness in [0, 1] (default: the model's).
-            seed: seeds the noise map and posterior sampling; the same seed gives the same image.
+            seed: seeds each image's noise map and posterior sampling; the same image with the same seed gives the
+                same result, whichever images share the call (so several copies of one image give one result: vary
+                the seed for variants).
             edges: "canny", "sketch" or None (use the input as is); "default" takes the model's own setting.
             canny_thresholds: (low, high) hysteresis thresholds of the Canny detector, 0-255 (default 100, 200).
             sample_posterior: sample the VAE posterior instead of its mode (random unless ``seed`` is given).
@@ -374,7 +377,6 @@ class Translator:
         with self._lock:
             # 3. encode the prompts once each
             embeds = [self.encode_prompt(p) for p in prompts]
-            rng = None if seed is None else torch.Generator(self.device).manual_seed(seed)
             by_size: dict[tuple[int, int], list[int]] = {}
             for i, image in enumerate(inputs):
                 by_size.setdefault(pre.model_size(*image.size), []).append(i)
@@ -386,16 +388,19 @@ class Translator:
                     if self.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     e = torch.cat([embeds[i] for i in chunk])
+                    # Each image draws from its own generator seeded with ``seed``: its noise map and posterior sample
+                    # (so its result) do not depend on the other images of the call, their order or the batch size.
+                    rngs = None if seed is None else [torch.Generator(self.device).manual_seed(seed) for _ in chunk]
                     # 4. one UNet evaluation, decoded with the skips
                     translate = partial(
                         self.forward, prompt_embeds=e, direction=direction, r=r,
-                        sample_posterior=sample_posterior, generator=rng,
+                        sample_posterior=sample_posterior, generator=rngs,
                     )  # fmt: skip
                     with torch.no_grad():
                         if not tile_size or max(x.shape[-2:]) <= tile_size:
                             y = translate(x)  # (the generator's own draws, in its order: the same image as untiled)
                         else:  # one noise map for the whole image, each tile taking its part
-                            noise = self._noise(x, r, rng)
+                            noise = self._noise(x, r, rngs)
                             y = translate_tiled(translate, x, tile_size, TILE_OVERLAP, noise=noise)
                     # 5. back to PIL at the input's size
                     for i, out in zip(chunk, pre.tensor_to_pil(y)):

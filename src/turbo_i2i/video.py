@@ -297,12 +297,8 @@ def translate_video(
         nonlocal written
         if not pending:
             return
-        if translator.config.stochastic:
-            # Translator draws one noise map per image of a batch; one call per frame, each seeded alike, gives every
-            # frame the same noise map, so the picture does not flicker.
-            outputs = [translator(Image.fromarray(frame), **call) for frame in pending]
-        else:
-            outputs = translator([Image.fromarray(frame) for frame in pending], batch_size=batch_size, **call)
+        # every frame draws its noise from ``seed`` alone (Translator seeds each image): one noise map, no flicker
+        outputs = translator([Image.fromarray(frame) for frame in pending], batch_size=batch_size, **call)
         for image in outputs:
             pre.save_image(image, work / FRAME_PATTERN.format(written), overwrite=True)
             written += 1
