@@ -313,6 +313,17 @@ def test_the_input_itself_is_never_the_output(run, tmp_path):
     assert source.read_bytes() == before
 
 
+def test_resume_for_one_image_is_refused_and_for_a_folder_keeps_what_it_finds(run, tmp_path):
+    (tmp_path / "in").mkdir()
+    source = write_picture(tmp_path / "in" / "a.png")
+    code, err = run("--input", source, "--output", tmp_path / "out.png", "--resume")
+    assert code == 2 and "one image has nothing to resume" in err and not (tmp_path / "out.png").exists()
+    assert run("--input", source.parent, "--output", tmp_path / "outs")[0] == 0
+    (tmp_path / "outs" / "a.png").write_bytes(b"kept")
+    assert run("--input", source.parent, "--output", tmp_path / "outs", "--resume")[0] == 0
+    assert (tmp_path / "outs" / "a.png").read_bytes() == b"kept"
+
+
 def test_an_existing_scores_file_is_never_replaced(tmp_path, capsys):
     outputs, references = tmp_path / "outs", tmp_path / "refs"
     for folder in (outputs, references):

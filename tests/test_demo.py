@@ -71,6 +71,26 @@ def test_upload_gives_its_canny_edge_map_at_the_model_size():
         upload_to_condition(picture, "canny", 200, 100, side=64)
 
 
+def test_a_sixteen_bit_upload_keeps_its_picture():
+    """A 16-bit gray PNG (values up to 65535) was clipped at 255 by Pillow's convert: a white page, no edges."""
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (100, 1))
+    ramp[:, 100:] = 65535  # the right half white, the left half a ramp from black
+    upload = Image.fromarray(ramp, "I;16")
+    as_is = np.asarray(upload_to_condition(upload, "none", 100, 200, side=64), dtype=int)
+    assert as_is[:, 0].max() < 10 and as_is[:, -1].min() == 255 and 60 < as_is[:, 16].mean() < 100
+
+
+def test_a_seed_that_is_not_a_whole_number_is_named_not_cut(stochastic_dir):
+    backend = DemoBackend()
+    drawing = circle_drawing(side=64, radius=20, width=2)
+    whole = backend.translate_drawing(drawing, "x", "none", 0.5, 3.0, "", stochastic_dir)  # Gradio sends floats
+    assert np.array_equal(np.asarray(whole), np.asarray(backend.translate_drawing(drawing, "x", "none", 0.5, 3, "",
+                                                                                   stochastic_dir)))  # fmt: skip
+    for bad in (2.7, float("nan"), float("inf")):
+        with pytest.raises(BadInputError, match="seed must be an integer"):
+            backend.translate_drawing(drawing, "x", "none", 0.5, bad, "", stochastic_dir)
+
+
 def test_model_picker_lists_every_named_model_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBO_I2I_CACHE", str(tmp_path))  # nothing downloaded
     choices = {c.ref: c for c in model_choices()}

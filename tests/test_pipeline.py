@@ -127,6 +127,11 @@ def test_stochastic_model_seed_and_r(tmp_path):
     faithful = np.asarray(translator(image, r=1.0, seed=5))
     assert not np.array_equal(a, faithful)
     assert np.array_equal(faithful, np.asarray(translator(image, r=1.0, seed=99)))  # r = 1 uses no noise
+    for bad, message in (("0.5", r"r must be a number in \[0, 1\], got '0.5' \(str\)"), (True, "got True"),
+                         (float("nan"), r"r must be in \[0, 1\], got nan"), (1.5, "got 1.5")):  # fmt: skip
+        with pytest.raises(BadInputError, match=message):
+            translator(image, r=bad)
+    assert np.array_equal(np.asarray(translator(image, r=np.float32(0.4), seed=5)), a)  # numpy numbers are numbers
 
 
 @pytest.mark.parametrize("sample_posterior", [False, True])

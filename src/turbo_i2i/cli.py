@@ -100,7 +100,10 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
         help="images larger than this go through in overlapping tiles of this size: flat memory for any size",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and a stopped video's frames)")
-    p.add_argument("--resume", action="store_true", help="videos: continue a stopped run from the frames it wrote")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="videos: continue a stopped run from the frames it wrote (folder runs always keep the outputs they find)",
+    )  # fmt: skip
 
 
 def _add_compile(p: argparse.ArgumentParser, what: str) -> None:
@@ -269,6 +272,11 @@ def _translate(args: argparse.Namespace) -> int:
     check_tile_size(args.tile, "--tile")
     pre.check_canny_thresholds(args.canny_low, args.canny_high)
     folder, video = source.is_dir(), source.is_file() and is_video(source)
+    if args.resume and not (folder or video):
+        raise BadInputError(
+            "--resume continues a video (or a folder, which keeps what it finds anyway); one image has nothing to"
+            " resume: leave it out."
+        )
     if not folder and target.is_dir():
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture

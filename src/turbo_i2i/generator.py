@@ -14,6 +14,7 @@ Only LoRA adapters, the skip convs and the UNet's ``conv_in`` are trained (unles
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -401,6 +402,8 @@ class OneStepGenerator(nn.Module):
         if r is not None:
             if not self.config.stochastic:
                 raise BadInputError("r applies only to stochastic models; this one is deterministic.")
+            if isinstance(r, bool) or not isinstance(r, numbers.Real):  # "0.5" from a form, not a number
+                raise BadInputError(f"r must be a number in [0, 1], got {r!r} ({type(r).__name__}).")
             if not 0.0 <= r <= 1.0:
                 raise BadInputError(f"r must be in [0, 1], got {r}.")
 

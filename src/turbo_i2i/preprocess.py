@@ -79,7 +79,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
                 _check_size(image.size, max_pixels, f"Image '{path}'")
                 _note_animation(image, f"Image '{path}'")
                 image.load()
-                return _to_rgb(_upright(image, path), path)
+                return to_rgb(_upright(image, path), path)
     except (BadInputError, MemoryError):
         # MemoryError is the machine's limit, not a damaged file: do not report it as "corrupt".
         raise
@@ -143,7 +143,7 @@ def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = 
     except Exception as exc:
         raise BadInputError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc}); reload it.") from exc
     # exif_transpose returns a copy, so the caller's image is never rotated or converted in place.
-    return _to_rgb(_upright(image, name), name)
+    return to_rgb(_upright(image, name), name)
 
 
 def is_image_name(path: Path) -> bool:
@@ -304,7 +304,7 @@ def pil_to_tensor(
                 f"pil_to_tensor: image {i} is {image.width}x{image.height} but image 0 is "
                 f"{images[0].width}x{images[0].height}; resize them to one size to batch them."
             )
-        arrays.append(np.asarray(_to_rgb(image, f"Image {i}") if image.mode != "RGB" else image, dtype=np.uint8))
+        arrays.append(np.asarray(to_rgb(image, f"Image {i}") if image.mode != "RGB" else image, dtype=np.uint8))
     batch = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).to(torch.float32)
     return (batch / 255.0 * (high - low) + low).contiguous()
 
@@ -508,7 +508,7 @@ def _condition_input(image: str | os.PathLike | Image.Image) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         _check_size(image.size, math.inf, _describe(image))
-        return _to_rgb(image, _describe(image))
+        return to_rgb(image, _describe(image))
     return load_image_or_pil(image)
 
 
@@ -528,12 +528,23 @@ def _upright(image: Image.Image, name: object) -> Image.Image:
         return image.copy()
 
 
-def _to_rgb(image: Image.Image, name: object) -> Image.Image:
+def to_rgb(image: Image.Image, name: object = None) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping high-bit-depth data.
 
     Alpha is dropped, not composited, as ``diffusers.utils.load_image`` does, so a model sees the same input here
     and there.
+
+    Args:
+        image: any PIL image (not modified).
+        name: how a message names it (default: its file name, or its size and mode).
+
+    Returns:
+        a new RGB image; 16-bit and float gray images are scaled to 0..255, not clipped.
+
+    Raises:
+        BadInputError: a mode with no way to RGB.
     """
+    name = name or _describe(image)
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's own convert clips 16-bit values at 255 (a white picture); scale 0..65535 to 0..255 instead.
@@ -578,7 +589,7 @@ def _savable(image: Image.Image, fmt: str) -> Image.Image:
     """Convert the image to a mode the format can store: RGB or L, plus RGBA where the format keeps alpha."""
     if image.mode in ("RGB", "L") or (image.mode == "RGBA" and fmt in ("PNG", "WEBP")):
         return image
-    return _to_rgb(image, "The image to save")
+    return to_rgb(image, "The image to save")
 
 
 def _write_atomically(image: Image.Image, path: Path, fmt: str) -> None:

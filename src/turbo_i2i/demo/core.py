@@ -103,7 +103,7 @@ def flatten_drawing(drawing) -> Image.Image:
     if drawing.mode in ("RGBA", "LA", "PA") or "transparency" in drawing.info:
         page = Image.new("RGBA", drawing.size, (255, 255, 255, 255))
         return Image.alpha_composite(page, drawing.convert("RGBA")).convert("RGB")
-    return drawing.convert("RGB")
+    return pre.to_rgb(drawing)  # 16-bit and float pictures scaled, not clipped to white
 
 
 def drawing_to_condition(drawing, side: int) -> Image.Image:
@@ -151,6 +151,12 @@ def upload_to_condition(image, edges: str, low: int, high: int, side: int) -> Im
     if edges != "none":
         raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny or none.")
     return rgb
+
+
+def _whole_number(value: object) -> object:
+    """A number box's float as an int when it is whole (Gradio sends 3.0 for 3); anything else as it came, for the
+    library's own check to name (2.7 was cut to 2, NaN raised a ValueError)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _fit(width: int, height: int, side: int) -> tuple[int, int]:
@@ -273,7 +279,7 @@ class DemoBackend:
         """
         translator = self.translator(ref)
         r = float(r) if translator.config.stochastic and r is not None else None
-        seed = None if seed is None else int(seed)
+        seed = None if seed is None else _whole_number(seed)
         # The input is already what the model reads (strokes or edges), so the model's own extraction is skipped.
         return translator(condition, prompt=styled_prompt(prompt, style), r=r, seed=seed, edges=None)
 
