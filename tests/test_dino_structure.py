@@ -109,6 +109,17 @@ def test_keys_are_the_last_blocks_attention_keys_at_shorter_side_224(metric):
     assert not vit.blocks[-1].attn.qkv._forward_hooks  # the hook lives for one call only
 
 
+def test_a_wide_picture_is_resized_as_torchvision_does_and_cut_to_whole_patches(metric):
+    """16:9 (1280x720, 128x72) gave 224 x 398 px, which timm's patch embedding refuses (398 is not a multiple of 8):
+    an AssertionError for the commonest video size."""
+    assert metric.resized_size(720, 1280) == (224, 398) and metric.resized_size(667, 1000) == (224, 335)
+    wide = torch.nn.functional.interpolate(scenes(), size=(72, 128), mode="bilinear", align_corners=False)
+    assert metric.keys(wide).shape == (2, 1 + 28 * 49, 32)  # 398 px -> 49 whole patches, the rest dropped
+    distances = metric(wide, wide.clone())
+    assert distances.tolist() == [0.0, 0.0]
+    assert bool((metric(wide, wide[:, [2, 0, 1]]) < 0.05 * metric(wide, shuffle_patches(wide, patch=8))).all())
+
+
 def test_outputs_are_compared_on_the_inputs_grid(metric):
     images = scenes(size=32)
     upsampled = torch.nn.functional.interpolate(images, size=64, mode="bilinear", align_corners=False)

@@ -3,8 +3,8 @@
 
 For an input image and its translation:
 
-1. resize so the shorter side is 224 (the output to exactly the input's resized size) and normalise with DINO's
-   ImageNet mean/std;
+1. resize so the shorter side is 224 (the output to exactly the input's resized size), drop the pixels beyond the
+   last whole 8 px patch (as DINO's patch convolution does) and normalise with DINO's ImageNet mean/std;
 2. run DINO ViT-B/8 and take the keys of the last block's self-attention for every token (the CLS token included),
    all heads concatenated: a (tokens, 768) matrix;
 3. build the cosine self-similarity matrix of those keys, (tokens, tokens);
@@ -136,17 +136,27 @@ class DINOStructureDistance(nn.Module):
         return self
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) with the shorter side at ``self.size`` and the aspect ratio kept."""
-        scale = self.size / min(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        """(height, width) with the shorter side at ``self.size`` and the aspect ratio kept, the longer side cut to
+        an int as torchvision's ``Resize(224)`` (the reference preprocessing) does."""
+        short = min(height, width)
+        return tuple(self.size if side == short else int(self.size * side / short) for side in (height, width))
 
     def preprocess(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> resized to ``size`` (bilinear, antialiased) and normalised for the ViT."""
+        """(N, 3, H, W) in [-1, 1] -> resized to ``size`` (bilinear, antialiased), cut to whole patches and
+        normalised for the ViT.
+
+        The pixels past the last whole patch are dropped, as the reference's stride-8 patch convolution drops them
+        (1280x720 -> 224x398 -> 224x392, 28 x 49 patches); timm refuses sizes that are not multiples of the patch.
+        """
         x = images.float() * 0.5 + 0.5
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        patch = getattr(getattr(self.vit, "patch_embed", None), "patch_size", 8)
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        x = x[..., : max(ph, x.shape[-2] // ph * ph), : max(pw, x.shape[-1] // pw * pw)]
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.to(next(self.vit.parameters()).dtype)
+
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
