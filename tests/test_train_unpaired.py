@@ -383,6 +383,25 @@ def test_evaluation_scores_both_directions(dataset, tmp_path):
             assert np.abs(cell - expected).max() <= 1 / 255 + 1e-6, (row, column)
 
 
+def test_fids_reference_set_is_the_whole_target_test_split_whatever_num_eval(tmp_path):
+    """num_eval limits the images translated, not FID's reference set: 16 references (the default) measured the
+    small-sample bias, not the translation."""
+    data = make_unpaired(tmp_path / "data", n=20, test_fraction=0.25)  # 5 test images per domain
+    seen = {}
+
+    def metrics(direction, inputs, outputs, references):
+        seen[direction] = (len(inputs), len(outputs), [r.clone() for r in references])
+        return {}
+
+    trainer = make_unpaired_trainer(data, tmp_path / "run", num_eval=2, disc="none", metrics=metrics)
+    trainer.evaluate()
+    for direction, target in (("a2b", "B"), ("b2a", "A")):
+        n_in, n_out, references = seen[direction]
+        whole = [image for _, image in trainer.test_data.images(target)]
+        assert n_in == n_out == 2 and len(whole) == 5 and len(references) == 5
+        assert all(torch.equal(r, w) for r, w in zip(references, whole))
+
+
 def test_the_evaluation_grid_reaches_tensorboard(dataset, tmp_path):
     """The grid written at an evaluation is also in TensorBoard's images (tag ``eval_grid``, at the step), pixel for
     pixel."""

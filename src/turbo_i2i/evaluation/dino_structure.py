@@ -157,7 +157,6 @@ class DINOStructureDistance(nn.Module):
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.to(next(self.vit.parameters()).dtype)
 
-
     @torch.no_grad()
     def keys(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Keys of the last block's attention for all tokens, heads concatenated.

@@ -513,7 +513,8 @@ class UnpairedTrainer(TrainerBase):
         grid image.
 
         ``eval_cycle_l1_a`` is the mean |b2a(a2b(a)) - a| over test_A, ``eval_cycle_l1_b`` the same for test_B;
-        ``metrics`` sees each direction's inputs and outputs and the target domain's test images. The grid (rows:
+        ``metrics`` sees each direction's inputs and outputs (``num_eval`` of them) and all the target domain's test
+        images (FID's reference set, as the public trainer takes it). The grid (rows:
         input, translation, translation back, for the first four test images of A, then of B) goes to
         ``output_dir/eval/step_*.png``. Data-parallel processes translate a share of the images each; the main
         process computes ``metrics`` on all of them (the others' scores lack those names).
@@ -525,7 +526,7 @@ class UnpairedTrainer(TrainerBase):
             return {}
         self.generator.eval()
         limit = self.config.num_eval or None
-        test = {d: [image for _, image in self.test_data.images(d, limit)] for d in ("A", "B")}
+        test = {d: list(self.test_data.tensors(d, limit)) for d in ("A", "B")}
         scores: dict[str, float] = {}
         rows = []
         for source, target, forward, back in (("A", "B", "a2b", "b2a"), ("B", "A", "b2a", "a2b")):
@@ -539,7 +540,9 @@ class UnpairedTrainer(TrainerBase):
             scores[f"eval_cycle_l1_{source.lower()}"] = sum(r[1] for r in results) / len(images)
             rows += [[images[i], results[i][0], results[i][2]] for i in range(min(4, len(images)))]
             if self.metrics is not None and self.accelerator.is_main_process:  # logged by the main process only
-                extra = self.metrics(forward, images, [r[0] for r in results], test[target])
+                # FID's reference set is the target domain's whole test split, whatever num_eval (16 references
+                # measured small-sample bias); loaded lazily, once per run: the metric keeps its statistics
+                extra = self.metrics(forward, images, [r[0] for r in results], self.test_data.tensors(target))
                 scores.update({f"eval_{forward}_{k}": float(v) for k, v in extra.items()})
         self.generator.train()
         self.save_eval_grid(rows)

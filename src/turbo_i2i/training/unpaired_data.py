@@ -225,12 +225,41 @@ class UnpairedDataset(Dataset):
         Returns:
             (file name, (3, H, W) float32 in [-1, 1]) pairs.
         """
-        fixed = torch.Generator().manual_seed(0)  # deterministic transforms see no randomness in evaluation
-        out = []
-        for path in self.files[domain][:limit]:
-            (image,) = self.transform.apply([load_image(path)], fixed)
-            out.append((path.name, pil_to_tensor([image], value_range=(-1.0, 1.0))[0]))
-        return out
+        tensors = self.tensors(domain, limit)
+        return [(path.name, tensor) for path, tensor in zip(tensors.paths, tensors)]
+
+    def tensors(self, domain: str, limit: int | None = None) -> EvalImages:
+        """``images`` without the names, each loaded when it is read: a whole test split held as a reference set
+        costs no memory until it is used (and only one image at a time then).
+
+        Args:
+            domain: "A" or "B".
+            limit: at most this many (the first in name order); all when None.
+
+        Returns:
+            a sequence of (3, H, W) float32 tensors in [-1, 1].
+        """
+        return EvalImages(self.files[domain][:limit], self.transform)
+
+
+class EvalImages(Sequence):
+    """Evaluation images loaded on access, in the order of ``paths``, through the data set's transform with fixed
+    randomness (a deterministic transform sees none).
+
+    Args:
+        paths: the image files.
+        transform: the split's transform.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: PairTransform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        (image,) = self.transform.apply([load_image(self.paths[index])], torch.Generator().manual_seed(0))
+        return pil_to_tensor([image], value_range=(-1.0, 1.0))[0]
 
 
 def format_missing(source: Path) -> str:
