@@ -144,6 +144,20 @@ def test_stop_and_resume_equals_straight_run(dataset, tmp_path, one_thread):
     assert all(torch.equal(d_a[k], d_b[k]) for k in d_a)
 
 
+def test_evaluations_clip_sim_is_the_similarity_eval_reports_not_the_loss(dataset, tmp_path):
+    """eval_clipsim logged the CLIP loss (1 - cosine: lower is better) under the name `turbo-i2i eval` uses for the
+    cosine itself (higher is better)."""
+    from turbo_i2i.evaluation import clip_similarities
+
+    trainer = make_paired_trainer(dataset, tmp_path, num_eval=1)
+    scores = trainer.evaluate()
+    item = trainer.test_data[0]
+    with torch.no_grad():
+        out = trainer.unwrapped.eval()(item["input"][None], trainer.encode([item["prompt"]])).float()
+    expected = float(clip_similarities(out, item["prompt"], trainer.clipsim)[0])
+    assert "eval_clipsim" not in scores and scores["eval_clip_sim"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoints(dataset, tmp_path):
     write_dataset(tmp_path / "data", n=20, seed=3, size=32)  # two test pairs: FID needs two images per side
     trainer = make_paired_trainer(
@@ -155,7 +169,7 @@ def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoin
     assert all("loss_g" in line and "loss_d" in line and "lr" in line for line in lines)
     evaluated = [line for line in lines if "eval_l2" in line]
     assert [line["step"] for line in evaluated] == [3, 6]
-    assert all({"eval_lpips", "eval_clipsim", "eval_fid"} <= set(line) for line in evaluated)
+    assert all({"eval_lpips", "eval_clip_sim", "eval_fid"} <= set(line) for line in evaluated)
     grid = Image.open(tmp_path / "eval" / "step_0000006.png")
     assert grid.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # two test pairs, each a row: input | output | target
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]

@@ -382,7 +382,7 @@ class PairedTrainer(TrainerBase):
             return {}
         generator = self.unwrapped.eval()
         n = len(self.test_data) if self.config.num_eval == 0 else min(self.config.num_eval, len(self.test_data))
-        names = ["eval_l2"] + ["eval_lpips"] * (self.lpips is not None) + ["eval_clipsim"] * (self.clipsim is not None)
+        names = ["eval_l2"] + ["eval_lpips"] * (self.lpips is not None) + ["eval_clip_sim"] * (self.clipsim is not None)
         totals = dict.fromkeys(names, 0.0)  # score -> sum over this process's images (its share may be empty)
         triples = []  # (input, output, target) of each of this process's images
         share = list(self.my_share(n))
@@ -395,7 +395,8 @@ class PairedTrainer(TrainerBase):
             if self.lpips is not None:
                 scores["eval_lpips"] = self.lpips(out, y)
             if self.clipsim is not None:
-                scores["eval_clipsim"] = self.clipsim(out, batch["prompt"])
+                # the similarity (higher is better), as `turbo-i2i eval` reports clip_sim; the loss is 1 minus it
+                scores["eval_clip_sim"] = self.clipsim.similarities(out, batch["prompt"]).mean()
             for k, v in scores.items():  # batch means, weighted by batch size
                 totals[k] += float(v) * len(x)
             inputs = x.cpu() * 2 - 1 if self.unwrapped.config.input_range == "0,1" else x.cpu()
