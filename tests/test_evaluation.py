@@ -99,11 +99,13 @@ def test_fid_features_match_clean_fids_own_clean_mode_folder_features(tmp_path):
     net = tiny_inception()
     folder = write(tmp_path / "a", torch.cat([blobs(3, 0), stripes(2, 1)]))
     write(folder, blobs(2, 2, size=48)[:, :, :40], names=["x0", "x1"])  # another size, not square
+    write(folder / "sub", stripes(2, 3), names=["s0", "s1"])  # clean-fid reads sub-folders too (we did not)
     theirs = cleanfid.fid.get_folder_features(
         str(folder), net, num_workers=0, batch_size=4, device=torch.device("cpu"), mode="clean", verbose=False
     )
     ours = image_features(folder, net, batch_size=3)
-    assert ours.shape == theirs.shape == (7, 8)
+    assert ours.shape == theirs.shape == (9, 8)
+    ours, theirs = (f[np.lexsort(f.T[::-1])] for f in (ours, theirs))  # the path orders may differ, the sets not
     assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 

@@ -4,9 +4,10 @@ Clean mode is what the pix2pix-Turbo / CycleGAN-Turbo paper reports: every image
 299 x 299 with PIL's bicubic filter on float channels (no quantisation after the resize), then fed in [0, 255] to the
 2015 TensorFlow Inception v3 ported to TorchScript, whose 2048-d pool features are compared as Gaussians. The resize
 and the network are clean-fid's own (a test checks that folder FIDs equal ``cleanfid.fid.compute_fid``'s). The file
-handling is ours, so that images load with the same checks as everywhere else in turbo-i2i and tensors (generator
-outputs in [-1, 1]) are quantised exactly as saving them to PNG would; the Frechet distance is clean-fid's formula,
-written out for SciPy 1.18 (see ``frechet_distance``).
+handling is ours, so that images load with the same checks as everywhere else in turbo-i2i (files upright by their
+EXIF orientation, as translate reads its inputs; clean-fid ignores it) and tensors (generator outputs in [-1, 1]) are
+quantised exactly as saving them to PNG would; a folder is read with its sub-folders, as clean-fid reads it. The
+Frechet distance is clean-fid's formula, written out for SciPy 1.18 (see ``frechet_distance``).
 
 Trainers cache the reference side once (``fid_statistics(test_folder, net)``) and call
 ``compute_fid(outputs, reference_stats, net)`` on every evaluation.
@@ -212,7 +213,7 @@ def tiny_inception(seed: int = 0, dim: int = 8) -> TinyInception:
 def _as_arrays(images: Images) -> Iterable[np.ndarray]:
     """Yield 8-bit (H, W, 3) RGB arrays from any supported image source, one at a time."""
     if isinstance(images, (str, os.PathLike)):
-        images = pre.list_images(images)
+        images = pre.list_images(images, recursive=True)  # as clean-fid globs a folder (sub-folders included)
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             raise BadInputError(f"FID expects images as (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}.")
@@ -224,7 +225,7 @@ def _as_arrays(images: Images) -> Iterable[np.ndarray]:
             # The same 8-bit quantisation as writing the output to PNG and reading it back.
             image = pre.tensor_to_pil(image)[0]
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
+            image = np.asarray(pre.to_rgb(image))  # 16-bit pictures scaled, as when read from a file
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
             raise BadInputError(
                 "FID images must be paths, PIL images, (3, H, W) tensors in [-1, 1] or uint8 (H, W, 3) arrays;"

@@ -382,7 +382,8 @@ class PairedTrainer(TrainerBase):
             return {}
         generator = self.unwrapped.eval()
         n = len(self.test_data) if self.config.num_eval == 0 else min(self.config.num_eval, len(self.test_data))
-        names = ["eval_l2"] + ["eval_lpips"] * (self.lpips is not None) + ["eval_clip_sim"] * (self.clipsim is not None)
+        names = ["eval_l2"] + ["eval_lpips"] * (self.lpips is not None)
+        names += ["eval_clip_sim"] * (self.clipsim is not None)
         totals = dict.fromkeys(names, 0.0)  # score -> sum over this process's images (its share may be empty)
         triples = []  # (input, output, target) of each of this process's images
         share = list(self.my_share(n))
