@@ -334,6 +334,12 @@ def test_unpaired_references_are_taken_whole_and_paired_ones_named_when_none_is_
     assert report.metrics["fid"] == pytest.approx(
         compute_fid(tmp_path / "out" / "day", tmp_path / "night", nets.inception), rel=1e-9
     )
+    # --inputs inside the references folder (my_data/test_A with my_data as references) are not references
+    write(tmp_path / "night" / "test_A", blobs(4, 4), names=list("abcd"))
+    report = evaluate_folders(tmp_path / "out" / "day", tmp_path / "night", inputs=tmp_path / "night" / "test_A",
+                              dino_structure=True, lpips=False, unpaired=True, networks=nets)  # fmt: skip
+    real_nights = [tmp_path / "night" / f"{name}.png" for name in "vwxyz"]
+    assert report.metrics["fid"] == pytest.approx(compute_fid(tmp_path / "out" / "day", real_nights, nets.inception))
     # paired, the references are looked for beside the outputs only: none there is bad input naming where (was a
     # StopIteration traceback)
     with pytest.raises(BadInputError, match=r"it has no image in the outputs' folders: 'day'.*--unpaired"):

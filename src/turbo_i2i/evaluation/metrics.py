@@ -247,7 +247,9 @@ def _plan(
     # other sub-folders may hold anything, an earlier run's outputs say, which would otherwise join the FID reference
     # set. Unpaired, the references are a set of their own (real night images for day->night outputs), taken whole.
     where = {Path(key).parent.as_posix() for key in outs}
-    refs = _by_key(references, problems, skip=[outputs], within=None if unpaired else where)
+    # (--inputs inside the references, my_data/test_A beside my_data/test_B, would join a set taken whole: skipped)
+    skip = [outputs, *([inputs] if unpaired and inputs is not None else [])]
+    refs = _by_key(references, problems, skip=skip, within=None if unpaired else where)
     unmatched: dict[str, list[str]] = {}
     scored, partners = dict(outs), {}
     if not unpaired:
