@@ -139,8 +139,11 @@ def test_resume_with_other_settings_is_refused(translator, clip, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         translate_video(translator, clip, out, batch_size=2, progress=False, on_frame=interrupt)
-    with pytest.raises(BadInputError, match="options"):
-        translate_video(translator, clip, out, batch_size=2, prompt="a green circle", progress=False, resume=True)
+    # the message names each changed option with both values ("options" alone did not say which)
+    with pytest.raises(BadInputError, match=r"options\.prompt \(was None, now 'a green circle'\); options\.seed "
+                       r"\(was 0, now 3\)\. Use the same"):  # fmt: skip
+        translate_video(translator, clip, out, batch_size=2, prompt="a green circle", seed=3, progress=False,
+                        resume=True)  # fmt: skip
     result = translate_video(translator, clip, out, batch_size=2, progress=False, overwrite=True)
     assert result.frames == 12 and result.resumed_from == 0
 

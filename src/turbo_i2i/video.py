@@ -340,6 +340,19 @@ def _frame_files(work: Path, count: int) -> list[Path]:
     return [work / FRAME_PATTERN.format(i) for i in range(count)]
 
 
+def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between two run records, entry by entry ("options.seed (was 0, now 7)"; long values unshown)."""
+    found = []
+    for key in sorted(earlier.keys() | now.keys()):
+        was, new = earlier.get(key), now.get(key)
+        if isinstance(was, dict) and isinstance(new, dict):
+            found += _differences(was, new, f"{prefix}{key}.")
+        elif was != new:
+            values = f" (was {was!r}, now {new!r})" if len(repr(was)) + len(repr(new)) < 80 else ""
+            found.append(f"{prefix}{key}{values}")
+    return found
+
+
 def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> int:
     """Create or check the sidecar folder; return how many leading frames an earlier run already wrote.
 
@@ -364,10 +377,11 @@ def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> 
             earlier = json.loads((work / META_NAME).read_text())
         except (OSError, json.JSONDecodeError):
             earlier = None
-        if earlier != json.loads(json.dumps(meta)):
-            changed = sorted(k for k in meta if earlier is None or earlier.get(k) != json.loads(json.dumps(meta[k])))
+        now = json.loads(json.dumps(meta))  # as it would read back (tuples as lists)
+        if earlier != now:
+            changed = _differences(earlier if isinstance(earlier, dict) else {}, now)
             raise BadInputError(
-                f"Cannot resume from '{work}': the interrupted run differs in {', '.join(changed) or 'its record'}."
+                f"Cannot resume from '{work}': the interrupted run differs in {'; '.join(changed) or 'its record'}."
                 " Use the same input, model and options, or pass --overwrite to start over."
             )
         done = 0
