@@ -93,14 +93,19 @@ def test_a_seed_that_is_not_a_whole_number_is_named_not_cut(stochastic_dir):
 
 def test_model_picker_lists_every_named_model_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBO_I2I_CACHE", str(tmp_path))  # nothing downloaded
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # no backbone either
     choices = {c.ref: c for c in model_choices()}
     assert set(choices) == {"demo-circles", "edge_to_image", "sketch_to_image_stochastic", "day_to_night",
                             "night_to_day", "clear_to_rainy", "rainy_to_clear"}  # fmt: skip
     assert choices["demo-circles"].available and choices["demo-circles"].label == "demo-circles"
     day = choices["day_to_night"]
-    assert not day.available and day.reason == "needs a download of day2night.pkl"
-    assert day.label == "day_to_night (unavailable: needs a download of day2night.pkl)"
+    missing = "needs a download of day2night.pkl and stabilityai/sd-turbo in the hub cache"
+    assert not day.available and day.reason == missing  # the backbone is named too
+    assert day.label == f"day_to_night (unavailable: {missing})"
     assert next(iter(model_choices())).ref == "demo-circles"  # available models come first
+    (tmp_path / "day2night.pkl").write_bytes(b"downloaded")
+    day = {c.ref: c for c in model_choices()}["day_to_night"]
+    assert not day.available and day.reason == "needs stabilityai/sd-turbo in the hub cache"
 
 
 def test_a_typed_folder_wins_and_a_missing_one_is_reported(tmp_path):

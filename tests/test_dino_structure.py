@@ -150,7 +150,7 @@ def test_load_dino_offline_is_one_paragraph_naming_the_hub_repo(tmp_path, monkey
     message = str(error.value)
     assert error.value.exit_code == 1 and "\n" not in message
     repo = "timm/vit_base_patch8_224.dino"
-    for text in (repo, f"huggingface-cli download {repo}", str(tmp_path / "hf" / "hub"), "path=", "HF_HUB_OFFLINE"):
+    for text in (repo, f"hf download {repo}", str(tmp_path / "hf" / "hub"), "path=", "HF_HUB_OFFLINE"):
         assert text in message
 
 

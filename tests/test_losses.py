@@ -75,7 +75,7 @@ def test_load_clip_offline_names_the_hub_repo_and_how_to_provide_it(offline):
     with pytest.raises(TurboI2IError) as error:
         load_clip("ViT-B-32", "openai")
     repo = "timm/vit_base_patch32_clip_224.openai"
-    assert_one_paragraph_missing_weights(error, repo, f"huggingface-cli download {repo}", str(offline / "hf" / "hub"))
+    assert_one_paragraph_missing_weights(error, repo, f"hf download {repo}", str(offline / "hf" / "hub"))
 
 
 def test_load_clip_bad_input(offline):

@@ -166,6 +166,21 @@ def test_unknown_model_lists_the_known_ones():
         Translator.from_pretrained("no-such-model")
 
 
+def test_a_named_model_offline_names_every_missing_download(tmp_path, monkeypatch):
+    """The message named the .pkl only; a user who fetched it then met the missing backbone on the next try."""
+    from turbo_i2i.errors import TurboI2IError
+
+    monkeypatch.setenv("TURBO_I2I_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TurboI2IError) as caught:
+        Translator.from_pretrained("day_to_night")
+    message = str(caught.value)
+    assert "day2night.pkl is not in the cache" in message and f"place it at {tmp_path / 'day2night.pkl'}" in message
+    assert f"stabilityai/sd-turbo, which is not in the Hugging Face cache ({tmp_path / 'hub'})" in message
+    assert "hf download stabilityai/sd-turbo" in message
+
+
 @pytest.mark.parametrize("answer", ["no such repository", "offline", "gated"])
 def test_a_missing_folder_that_looks_like_a_hub_id_is_named_as_both(monkeypatch, answer):
     """ "runs/edges" (a folder that is not there) is also a valid hub id: when the hub says there is no such

@@ -216,7 +216,7 @@ def _missing_weights_message(name: str, error: Exception, unreachable: bool = Fa
         f" It was looked for as a local folder in the diffusers layout (tokenizer/, text_encoder/, unet/, vae/,"
         f" scheduler/) and as a Hugging Face hub id in the local cache ({hub_cache()}) and, unless HF_HUB_OFFLINE=1,"
         f" on the hub. To provide it: download it once on a machine with a network"
-        f" (`huggingface-cli download {name}`) and copy the cache, or pass the path of a local folder, or set HF_HOME"
+        f" (`hf download {name}`) and copy the cache, or pass the path of a local folder, or set HF_HOME"
         f" to a cache that holds it. Built-in backbones that need no download: {', '.join(BUILTIN_BACKBONES)}."
     )
 

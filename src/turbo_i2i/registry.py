@@ -107,15 +107,21 @@ def availability(model: NamedModel) -> tuple[bool, str]:
     if model.file is None:
         ok = (model.builtin_path / WEIGHTS_NAME).is_file()
         return ok, "ships with the package" if ok else "weights missing from this install"
-    if not (cache_dir() / model.file).is_file():
-        return False, f"needs a download of {model.file}"
+    missing = [] if (cache_dir() / model.file).is_file() else [f"a download of {model.file}"]
+    if not _backbone_cached():
+        missing.append(f"{DEFAULT_BACKBONE} in the hub cache")
+    return (False, f"needs {' and '.join(missing)}") if missing else (True, "cached")
+
+
+def _backbone_cached() -> bool:
+    """Whether the default backbone's snapshot is in the local Hugging Face cache (looked up, never downloaded)."""
     from huggingface_hub import snapshot_download
 
     try:
         snapshot_download(DEFAULT_BACKBONE, local_files_only=True, cache_dir=hub_cache())
     except Exception:  # any failure means "not in the local cache"
-        return False, f"needs {DEFAULT_BACKBONE} in the hub cache"
-    return True, "cached"
+        return False
+    return True
 
 
 def check_reference(name_or_path: str | os.PathLike) -> None:
@@ -164,7 +170,16 @@ def load_model(
         model = MODELS[ref]
         if model.file is None:
             return load_pretrained(model.builtin_path, device, dtype, base_model=base_model)
-        path = download(OFFICIAL_URL + model.file, cache_dir() / model.file)
+        try:
+            path = download(OFFICIAL_URL + model.file, cache_dir() / model.file)
+        except TurboI2IError as error:
+            if base_model is None and not _backbone_cached():  # say so now, not after the user fetched the file
+                raise TurboI2IError(
+                    f"{error} The model also runs on {DEFAULT_BACKBONE}, which is not in the Hugging Face cache"
+                    f" ({hub_cache()}) either: fetch it on a machine with a network (`hf download {DEFAULT_BACKBONE}`)"
+                    " and copy the cache over."
+                ) from error
+            raise
         return load_official(path, base_model or DEFAULT_BACKBONE, device, dtype, **model.overrides)
     path = Path(ref)
     if path.is_dir():

@@ -241,7 +241,7 @@ def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> s
             error = e
     looked_for = f"as {' or '.join(_WEIGHT_FILES)} of the Hugging Face hub repo {repo_id!r} in the cache {cache}"
     hint = (
-        f"run `huggingface-cli download {repo_id}` once on a machine with a network and copy the cache, or set"
+        f"run `hf download {repo_id}` once on a machine with a network and copy the cache, or set"
         f" HF_HOME to a cache that holds it"
     )
     reason = "not in the cache and offline" if offline else load_failure(error)

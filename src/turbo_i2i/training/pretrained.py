@@ -215,7 +215,7 @@ def _clip_from_hf(name: str, tag: str, hf_hub: str, offline: bool) -> str:
     if not offline:
         looked_for += " and on the hub"
     hint = (
-        f"run `huggingface-cli download {repo_id}` once on a machine with a network and copy the cache, or set"
+        f"run `hf download {repo_id}` once on a machine with a network and copy the cache, or set"
         f" HF_HOME to a cache that holds it"
     )
     reason = "not in the cache and offline" if offline else load_failure(error)
