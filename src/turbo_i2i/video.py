@@ -252,8 +252,7 @@ def translate_video(
         target: the output video (``.mp4``, ``.mov``, ``.mkv``, ``.m4v`` or ``.avi``).
         prompt, direction, r, edges, canny_thresholds: as in ``Translator.__call__``, the same for every frame.
         seed: seed of the one noise map all frames share.
-        batch_size: frames per forward pass (deterministic models; a stochastic model runs one frame per call so
-            every frame gets the same noise map).
+        batch_size: frames per forward pass (a resume may use another).
         tile_size: translate frames larger than this in overlapping tiles (as in ``Translator.__call__``).
         resume: continue the interrupted run whose frames are in ``frames_dir(target)``.
         overwrite: replace an existing output and discard an interrupted run's frames.
@@ -274,23 +273,36 @@ def translate_video(
     if target.suffix.lower() not in OUTPUT_CODECS:
         raise BadInputError(f"Cannot write a video to '{target}'; use one of {', '.join(OUTPUT_CODECS)}.")
     # before anything is written: a refused option must not leave a frames folder that blocks the corrected run
-    translator.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
+    resolved_direction, resolved_edges = translator.check_options(
+        prompt, direction, batch_size, tile_size, r, edges, canny_thresholds
+    )
     if target.exists() and not overwrite:
         raise BadInputError(f"'{target}' already exists; pass --overwrite to replace it.")
     info = probe(source)
-    options = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges,
-                   canny_thresholds=list(canny_thresholds), tile_size=tile_size)  # fmt: skip
+    config = translator.config
     stat = source.stat()
     meta = {
         "source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-        "model": model, "config": translator.config.to_dict(), "options": options, "batch_size": batch_size,
+        "model": model, "config": config.to_dict(), "batch_size": batch_size,
+        # What decides the pixels, as they take effect: a default spelled out or a tile larger than the frames
+        # (which tiles nothing) does not make a resume differ.
+        "options": dict(
+            prompt=config.prompts.get(resolved_direction) if prompt is None else prompt,
+            direction=resolved_direction, edges=resolved_edges,
+            r=config.default_r if r is None and config.stochastic else r, seed=seed if config.stochastic else None,
+            canny_thresholds=list(canny_thresholds) if resolved_edges == "canny" else None,
+            tile_size=tile_size if tile_size and max(pre.model_size(*info.size)) > tile_size else None,
+        ),
     }  # fmt: skip
     work = frames_dir(target)
-    done = _prepare_work_dir(work, meta, resume=resume, overwrite=overwrite)
+    done, earlier_batch_size = _prepare_work_dir(work, meta, resume=resume, overwrite=overwrite)
     # Restart at a batch boundary: the frames of a batch are computed together, and a batch of other frames would
-    # round differently, so the resumed run redoes the batch it was in and then matches the uninterrupted one.
-    start = done // batch_size * batch_size
-    call = {**options, "canny_thresholds": tuple(canny_thresholds)}
+    # round differently, so the resumed run redoes the batch it was in and then matches the uninterrupted one. A
+    # resume with another batch size (a smaller one after running out of memory) goes on from the last frame: its
+    # file then equals an uninterrupted run's up to rounding (a level here and there), not byte for byte.
+    start = done // batch_size * batch_size if earlier_batch_size == batch_size else done
+    call = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges,
+                canny_thresholds=tuple(canny_thresholds), tile_size=tile_size)  # fmt: skip
     written, pending = start, []
 
     def flush():
@@ -353,17 +365,19 @@ def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> int:
+def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> tuple[int, int]:
     """Create or check the sidecar folder; return how many leading frames an earlier run already wrote.
 
     Args:
         work: the sidecar folder.
-        meta: this run's source, model and settings (stored there, and compared on resume).
+        meta: this run's source, model and settings (stored there, and compared on resume, all but its
+            ``batch_size``, which a resume may change: the record then takes the new one).
         resume: continue an earlier run.
         overwrite: discard an earlier run's frames.
 
     Returns:
-        the number of consecutive frames from frame 0 found there (0 for a new run).
+        (the number of consecutive frames from frame 0 found there, the batch size they were made with): (0, this
+        run's) for a new run.
     """
     if work.exists() and not resume:
         if not overwrite:
@@ -377,20 +391,27 @@ def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> 
             earlier = json.loads((work / META_NAME).read_text())
         except (OSError, json.JSONDecodeError):
             earlier = None
+        earlier = earlier if isinstance(earlier, dict) else {}
         now = json.loads(json.dumps(meta))  # as it would read back (tuples as lists)
-        if earlier != now:
-            changed = _differences(earlier if isinstance(earlier, dict) else {}, now)
+        changed = _differences({**earlier, "batch_size": None}, {**now, "batch_size": None})
+        if changed:
             raise BadInputError(
-                f"Cannot resume from '{work}': the interrupted run differs in {'; '.join(changed) or 'its record'}."
+                f"Cannot resume from '{work}': the interrupted run differs in {'; '.join(changed)}."
                 " Use the same input, model and options, or pass --overwrite to start over."
             )
         done = 0
         while (work / FRAME_PATTERN.format(done)).is_file():
             done += 1
-        return done
+        if earlier.get("batch_size") != meta["batch_size"]:
+            _write_meta(work, meta)
+        return done, earlier.get("batch_size")
     try:
         work.mkdir(parents=True)
-        (work / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        _write_meta(work, meta)
     except OSError as error:
         raise TurboI2IError(f"Cannot create '{work}' for the frames ({error.strerror}); check the folder.") from error
-    return 0
+    return 0, meta["batch_size"]
+
+
+def _write_meta(work: Path, meta: dict) -> None:
+    (work / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
