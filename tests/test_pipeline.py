@@ -116,6 +116,25 @@ def test_edges_are_extracted_as_asked(translator):
     assert np.array_equal(np.asarray(via_option), np.asarray(by_hand))
     with pytest.raises(BadInputError, match="thresholds"):
         translator(image, edges="canny", canny_thresholds=(200, 100))
+    # "none", as the command line spells it, is None (the message listed "none" and refused it)
+    assert np.array_equal(np.asarray(translator(pre.canny(image, 50, 150), edges="none")), np.asarray(by_hand))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(tile_size=128.0), r"tile_size must be a multiple of 8 and at least 128, got 128\.0"),
+        (dict(tile_size="128"), r"tile_size must be .* got '128'"),
+        (dict(tile_size=True), r"tile_size must be .* got True"),
+        (dict(edges="canny", canny_thresholds="100,200"), r"canny_thresholds must be \(low, high\), got '100,200'"),
+        (dict(edges="canny", canny_thresholds=(100,)), r"canny_thresholds must be \(low, high\)"),
+        (dict(sample_posterior="no"), "sample_posterior must be True or False, got 'no'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_bad_input_naming_them(translator, options, message):
+    """Each was a TypeError from deep inside (or, for "no", silently True)."""
+    with pytest.raises(BadInputError, match=message):
+        translator(picture(40, 40), **options)
 
 
 def test_stochastic_model_seed_and_r(tmp_path):
@@ -209,6 +228,10 @@ def test_a_missing_folder_that_looks_like_a_hub_id_is_named_as_both(monkeypatch,
 def test_gigapixel_header_is_refused_before_decoding(translator):
     with pytest.raises(BadInputError, match="pixels"):
         translator(Image.new("RGB", (5000, 5000)))
+    small = Translator.from_pretrained("demo-circles", max_pixels=40 * 40)  # the limit is a loading option too
+    assert small(picture(40, 40)).size == (40, 40)
+    with pytest.raises(BadInputError, match="limit of 1600 pixels"):
+        small(picture(41, 40))
 
 
 def test_one_pixel_image_comes_back_as_one_pixel(translator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -96,8 +97,11 @@ def check_tile_size(tile_size: int | None, name: str = "tile_size") -> None:
     Raises:
         BadInputError: not a multiple of 8 (the VAE's factor), or too small for the tiles' overlap.
     """
-    if tile_size is not None and (tile_size % 8 or tile_size < 2 * TILE_OVERLAP):
-        raise BadInputError(f"{name} must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size}.")
+    if tile_size is None:
+        return
+    whole = not isinstance(tile_size, bool) and isinstance(tile_size, numbers.Integral)
+    if not whole or tile_size % 8 or tile_size < 2 * TILE_OVERLAP:
+        raise BadInputError(f"{name} must be a multiple of 8 and at least {2 * TILE_OVERLAP}, got {tile_size!r}.")
 
 
 class Translator:
@@ -164,6 +168,7 @@ class Translator:
         fast: bool = True,
         compile: bool | str = False,
         base_model: str | os.PathLike | None = None,
+        max_pixels: int = pre.MAX_PIXELS,
     ) -> Translator:
         """Load a named model, a model folder, an official ``.pkl`` file or a hub id.
 
@@ -178,6 +183,7 @@ class Translator:
                 faster later ones).
             base_model: the backbone to load the model on (a hub id or local diffusers folder) instead of the one its
                 config names; needed for a model trained on a local backbone folder (see ``registry.load_model``).
+            max_pixels: images whose header claims more pixels are refused before decoding.
 
         Returns:
             a ``Translator``.
@@ -186,7 +192,9 @@ class Translator:
         generator, backbone = load_model(
             name_or_path, device=device, dtype=torch.float32 if fast else dtype, base_model=base_model
         )
-        translator = cls(generator, backbone, fast=fast, dtype=dtype if fast else None, compile=compile)
+        translator = cls(
+            generator, backbone, max_pixels=max_pixels, fast=fast, dtype=dtype if fast else None, compile=compile
+        )
         if not fast:  # loaded in dtype already; the fast path warns as it casts
             warn_if_emulated(translator.device, dtype, f"dtype {dtype_name(dtype)}")
         return translator
@@ -283,9 +291,14 @@ class Translator:
         check_tile_size(tile_size)
         self.generator.check_r(r)
         edges = self.config.preprocess if edges == "default" else edges
+        edges = None if edges == "none" else edges  # the command line's spelling of None
         if edges not in ("canny", "sketch", None):
-            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or none.")
+            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or None.")
         if edges == "canny":
+            if isinstance(canny_thresholds, (str, bytes)) or not (
+                isinstance(canny_thresholds, Sequence) and len(canny_thresholds) == 2
+            ):
+                raise BadInputError(f"canny_thresholds must be (low, high), got {canny_thresholds!r}.")
             pre.check_canny_thresholds(*canny_thresholds)
         if prompt is None or isinstance(prompt, str):
             self._resolve_prompt(prompt, direction)
@@ -307,7 +320,7 @@ class Translator:
         if edges == "sketch":
             return pre.sketch(rgb)
         if edges is not None:
-            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or none.")
+            raise BadInputError(f"Unknown edge extraction {edges!r}; expected canny, sketch or None.")
         return rgb
 
     def __call__(
@@ -362,6 +375,8 @@ class Translator:
             raise BadInputError("No images to translate.")
         direction, edges = self.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
         seed = None if seed is None else check_seed(seed)
+        if sample_posterior not in (True, False):  # "no" would be truthy: it sampled
+            raise BadInputError(f"sample_posterior must be True or False, got {sample_posterior!r}.")
         if isinstance(prompt, (bytes, bytearray)) or not (prompt is None or isinstance(prompt, (str, Sequence))):
             raise BadInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] * len(items) if prompt is None or isinstance(prompt, str) else list(prompt)
