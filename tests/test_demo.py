@@ -91,6 +91,23 @@ def test_a_seed_that_is_not_a_whole_number_is_named_not_cut(stochastic_dir):
             backend.translate_drawing(drawing, "x", "none", 0.5, bad, "", stochastic_dir)
 
 
+def test_form_values_a_browser_would_not_send_are_named(stochastic_dir):
+    """The core functions are public: None or NaN thresholds, a text r, a float array in [0, 1] (cast to black) and a
+    page too large to scale the result back to were TypeErrors, ValueErrors, a blank page or a 1.2 GB picture."""
+    backend = DemoBackend()
+    photo = np.zeros((40, 60, 3), np.uint8)
+    for low in (None, float("nan")):
+        with pytest.raises(BadInputError, match="Canny thresholds"):
+            backend.translate_upload(photo, "canny", low, 200, "x")
+    drawing = circle_drawing(side=64, radius=20, width=2)
+    with pytest.raises(BadInputError, match=r"r must be a number in \[0, 1\], got 'abc'"):
+        backend.translate_drawing(drawing, "x", "none", "abc", 0, "", stochastic_dir)
+    with pytest.raises(BadInputError, match="8-bit values .* got float32"):
+        backend.translate_drawing(np.asarray(drawing).astype(np.float32) / 255, "x")
+    with pytest.raises(BadInputError, match="The drawing is 5000x5000 .* more than the limit"):
+        backend.translate_drawing(Image.new("L", (5000, 5000), 255), "x")
+
+
 def test_model_picker_lists_every_named_model_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBO_I2I_CACHE", str(tmp_path))  # nothing downloaded
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # no backbone either

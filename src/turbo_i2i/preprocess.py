@@ -76,7 +76,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=READ_FORMATS) as image:
-                _check_size(image.size, max_pixels, f"Image '{path}'")
+                check_size(image.size, max_pixels, f"Image '{path}'")
                 _note_animation(image, f"Image '{path}'")
                 image.load()
                 return to_rgb(_upright(image, path), path)
@@ -135,7 +135,7 @@ def load_image_or_pil(image: str | os.PathLike | Image.Image, max_pixels: int = 
     if not isinstance(image, Image.Image):
         raise BadInputError(f"Expected an image path or a PIL image, got a {type(image).__name__}; pass one of those.")
     name = _describe(image)
-    _check_size(image.size, max_pixels, name)
+    check_size(image.size, max_pixels, name)
     _note_animation(image, name)
     try:
         # An image straight from Image.open is still lazy; a truncated file only fails here.
@@ -465,11 +465,19 @@ def _check_is_file(path: Path) -> None:
         raise BadInputError(f"'{path}' is a folder, not an image file; pass a file (or use the folder option).")
 
 
-def _check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
+def check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
     """Refuse empty images and images with more than ``max_pixels`` pixels, using the size alone.
 
     The size the model would run at counts too: a tiny file holding a 1 x 4000 strip is scaled up to 64 x 256000,
     so without this check a few bytes could demand gigabytes of model memory (a decompression bomb one step later).
+
+    Args:
+        size: (width, height).
+        max_pixels: the most pixels accepted (``math.inf``: any number).
+        name: how the message names the image.
+
+    Raises:
+        BadInputError: naming the image, its size and the limit.
     """
     width, height = size
     if width < 1 or height < 1:
@@ -507,7 +515,7 @@ def _condition_input(image: str | os.PathLike | Image.Image) -> Image.Image:
     A PIL image is not EXIF-rotated here so the condition map stays aligned with the picture the caller holds.
     """
     if isinstance(image, Image.Image):
-        _check_size(image.size, math.inf, _describe(image))
+        check_size(image.size, math.inf, _describe(image))
         return to_rgb(image, _describe(image))
     return load_image_or_pil(image)
 

@@ -97,7 +97,9 @@ def flatten_drawing(drawing) -> Image.Image:
     if drawing is None:
         raise BadInputError("The canvas is empty; draw something first.")
     if isinstance(drawing, np.ndarray):
-        drawing = Image.fromarray(drawing.astype(np.uint8))
+        if drawing.dtype != np.uint8:  # a cast would turn [0, 1] floats black, not scale them
+            raise BadInputError(f"A drawing array must hold 8-bit values (uint8, 0-255), got {drawing.dtype}.")
+        drawing = Image.fromarray(drawing)
     if not isinstance(drawing, Image.Image):
         raise BadInputError(f"Expected a drawing (image), got a {type(drawing).__name__}.")
     if drawing.mode in ("RGBA", "LA", "PA") or "transparency" in drawing.info:
@@ -144,6 +146,8 @@ def upload_to_condition(image, edges: str, low: int, high: int, side: int) -> Im
     """
     if image is None:
         raise BadInputError("No picture uploaded; upload one first.")
+    if edges == "canny":  # before int(): None or NaN from a form is named, not a TypeError / ValueError
+        pre.check_canny_thresholds(low, high)
     rgb = flatten_drawing(image)
     rgb = rgb.resize(_fit(rgb.width, rgb.height, side), Image.Resampling.LANCZOS)
     if edges == "canny":
@@ -278,7 +282,7 @@ class DemoBackend:
             the output image, at the condition's size.
         """
         translator = self.translator(ref)
-        r = float(r) if translator.config.stochastic and r is not None else None
+        r = r if translator.config.stochastic else None  # checked by the Translator (a string is named, not cast)
         seed = None if seed is None else _whole_number(seed)
         # The input is already what the model reads (strokes or edges), so the model's own extraction is skipped.
         return translator(condition, prompt=styled_prompt(prompt, style), r=r, seed=seed, edges=None)
@@ -309,6 +313,8 @@ class DemoBackend:
         """
         ref = self.resolve(model, folder)
         page = flatten_drawing(drawing)
+        # the result is scaled back to the page's size: a 20000 px page would make a 1.2 GB picture
+        pre.check_size(page.size, pre.MAX_PIXELS, "The drawing")
         out = self.translate(drawing_to_condition(page, self.native_side(ref)), prompt, style, r, seed, ref)
         return out.resize(page.size, Image.Resampling.BICUBIC) if out.size != page.size else out
 
