@@ -29,6 +29,9 @@ def test_translate_one_file(run, tmp_path):
     code, err = run("--input", source, "--output", tmp_path / "out.png")
     assert code == 0, err
     assert Image.open(tmp_path / "out.png").size == (40, 24)
+    # "new/" names a folder, made for it (was "Cannot write 'new': use one of .jpg, ...")
+    assert run("--input", source, "--output", f"{tmp_path / 'new'}/")[0] == 0
+    assert Image.open(tmp_path / "new" / "in.png").size == (40, 24)
 
 
 def test_existing_output_is_kept_unless_overwrite(run, tmp_path):
@@ -292,6 +295,10 @@ def test_every_training_flag_says_what_it_does_and_its_default(task, capsys):
         (["eval", "--outputs", "o", "--references", "r", "--device", "cuda:7"], "'cuda:7': this machine has"),
         (["demo", "--port", "70000"], "a port must be between 1 and 65535"),
         (["train", "unpaired", "--dataset", "d", "--output-dir", "o", "--stop-at", "0"], "a step must be at least 1"),
+        # not "invalid _seed value: '2.7'" (the type function's private name)
+        (["translate", "--input", "x.png", "--output", "y.png", "--seed", "2.7"], "a seed must be a whole number"),
+        (["demo", "--port", "http"], "a port must be a whole number, got 'http'"),
+        (["train", "paired", "--dataset", "d", "--output-dir", "o", "--stop-at", "1e3"], "a step must be a whole"),
     ],
 )
 def test_an_impossible_number_or_device_is_a_usage_error(args, message, capsys):

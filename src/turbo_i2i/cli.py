@@ -22,10 +22,19 @@ STDOUT = "-"  # --json -: the JSON on standard output instead of the table
 logger = logging.getLogger("turbo_i2i")
 
 
+def _whole(text: str, what: str) -> int:
+    """``text`` as an int, or argparse's error naming ``what`` (a bare ValueError shows the type's function name:
+    "invalid _seed value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed torch's generators take (``seeds.SEEDS``)."""
     try:
-        return check_seed(int(text), "a seed")
+        return check_seed(_whole(text, "a seed"), "a seed")
     except BadInputError as error:
         raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
 
@@ -39,7 +48,7 @@ def _path(text: str) -> str:
 
 def _step(text: str) -> int:
     """An argparse type: a training step (1 or more)."""
-    value = int(text)
+    value = _whole(text, "a step")
     if value < 1:
         raise argparse.ArgumentTypeError(f"a step must be at least 1, got {text}")
     return value
@@ -47,7 +56,7 @@ def _step(text: str) -> int:
 
 def _port(text: str) -> int:
     """An argparse type: a TCP port (1-65535)."""
-    value = int(text)
+    value = _whole(text, "a port")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port must be between 1 and 65535, got {text}")
     return value
@@ -277,7 +286,7 @@ def _translate(args: argparse.Namespace) -> int:
             "--resume continues a video (or a folder, which keeps what it finds anyway); one image has nothing to"
             " resume: leave it out."
         )
-    if not folder and target.is_dir():
+    if not folder and (target.is_dir() or args.output.endswith(("/", os.sep))):  # "out/": a folder, made if new
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
