@@ -219,6 +219,24 @@ def test_concurrent_users_each_get_their_own_prompt_r_and_seed(stochastic_dir):
         assert results[i] is not None and np.abs(results[i].astype(int) - alone[i]).max() <= 1, i
 
 
+def test_an_unpaired_model_runs_the_direction_asked(tmp_path):
+    """The demo always ran an unpaired model's default direction (no control for it)."""
+    generator, _ = make_generator("unpaired", trained_seed=4, prompts={"a2b": "night", "b2a": "day"})
+    folder = str(save_pretrained(generator, tmp_path / "unpaired"))
+    backend = DemoBackend()
+    photo = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)))
+    translator = Translator.from_pretrained(folder)
+    results = {}
+    for direction in ("a2b", "b2a"):
+        condition, out = backend.translate_upload(photo, "none", 100, 200, "", "none", None, 0, "", folder, direction)
+        expected = translator(condition, direction=direction, edges=None)
+        assert np.array_equal(np.asarray(out), np.asarray(expected)), direction
+        results[direction] = np.asarray(out, dtype=int)
+    assert np.abs(results["a2b"] - results["b2a"]).mean() > 1
+    default = backend.translate_upload(photo, "none", 100, 200, "", "none", None, 0, "", folder)[1]
+    assert np.array_equal(np.asarray(default), results["a2b"])
+
+
 def test_r_is_ignored_by_deterministic_models(tiny_model_dir):
     backend = DemoBackend()
     drawing = circle_drawing(side=64, radius=20, width=2)
@@ -258,7 +276,7 @@ def test_the_app_builds_with_every_control():
 
     blocks = build_app(DemoBackend())
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
-    assert {"canvas", "run", "prompt", "output", "model", "new-seed", "live"} <= ids
+    assert {"canvas", "run", "prompt", "output", "model", "new-seed", "live", "direction"} <= ids
     labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
     assert {"seed", "style", "r (stochastic models: faithfulness)", "Canny low threshold", "Canny high threshold",
             "model input (edge map)", "or a local model folder"} <= labels  # fmt: skip

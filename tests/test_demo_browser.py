@@ -37,17 +37,21 @@ class RecordingBackend(DemoBackend):
         super().__init__()
         self.calls = []
 
-    def translate_drawing(self, drawing, prompt, style="none", r=None, seed=0, model="demo-circles", folder=None):
-        output = super().translate_drawing(drawing, prompt, style, r, seed, model, folder)
+    def translate_drawing(self, drawing, prompt, style="none", r=None, seed=0, model="demo-circles", folder=None,
+                          direction=None):  # fmt: skip
+        output = super().translate_drawing(drawing, prompt, style, r, seed, model, folder, direction)
         page = np.asarray(flatten_drawing(drawing))
-        self.calls.append(dict(page=page, prompt=prompt, style=style, seed=seed, model=model, output=output))
+        self.calls.append(dict(page=page, prompt=prompt, style=style, seed=seed, model=model, direction=direction,
+                               output=output))  # fmt: skip
         return output
 
     def translate_upload(self, image, edges, low, high, prompt, style="none", r=None, seed=0, model="demo-circles",
-                         folder=None):  # fmt: skip
-        condition, output = super().translate_upload(image, edges, low, high, prompt, style, r, seed, model, folder)
+                         folder=None, direction=None):  # fmt: skip
+        condition, output = super().translate_upload(
+            image, edges, low, high, prompt, style, r, seed, model, folder, direction
+        )
         self.calls.append(dict(upload=np.asarray(image), edges=edges, low=low, high=high, prompt=prompt,
-                               condition=condition, output=output))  # fmt: skip
+                               direction=direction, condition=condition, output=output))  # fmt: skip
         return condition, output
 
 
@@ -172,7 +176,9 @@ def test_drawn_circle_and_prompt_reach_the_model_and_its_output_comes_back(drawn
             f"\ndemo screenshot: {screenshot}\ncentre colour {inside} (prompted red {list(COLOURS['red'])}), outside"
             f" {outside} (prompted blue {list(COLOURS['blue'])})"
         )
-    assert (call["prompt"], call["style"], call["seed"], call["model"]) == (PROMPT, "none", 0, "demo-circles")
+    assert (call["prompt"], call["style"], call["seed"], call["model"], call["direction"]) == (
+        PROMPT, "none", 0, "demo-circles", "a2b",  # the direction control's value reaches the backend too
+    )  # fmt: skip
     assert call["page"].shape == (SIDE, SIDE, 3) and stroke_is_on_circle(call["page"], (SIDE / 2, SIDE / 2), 150)
     # the downloaded file is the model's output for that drawing and prompt, pixel for pixel, at the canvas's size
     assert output.shape == (SIDE, SIDE, 3) and np.array_equal(output, np.asarray(call["output"]))

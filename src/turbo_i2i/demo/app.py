@@ -55,6 +55,7 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
                 f"**{ref}** is unavailable here: {picked.reason}.",
                 gr.update(interactive=False),
                 gr.update(value=False),
+                gr.update(interactive=False),
             )
         translator = backend.translator(ref)
         fast = backend.is_fast(ref)
@@ -62,16 +63,18 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
         note = "translating on every stroke" if fast else "too slow for every stroke: press Run"
         status = f"**{ref}** loaded ({backend.native_side(ref)} px, {note})."
         r = gr.update(interactive=stochastic, value=translator.config.default_r if stochastic else 1.0)
-        return status, r, gr.update(value=fast)
+        unpaired = len(translator.config.directions) > 1
+        direction = gr.update(interactive=unpaired, value=translator.config.default_direction)
+        return status, r, gr.update(value=fast), direction
 
     @guarded
-    def run_drawing(drawing, prompt, style, r, seed, name, folder):
-        return backend.translate_drawing(drawing, prompt, style, r, seed, name, folder)
+    def run_drawing(drawing, prompt, style, r, seed, name, folder, direction):
+        return backend.translate_drawing(drawing, prompt, style, r, seed, name, folder, direction)
 
-    def live_drawing(drawing, prompt, style, r, seed, name, folder, live):
+    def live_drawing(drawing, prompt, style, r, seed, name, folder, direction, live):
         if not live or drawing is None or _blank(drawing):
             return gr.skip()
-        return run_drawing(drawing, prompt, style, r, seed, name, folder)
+        return run_drawing(drawing, prompt, style, r, seed, name, folder, direction)
 
     @guarded
     def show_edges(image, edges, low, high, name, folder):
@@ -82,8 +85,8 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
         return upload_to_condition(image, edges, low, high, backend.native_side(backend.resolve(name, folder)))
 
     @guarded
-    def run_upload(image, edges, low, high, prompt, style, r, seed, name, folder):
-        return backend.translate_upload(image, edges, low, high, prompt, style, r, seed, name, folder)
+    def run_upload(image, edges, low, high, prompt, style, r, seed, name, folder, direction):
+        return backend.translate_upload(image, edges, low, high, prompt, style, r, seed, name, folder, direction)
 
     with gr.Blocks(title="turbo-i2i demo", analytics_enabled=False) as app:
         gr.Markdown("# turbo-i2i: one-step image translation\nDraw or upload, describe the picture, get it back.")
@@ -117,6 +120,10 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
                     seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=MAX_SEED)
                     new_seed = gr.Button("new seed", elem_id="new-seed")
                 r = gr.Slider(0, 1, value=1.0, step=0.05, label="r (stochastic models: faithfulness)")
+                direction = gr.Radio(
+                    ["a2b", "b2a"], value="a2b", label="direction (unpaired models)", interactive=False,
+                    elem_id="direction",
+                )  # fmt: skip
             with gr.Column():
                 model = gr.Dropdown(
                     [(c.label, c.ref) for c in choices] + ([] if model in (c.ref for c in choices) else [model]),
@@ -130,7 +137,7 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
                     buttons=["download"],
                 )  # fmt: skip
 
-        drawing_inputs = [canvas, prompt, style, r, seed, model, folder]
+        drawing_inputs = [canvas, prompt, style, r, seed, model, folder, direction]
         # One translation at a time for the whole app (they share the model), and per user only the latest
         # request runs: strokes made while one runs collapse into a single follow-up.
         queue = dict(concurrency_limit=1, concurrency_id="translate", trigger_mode="always_last")
@@ -143,10 +150,10 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
         edge_inputs = [upload, edges, low, high, model, folder]
         for trigger in (upload.change, edges.change, low.release, high.release):
             trigger(show_edges, edge_inputs, edge_map, show_progress="hidden")
-        run_up.click(run_upload, [upload, edges, low, high, prompt, style, r, seed, model, folder],
+        run_up.click(run_upload, [upload, edges, low, high, prompt, style, r, seed, model, folder, direction],
                      [edge_map, output], **queue)  # fmt: skip
         for trigger in (model.change, folder.submit, app.load):
-            trigger(on_model, [model, folder], [status, r, live])
+            trigger(on_model, [model, folder], [status, r, live, direction])
     return app
 
 

@@ -267,6 +267,7 @@ class DemoBackend:
         r: float | None,
         seed: int | None,
         ref: str,
+        direction: str | None = None,
     ) -> Image.Image:
         """Translate a ready model input (see ``drawing_to_condition`` / ``upload_to_condition``).
 
@@ -277,6 +278,7 @@ class DemoBackend:
             r: stochastic models: faithfulness in [0, 1]; ignored by deterministic models.
             seed: seed of the noise map.
             ref: the model reference.
+            direction: "a2b" or "b2a" for unpaired models (None: the model's); ignored by paired models.
 
         Returns:
             the output image, at the condition's size.
@@ -285,7 +287,10 @@ class DemoBackend:
         r = r if translator.config.stochastic else None  # checked by the Translator (a string is named, not cast)
         seed = None if seed is None else _whole_number(seed)
         # The input is already what the model reads (strokes or edges), so the model's own extraction is skipped.
-        return translator(condition, prompt=styled_prompt(prompt, style), r=r, seed=seed, edges=None)
+        direction = direction if len(translator.config.directions) > 1 else None
+        return translator(
+            condition, prompt=styled_prompt(prompt, style), direction=direction or None, r=r, seed=seed, edges=None
+        )
 
     def translate_drawing(
         self,
@@ -296,6 +301,7 @@ class DemoBackend:
         seed: int | None = 0,
         model: str = "demo-circles",
         folder: str | None = None,
+        direction: str | None = None,
     ) -> Image.Image:
         """Canvas in, picture out: what the demo runs on each stroke and on "Run".
 
@@ -307,6 +313,7 @@ class DemoBackend:
             seed: seed of the noise map.
             model: a named model (the picker's value).
             folder: a local model folder, used instead of ``model`` when not blank.
+            direction: "a2b" or "b2a" for unpaired models (None: the model's).
 
         Returns:
             the output image at the drawing's size (translated at the model's native size, then scaled).
@@ -315,7 +322,7 @@ class DemoBackend:
         page = flatten_drawing(drawing)
         # the result is scaled back to the page's size: a 20000 px page would make a 1.2 GB picture
         pre.check_size(page.size, pre.MAX_PIXELS, "The drawing")
-        out = self.translate(drawing_to_condition(page, self.native_side(ref)), prompt, style, r, seed, ref)
+        out = self.translate(drawing_to_condition(page, self.native_side(ref)), prompt, style, r, seed, ref, direction)
         return out.resize(page.size, Image.Resampling.BICUBIC) if out.size != page.size else out
 
     def translate_upload(
@@ -330,6 +337,7 @@ class DemoBackend:
         seed: int | None = 0,
         model: str = "demo-circles",
         folder: str | None = None,
+        direction: str | None = None,
     ) -> tuple[Image.Image, Image.Image]:
         """Upload in, (model input, picture) out: the upload tab's translation.
 
@@ -338,11 +346,11 @@ class DemoBackend:
             edges: "canny" or "none".
             low: Canny low threshold.
             high: Canny high threshold.
-            prompt, style, r, seed, model, folder: as in ``translate_drawing``.
+            prompt, style, r, seed, model, folder, direction: as in ``translate_drawing``.
 
         Returns:
             (the edge map or resized picture the model read, the output image at the same size).
         """
         ref = self.resolve(model, folder)
         condition = upload_to_condition(image, edges, low, high, self.native_side(ref))
-        return condition, self.translate(condition, prompt, style, r, seed, ref)
+        return condition, self.translate(condition, prompt, style, r, seed, ref, direction)
