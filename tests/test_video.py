@@ -40,6 +40,17 @@ def write_clip(path, frames, fps=FPS, codec="libx264"):
     return path
 
 
+def stop_after(frames, translator, clip, out, **options):
+    """A run interrupted (as by Ctrl-C) once ``frames`` frames are written."""
+
+    def interrupt(written):
+        if written == frames:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        translate_video(translator, clip, out, progress=False, on_frame=interrupt, **options)
+
+
 def decoded(path):
     info = probe(path)
     return info, list(read_frames(path, info.size))
@@ -101,13 +112,8 @@ def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(transl
         expected = np.asarray(translator(Image.fromarray(source[i]), seed=0, tile_size=128), dtype=int)
         assert np.abs(frames[i].astype(int) - expected).mean() < 3, i
 
-    def interrupt(written):
-        if written == 2:
-            raise KeyboardInterrupt
-
     stopped = tmp_path / "stopped.mp4"
-    with pytest.raises(KeyboardInterrupt):
-        translate_video(translator, clip, stopped, batch_size=2, tile_size=128, progress=False, on_frame=interrupt)
+    stop_after(2, translator, clip, stopped, batch_size=2, tile_size=128)
     with pytest.raises(BadInputError, match="options"):  # other tiles give other pixels: no mixing within a clip
         translate_video(translator, clip, stopped, batch_size=2, tile_size=256, progress=False, resume=True)
 
@@ -115,12 +121,7 @@ def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(transl
 def test_interrupted_after_5_frames_and_resumed_gives_the_same_file(straight, translator, clip, tmp_path):
     out = tmp_path / "out.mp4"
 
-    def interrupt(written):
-        if written == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        translate_video(translator, clip, out, batch_size=4, progress=False, on_frame=interrupt)
+    stop_after(5, translator, clip, out, batch_size=4)
     assert not out.exists() and len(list(frames_dir(out).glob("*.png"))) == 5
     with pytest.raises(BadInputError, match="--resume"):  # a new run does not silently discard the frames
         translate_video(translator, clip, out, batch_size=4, progress=False)
@@ -133,12 +134,7 @@ def test_interrupted_after_5_frames_and_resumed_gives_the_same_file(straight, tr
 def test_resume_with_other_settings_is_refused(translator, clip, tmp_path):
     out = tmp_path / "out.mp4"
 
-    def interrupt(written):
-        if written == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        translate_video(translator, clip, out, batch_size=2, progress=False, on_frame=interrupt)
+    stop_after(2, translator, clip, out, batch_size=2)
     # the message names each changed option with both values ("options" alone did not say which)
     with pytest.raises(BadInputError, match=r"differs in options\.prompt \(was '.+', now 'a green circle'\)\. Use"):
         translate_video(translator, clip, out, batch_size=2, prompt="a green circle", progress=False, resume=True)
@@ -315,12 +311,7 @@ def test_a_resume_may_take_a_smaller_batch_and_spell_out_what_changes_nothing(tr
     model's default prompt spelled out, or a tile larger than the frames, which change no pixel)."""
     out = tmp_path / "out.mp4"
 
-    def interrupt(written):
-        if written == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        translate_video(translator, clip, out, batch_size=4, progress=False, on_frame=interrupt)
+    stop_after(5, translator, clip, out, batch_size=4)
     same = dict(prompt=translator.config.prompts["a2b"], edges=translator.config.preprocess, tile_size=512)
     seen = []
     result = translate_video(translator, clip, out, batch_size=3, progress=False, resume=True, on_frame=seen.append,
