@@ -324,7 +324,7 @@ def test_resume_for_one_image_is_refused_and_for_a_folder_keeps_what_it_finds(ru
     (tmp_path / "in").mkdir()
     source = write_picture(tmp_path / "in" / "a.png")
     code, err = run("--input", source, "--output", tmp_path / "out.png", "--resume")
-    assert code == 2 and "one image has nothing to resume" in err and not (tmp_path / "out.png").exists()
+    assert code == 2 and f"{source} is neither: leave --resume out" in err and not (tmp_path / "out.png").exists()
     assert run("--input", source.parent, "--output", tmp_path / "outs")[0] == 0
     (tmp_path / "outs" / "a.png").write_bytes(b"kept")
     assert run("--input", source.parent, "--output", tmp_path / "outs", "--resume")[0] == 0

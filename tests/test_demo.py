@@ -104,6 +104,10 @@ def test_form_values_a_browser_would_not_send_are_named(stochastic_dir):
         backend.translate_drawing(drawing, "x", "none", "abc", 0, "", stochastic_dir)
     with pytest.raises(BadInputError, match="8-bit values .* got float32"):
         backend.translate_drawing(np.asarray(drawing).astype(np.float32) / 255, "x")
+    with pytest.raises(BadInputError, match="8-bit values .* got uint16"):
+        backend.translate_drawing(np.asarray(drawing).astype(np.uint16) * 257, "x")
+    as_int64 = backend.translate_drawing(np.asarray(drawing).astype(np.int64), "x")  # 0-255 in a wider type: fine
+    assert np.array_equal(np.asarray(as_int64), np.asarray(backend.translate_drawing(drawing, "x")))
     with pytest.raises(BadInputError, match="The drawing is 5000x5000 .* more than the limit"):
         backend.translate_drawing(Image.new("L", (5000, 5000), 255), "x")
 

@@ -340,10 +340,11 @@ def test_unpaired_references_are_taken_whole_and_paired_ones_named_when_none_is_
                               dino_structure=True, lpips=False, unpaired=True, networks=nets)  # fmt: skip
     real_nights = [tmp_path / "night" / f"{name}.png" for name in "vwxyz"]
     assert report.metrics["fid"] == pytest.approx(compute_fid(tmp_path / "out" / "day", real_nights, nets.inception))
-    # paired, the references are looked for beside the outputs only: none there is bad input naming where (was a
-    # StopIteration traceback)
-    with pytest.raises(BadInputError, match=r"it has no image in the outputs' folders: 'day'.*--unpaired"):
-        evaluate_folders(tmp_path / "out", tmp_path / "night", networks=nets)
+    # --inputs that are the references folder itself stay references (skipping them left no reference at all)
+    same = write(tmp_path / "same", blobs(4, 5), names=list("abcd"))
+    report = evaluate_folders(tmp_path / "out" / "day", same, inputs=same, dino_structure=True, lpips=False,
+                              unpaired=True, networks=nets)  # fmt: skip
+    assert report.metrics["fid"] == pytest.approx(compute_fid(tmp_path / "out" / "day", same, nets.inception))
 
 
 def test_evaluate_folders_lists_every_problem_before_loading_any_network(folders, offline):

@@ -320,3 +320,11 @@ def test_a_resume_may_take_a_smaller_batch_and_spell_out_what_changes_nothing(tr
     _, frames = decoded(out)
     _, expected = decoded(straight[0])
     assert len(frames) == 12 and np.abs(np.array(frames, int) - np.array(expected, int)).mean() < 0.5  # rounding
+
+
+def test_a_frames_folder_without_its_record_is_named_and_thresholds_may_be_none(translator, clip, tmp_path):
+    out = tmp_path / "out.mp4"
+    stop_after(2, translator, clip, out, batch_size=2, edges=None, canny_thresholds=None)  # was a TypeError
+    (frames_dir(out) / "meta.json").unlink()
+    with pytest.raises(BadInputError, match="its record meta.json is missing or unreadable"):
+        translate_video(translator, clip, out, batch_size=2, edges=None, progress=False, resume=True)

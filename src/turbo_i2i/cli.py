@@ -283,8 +283,8 @@ def _translate(args: argparse.Namespace) -> int:
     folder, video = source.is_dir(), source.is_file() and is_video(source)
     if args.resume and not (folder or video):
         raise BadInputError(
-            "--resume continues a video (or a folder, which keeps what it finds anyway); one image has nothing to"
-            " resume: leave it out."
+            f"--resume continues a video (or a folder, which keeps what it finds anyway); {source} is neither:"
+            " leave --resume out."
         )
     if not folder and (target.is_dir() or args.output.endswith(("/", os.sep))):  # "out/": a folder, made if new
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -273,36 +274,28 @@ def translate_video(
     if target.suffix.lower() not in OUTPUT_CODECS:
         raise BadInputError(f"Cannot write a video to '{target}'; use one of {', '.join(OUTPUT_CODECS)}.")
     # before anything is written: a refused option must not leave a frames folder that blocks the corrected run
-    resolved_direction, resolved_edges = translator.check_options(
-        prompt, direction, batch_size, tile_size, r, edges, canny_thresholds
-    )
+    translator.check_options(prompt, direction, batch_size, tile_size, r, edges, canny_thresholds)
     if target.exists() and not overwrite:
         raise BadInputError(f"'{target}' already exists; pass --overwrite to replace it.")
     info = probe(source)
-    config = translator.config
+    thresholds = list(canny_thresholds) if isinstance(canny_thresholds, (tuple, list)) else canny_thresholds
+    options = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges, canny_thresholds=thresholds,
+                   tile_size=tile_size)  # fmt: skip
     stat = source.stat()
     meta = {
         "source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-        "model": model, "config": config.to_dict(), "batch_size": batch_size,
-        # What decides the pixels, as they take effect: a default spelled out or a tile larger than the frames
-        # (which tiles nothing) does not make a resume differ.
-        "options": dict(
-            prompt=config.prompts.get(resolved_direction) if prompt is None else prompt,
-            direction=resolved_direction, edges=resolved_edges,
-            r=config.default_r if r is None and config.stochastic else r, seed=seed if config.stochastic else None,
-            canny_thresholds=list(canny_thresholds) if resolved_edges == "canny" else None,
-            tile_size=tile_size if tile_size and max(pre.model_size(*info.size)) > tile_size else None,
-        ),
+        "model": model, "config": translator.config.to_dict(), "options": options, "batch_size": batch_size,
     }  # fmt: skip
     work = frames_dir(target)
-    done, earlier_batch_size = _prepare_work_dir(work, meta, resume=resume, overwrite=overwrite)
+    done, earlier_batch_size = _prepare_work_dir(
+        work, meta, resume=resume, overwrite=overwrite, effective=partial(_effective, translator, info.size)
+    )
     # Restart at a batch boundary: the frames of a batch are computed together, and a batch of other frames would
     # round differently, so the resumed run redoes the batch it was in and then matches the uninterrupted one. A
     # resume with another batch size (a smaller one after running out of memory) goes on from the last frame: its
     # file then equals an uninterrupted run's up to rounding (a level here and there), not byte for byte.
     start = done // batch_size * batch_size if earlier_batch_size == batch_size else done
-    call = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges,
-                canny_thresholds=tuple(canny_thresholds), tile_size=tile_size)  # fmt: skip
+    call = {**options, "canny_thresholds": canny_thresholds}
     written, pending = start, []
 
     def flush():
@@ -352,8 +345,47 @@ def _frame_files(work: Path, count: int) -> list[Path]:
     return [work / FRAME_PATTERN.format(i) for i in range(count)]
 
 
+def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
+    """A run record as its options take effect, so that two runs giving the same pixels compare equal.
+
+    A default spelled out (the model's prompt, direction, edges or r), a seed or Canny thresholds the model does not
+    use, a tile larger than the frames (which tiles nothing) and the batch size (a resume may change it) make no
+    difference. Records written by earlier versions (raw options) compare by the same rules.
+
+    Args:
+        translator: the ``Translator`` of this run (its config resolves the defaults).
+        frame_size: (width, height) of the clip's frames.
+        record: a run record (``meta.json``'s contents).
+
+    Returns:
+        the record with its options resolved and no batch size.
+    """
+    config, options = translator.config, dict(record.get("options") or {})
+    direction = options.get("direction") or config.default_direction
+    edges = options.get("edges", "default")
+    edges = config.preprocess if edges == "default" else (None if edges == "none" else edges)
+    prompt, r, tile = options.get("prompt"), options.get("r"), options.get("tile_size")
+    options.update(
+        prompt=config.prompts.get(direction) if prompt is None else prompt, direction=direction, edges=edges,
+        r=config.default_r if r is None and config.stochastic else r,
+        seed=options.get("seed") if config.stochastic else None,
+        canny_thresholds=options.get("canny_thresholds") if edges == "canny" else None,
+        tile_size=tile if isinstance(tile, int) and max(pre.model_size(*frame_size)) > tile else None,
+    )  # fmt: skip
+    return {**record, "options": options, "batch_size": None}
+
+
 def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
-    """What differs between two run records, entry by entry ("options.seed (was 0, now 7)"; long values unshown)."""
+    """What differs between two run records, entry by entry.
+
+    Args:
+        earlier: the interrupted run's record.
+        now: this run's.
+        prefix: the names of the records holding these (for nested ones).
+
+    Returns:
+        one line per differing entry, e.g. "options.seed (was 0, now 7)" (long values are not shown).
+    """
     found = []
     for key in sorted(earlier.keys() | now.keys()):
         was, new = earlier.get(key), now.get(key)
@@ -365,15 +397,18 @@ def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> tuple[int, int]:
+def _prepare_work_dir(
+    work: Path, meta: dict, resume: bool, overwrite: bool, effective: Callable[[dict], dict]
+) -> tuple[int, int | None]:
     """Create or check the sidecar folder; return how many leading frames an earlier run already wrote.
 
     Args:
         work: the sidecar folder.
-        meta: this run's source, model and settings (stored there, and compared on resume, all but its
-            ``batch_size``, which a resume may change: the record then takes the new one).
+        meta: this run's source, model and settings (stored there; on resume, the record there is taken over with
+            this run's batch size when that changed).
         resume: continue an earlier run.
         overwrite: discard an earlier run's frames.
+        effective: a record as its settings take effect; the earlier run's and this run's must be equal to resume.
 
     Returns:
         (the number of consecutive frames from frame 0 found there, the batch size they were made with): (0, this
@@ -391,9 +426,12 @@ def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> 
             earlier = json.loads((work / META_NAME).read_text())
         except (OSError, json.JSONDecodeError):
             earlier = None
-        earlier = earlier if isinstance(earlier, dict) else {}
-        now = json.loads(json.dumps(meta))  # as it would read back (tuples as lists)
-        changed = _differences({**earlier, "batch_size": None}, {**now, "batch_size": None})
+        if not isinstance(earlier, dict):
+            raise BadInputError(
+                f"Cannot resume from '{work}': its record {META_NAME} is missing or unreadable, so the frames there"
+                " cannot be told to match this run; pass --overwrite to start over."
+            )
+        changed = _differences(effective(earlier), effective(json.loads(json.dumps(meta))))
         if changed:
             raise BadInputError(
                 f"Cannot resume from '{work}': the interrupted run differs in {'; '.join(changed)}."
@@ -414,4 +452,5 @@ def _prepare_work_dir(work: Path, meta: dict, resume: bool, overwrite: bool) -> 
 
 
 def _write_meta(work: Path, meta: dict) -> None:
+    """Write a run record into its frames folder (``META_NAME``), replacing the one there."""
     (work / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")

@@ -97,9 +97,10 @@ def flatten_drawing(drawing) -> Image.Image:
     if drawing is None:
         raise BadInputError("The canvas is empty; draw something first.")
     if isinstance(drawing, np.ndarray):
-        if drawing.dtype != np.uint8:  # a cast would turn [0, 1] floats black, not scale them
-            raise BadInputError(f"A drawing array must hold 8-bit values (uint8, 0-255), got {drawing.dtype}.")
-        drawing = Image.fromarray(drawing)
+        # a cast would turn [0, 1] floats black (and wrap 16-bit values), not scale them
+        if drawing.dtype.kind not in "ui" or (drawing.size and not 0 <= drawing.min() <= drawing.max() <= 255):
+            raise BadInputError(f"A drawing array must hold 8-bit values (0-255), got {drawing.dtype}.")
+        drawing = Image.fromarray(drawing.astype(np.uint8))
     if not isinstance(drawing, Image.Image):
         raise BadInputError(f"Expected a drawing (image), got a {type(drawing).__name__}.")
     if drawing.mode in ("RGBA", "LA", "PA") or "transparency" in drawing.info:

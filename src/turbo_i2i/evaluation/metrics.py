@@ -247,8 +247,10 @@ def _plan(
     # other sub-folders may hold anything, an earlier run's outputs say, which would otherwise join the FID reference
     # set. Unpaired, the references are a set of their own (real night images for day->night outputs), taken whole.
     where = {Path(key).parent.as_posix() for key in outs}
-    # (--inputs inside the references, my_data/test_A beside my_data/test_B, would join a set taken whole: skipped)
-    skip = [outputs, *([inputs] if unpaired and inputs is not None else [])]
+    # (--inputs inside the references, my_data/test_A beside my_data/test_B, would join a set taken whole: skipped;
+    # the references themselves given as --inputs are still the references)
+    inside = unpaired and inputs is not None and inputs.resolve() != references.resolve()
+    skip = [outputs, *([inputs] if inside else [])]
     refs = _by_key(references, problems, skip=skip, within=None if unpaired else where)
     unmatched: dict[str, list[str]] = {}
     scored, partners = dict(outs), {}
