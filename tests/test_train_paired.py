@@ -158,6 +158,25 @@ def test_evaluations_clip_sim_is_the_similarity_eval_reports_not_the_loss(datase
     assert "eval_clipsim" not in scores and scores["eval_clip_sim"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_fids_reference_set_is_every_test_target_whatever_num_eval(tmp_path):
+    """num_eval limits the pairs translated, not FID's references (they were the same num_eval targets)."""
+    write_dataset(tmp_path / "data", n=40, seed=3, size=32)  # four test pairs
+    seen = {}
+
+    def metrics(direction, inputs, outputs, references):
+        seen.update(n=len(outputs), references=references)
+        return {}
+
+    trainer = make_paired_trainer(tmp_path / "data", tmp_path / "run", num_eval=2)
+    trainer.metrics = metrics
+    trainer.evaluate()
+    references, targets = seen["references"], [trainer.test_data[i]["target"] for i in range(4)]
+    assert seen["n"] == 2 and len(references) == 4 and all(torch.equal(r, t) for r, t in zip(references, targets))
+    assert all(torch.equal(r, t) for r, t in zip(references[1:3], targets[1:3]))  # slices too, as lists do
+    with pytest.raises(IndexError):
+        references[4]
+
+
 def test_run_logs_every_step_saves_grids_and_keeps_the_newest_complete_checkpoints(dataset, tmp_path):
     write_dataset(tmp_path / "data", n=20, seed=3, size=32)  # two test pairs: FID needs two images per side
     trainer = make_paired_trainer(

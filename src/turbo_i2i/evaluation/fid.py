@@ -9,8 +9,8 @@ EXIF orientation, as translate reads its inputs; clean-fid ignores it) and tenso
 quantised exactly as saving them to PNG would; a folder is read with its sub-folders, as clean-fid reads it. The
 Frechet distance is clean-fid's formula, written out for SciPy 1.18 (see ``frechet_distance``).
 
-Trainers cache the reference side once (``fid_statistics(test_folder, net)``) and call
-``compute_fid(outputs, reference_stats, net)`` on every evaluation.
+Trainers cache the reference side once (``fid_statistics(test_images, net)``, the target domain's whole test split)
+and call ``compute_fid(outputs, reference_stats, net)`` on every evaluation.
 """
 
 from __future__ import annotations

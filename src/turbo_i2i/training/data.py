@@ -23,7 +23,7 @@ import logging
 import operator
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -234,6 +234,32 @@ def _random_box(size: tuple[int, int], crop: tuple[int, int], generator: torch.G
 # ---------------------------------------------------------------------------------------------------------------------
 # Finding and validating pairs
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class EvalImages(Sequence):
+    """Evaluation images read when accessed (again at each access), so a whole test split held as FID's reference set
+    costs no memory until it is used, and then one image at a time.
+
+    Args:
+        count: how many images.
+        load: index -> (3, H, W) float32 tensor in [-1, 1].
+    """
+
+    def __init__(self, count: int, load: Callable[[int], torch.Tensor]):
+        self.count, self.load = count, load
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        """The image at ``index`` (a list for a slice).
+
+        Raises:
+            IndexError: out of range (which also ends an iteration).
+        """
+        if isinstance(index, slice):
+            return [self.load(i) for i in range(self.count)[index]]
+        return self.load(range(self.count)[index])
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,9 @@ BOOKKEEPING_OPTIONS = ("output_dir", "max_steps", "checkpoint_every", "eval_ever
                        "inception_path", "dino_path", "from_model", "compile", "extra")  # fmt: skip
 
 # metrics(direction, inputs, outputs, references) -> {name: value}: inputs and outputs are the translated test images
-# of one direction (lists of (3, H, W) tensors in [-1, 1]), references the test images of the target domain.
-Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], dict[str, float]]
+# of one direction (lists of (3, H, W) tensors in [-1, 1], num_eval of them), references all the test images of the
+# target domain (a sequence read lazily, ``data.EvalImages``: each access reads the file again).
+Metrics = Callable[[str, list[torch.Tensor], list[torch.Tensor], Sequence[torch.Tensor]], dict[str, float]]
 
 
 def translation_metrics(inception: torch.nn.Module | None = None, dino: torch.nn.Module | None = None) -> Metrics:

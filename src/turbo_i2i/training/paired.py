@@ -37,7 +37,7 @@ from .compute import (
     train_in_half_precision,
     use_math_attention,
 )
-from .data import PairedDataset, check_batchable, collate
+from .data import EvalImages, PairedDataset, check_batchable, collate
 from .loop import (
     Metrics,
     TrainerBase,
@@ -407,7 +407,10 @@ class PairedTrainer(TrainerBase):
         scores = {k: v * self.accelerator.num_processes / n for k, v in self.mean_over_processes(totals).items()}
         inputs, outputs, targets = (list(images) for images in zip(*self.gather_shares(triples)))
         if self.metrics is not None and self.accelerator.is_main_process:  # logged by the main process only
-            extra = self.metrics("a2b", inputs, outputs, targets)
+            # FID's reference set is the whole test split's targets, whatever num_eval, as the public trainer
+            # takes test_B; read lazily, once per run (the metric keeps its statistics)
+            test = self.test_data
+            extra = self.metrics("a2b", inputs, outputs, EvalImages(len(test), lambda i: test[i]["target"]))
             scores.update({f"eval_{k}": float(v) for k, v in extra.items()})
         self.save_eval_grid([list(images) for images in zip(inputs[:4], outputs[:4], targets[:4])])
         return scores

@@ -31,6 +31,7 @@ from ..preprocess import IMAGE_EXTENSIONS, load_image, pil_to_tensor
 from .data import (
     _CHECK_THREADS,
     SPLITS,
+    EvalImages,
     PairTransform,
     _list_folder,
     build_transform,
@@ -225,12 +226,10 @@ class UnpairedDataset(Dataset):
         Returns:
             (file name, (3, H, W) float32 in [-1, 1]) pairs.
         """
-        tensors = self.tensors(domain, limit)
-        return [(path.name, tensor) for path, tensor in zip(tensors.paths, tensors)]
+        return [(path.name, tensor) for path, tensor in zip(self.files[domain][:limit], self.tensors(domain, limit))]
 
     def tensors(self, domain: str, limit: int | None = None) -> EvalImages:
-        """``images`` without the names, each loaded when it is read: a whole test split held as a reference set
-        costs no memory until it is used (and only one image at a time then).
+        """``images`` without the names, each loaded when it is read (see ``EvalImages``).
 
         Args:
             domain: "A" or "B".
@@ -239,27 +238,14 @@ class UnpairedDataset(Dataset):
         Returns:
             a sequence of (3, H, W) float32 tensors in [-1, 1].
         """
-        return EvalImages(self.files[domain][:limit], self.transform)
+        paths = self.files[domain][:limit]
 
+        def load(index: int) -> torch.Tensor:
+            # deterministic transforms see no randomness in evaluation
+            (image,) = self.transform.apply([load_image(paths[index])], torch.Generator().manual_seed(0))
+            return pil_to_tensor([image], value_range=(-1.0, 1.0))[0]
 
-class EvalImages(Sequence):
-    """Evaluation images loaded on access, in the order of ``paths``, through the data set's transform with fixed
-    randomness (a deterministic transform sees none).
-
-    Args:
-        paths: the image files.
-        transform: the split's transform.
-    """
-
-    def __init__(self, paths: Sequence[Path], transform: PairTransform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        (image,) = self.transform.apply([load_image(self.paths[index])], torch.Generator().manual_seed(0))
-        return pil_to_tensor([image], value_range=(-1.0, 1.0))[0]
+        return EvalImages(len(paths), load)
 
 
 def format_missing(source: Path) -> str:
