@@ -286,3 +286,18 @@ def test_the_app_builds_with_every_control():
             "model input (edge map)", "or a local model folder"} <= labels  # fmt: skip
     canvas = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "canvas")
     assert isinstance(canvas, gr.ImageEditor) and canvas.brush.colors == ["#000000"]
+
+
+def test_a_sixteen_bit_upload_reaches_the_backend_as_stored(tmp_path):
+    """Gradio's Image converted uploads to RGB (a 16-bit PNG clipped to white) before the backend saw them."""
+    from gradio.data_classes import ImageData
+
+    from turbo_i2i.demo.app import build_app
+
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (100, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    blocks = build_app(DemoBackend())
+    upload = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "upload")
+    received = upload.preprocess(ImageData(path=str(tmp_path / "ramp.png")))
+    condition = np.asarray(upload_to_condition(received, "none", 100, 200, side=64), dtype=int)
+    assert 110 < condition.mean() < 145 and condition[:, 0].max() < 10  # a ramp from black, not a white page

@@ -103,9 +103,12 @@ def build_app(backend: DemoBackend | None = None, model: str = "demo-circles"):
                         )  # fmt: skip
                         run = gr.Button("Run", variant="primary", elem_id="run")
                     with gr.Tab("Upload", id="upload"):
+                        # image_mode None: the picture as stored (Gradio's default "RGB" clips 16-bit ones to white
+                        # before the backend sees them; core scales them)
                         upload = gr.Image(
-                            label="picture", type="pil", sources=["upload", "clipboard"], elem_id="upload"
-                        )
+                            label="picture", type="pil", sources=["upload", "clipboard"], elem_id="upload",
+                            image_mode=None,
+                        )  # fmt: skip
                         edges = gr.Radio(["canny", "none"], value="canny", label="edge extraction")
                         low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
                         high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
