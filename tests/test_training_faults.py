@@ -423,7 +423,9 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_changes_nothing(dat
     """Without --resume, a second run in the same --output-dir used to rotate the first run's checkpoints away,
     replace its model and append to its log."""
     run = tmp_path / "run"
-    assert main(train_args(dataset, run, "--max-steps", "3")) == 0
+    assert main(train_args(dataset, run, "--max-steps", "3", "--learning-rate", "5e-6")) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]  # the last step's values, as the log lines show them
+    assert "lr=5e-06" in summary and "skipped_steps=0 " in f"{summary} " and ".00000" not in summary, summary
     before = digest(run)
     code = main(train_args(dataset, run, "--max-steps", "2", "--learning-rate", "5e-4"))
     err = capsys.readouterr().err

@@ -466,9 +466,11 @@ def _train_unpaired(args: argparse.Namespace) -> int:
 
 def _run_training(trainer, args: argparse.Namespace) -> int:
     """Run ``trainer`` (resumed / stopped as asked) and print the last step's values (once under data parallelism)."""
+    from .training.loop import format_logs
+
     logs = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if trainer.accelerator.is_main_process:
-        print(" ".join(f"{k}={v:.5f}" for k, v in logs.items()))
+        print(format_logs(logs))  # as the log lines (lr=0.00001 was 5e-06, skipped_steps=0.00000)
     return 0
 
 

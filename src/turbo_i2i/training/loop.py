@@ -764,7 +764,7 @@ class TrainerBase:
             if self.step % max(1, self.config.eval_every) == 0 or self.step == self.config.max_steps:
                 logs.update(self.evaluate())
                 if main:
-                    bar.write(f"step {self.step} {_fmt(logs)}")
+                    bar.write(f"step {self.step} {format_logs(logs)}")
             self.log(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
@@ -873,6 +873,14 @@ def _flat(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
 
 
-def _fmt(logs: dict[str, float]) -> str:
-    # counts as integers; other values with 4 significant digits (.4f showed a learning rate of 5e-6 as 0.0000)
+def format_logs(logs: dict[str, float]) -> str:
+    """One line of a step's logged values: counts as integers, other values with 4 significant digits (.4f showed a
+    learning rate of 5e-6 as 0.0000).
+
+    Args:
+        logs: name -> value.
+
+    Returns:
+        "name=value name=value ...".
+    """
     return " ".join(f"{k}={int(v)}" if float(v).is_integer() else f"{k}={v:.4g}" for k, v in logs.items())
