@@ -419,6 +419,20 @@ def test_faults_on_one_process_stop_or_skip_on_all(dataset, tmp_path):
 # --- a run folder used again -----------------------------------------------------------------------------------------
 
 
+def test_a_resume_needs_only_the_options_it_changes(dataset, tmp_path, caplog):
+    """`--resume` with the data and run folders alone went on with the defaults (the hub backbone offline: exit 1;
+    another batch size and transform: a warning): the checkpoint's options are taken for those not given."""
+    run = tmp_path / "run"
+    assert main(train_args(dataset, run, "--stop-at", "3")) == 0
+    resume = ["train", "paired", "--dataset", str(dataset), "--output-dir", str(run), "--resume"]
+    with caplog.at_level("WARNING", logger="turbo_i2i"):
+        assert main([*resume, "--learning-rate", "5e-4"]) == 0  # a given option still wins
+    (warning,) = [r.getMessage() for r in caplog.records if "changed options" in r.getMessage()]
+    assert "learning_rate 0.001 -> 0.0005" in warning and "batch_size" not in warning and "base_model" not in warning
+    state = json.loads((run / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["config"]["batch_size"] == 3 and state["config"]["base_model"] == "tiny"
+
+
 def test_a_new_run_in_a_folder_that_holds_one_is_refused_and_changes_nothing(dataset, tmp_path, capsys):
     """Without --resume, a second run in the same --output-dir used to rotate the first run's checkpoints away,
     replace its model and append to its log."""

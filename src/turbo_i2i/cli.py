@@ -441,6 +441,7 @@ def _train(args: argparse.Namespace) -> int:
     options.update(
         {f.name: getattr(args, f.name) for f in fields(PairedTrainConfig) if getattr(args, f.name, None) is not None}
     )
+    options = _with_saved_options(options, args, PairedTrainConfig)
     circles = options.get("extra", {}).get("circles")
     if "dataset" not in options:
         if not circles:
@@ -460,8 +461,31 @@ def _train_unpaired(args: argparse.Namespace) -> int:
 
     given = vars(args)
     options = {f.name: given[f.name] for f in fields(UnpairedTrainConfig) if given.get(f.name) is not None}
-    trainer = UnpairedTrainer(UnpairedTrainConfig.from_dict(options))
+    trainer = UnpairedTrainer(UnpairedTrainConfig.from_dict(_with_saved_options(options, args, UnpairedTrainConfig)))
     return _run_training(trainer, args)
+
+
+def _with_saved_options(options: dict, args: argparse.Namespace, config_class) -> dict:
+    """A ``--resume``'s options: those on its command line (and its preset) over the checkpoint's, so the run goes on
+    as it was without every option typed again.
+
+    Args:
+        options: the options given.
+        args: the parsed command line (``resume``).
+        config_class: the trainer's config dataclass (the checkpoint's other entries are ignored).
+
+    Returns:
+        the options to build the run from.
+    """
+    from dataclasses import fields
+
+    from .training.loop import saved_options
+
+    if not args.resume or "output_dir" not in options:
+        return options
+    known = {f.name for f in fields(config_class)}
+    saved = saved_options(options["output_dir"], args.resume)
+    return {**{k: v for k, v in saved.items() if k in known}, **options}
 
 
 def _run_training(trainer, args: argparse.Namespace) -> int:

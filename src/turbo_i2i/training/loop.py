@@ -603,9 +603,7 @@ class TrainerBase:
 
     def checkpoints(self) -> list[Path]:
         """This run's complete checkpoints, oldest first."""
-        root = self.output_dir / "checkpoints"
-        found = root.glob("step_*") if root.is_dir() else []
-        return sorted(p for p in found if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file())
+        return run_checkpoints(self.output_dir)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run, if any."""
@@ -871,6 +869,43 @@ def _logged_step(line: str) -> float:
 def _flat(config: dict) -> dict:
     # trackers take flat scalars and strings only
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
+
+
+def run_checkpoints(output_dir: str | Path) -> list[Path]:
+    """A run folder's complete checkpoints, oldest first.
+
+    Args:
+        output_dir: the run's folder.
+
+    Returns:
+        the ``checkpoints/step_*`` folders holding a ``TRAINER_STATE`` (written last: a complete checkpoint).
+    """
+    root = Path(output_dir) / "checkpoints"
+    found = root.glob("step_*") if root.is_dir() else []
+    return sorted(p for p in found if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file())
+
+
+def saved_options(output_dir: str | Path, resume: bool | str | Path) -> dict:
+    """The options the checkpoint a resume continues from was written with, so that a ``--resume`` needs only the
+    options it changes (it fell back to the defaults: another batch size, the hub backbone, ...).
+
+    Args:
+        output_dir: the run's folder.
+        resume: True or "latest" (its newest checkpoint) or a checkpoint folder.
+
+    Returns:
+        the checkpoint's config; {} when there is none or it cannot be read (the trainer then says what is wrong).
+    """
+    if resume is True or resume == "latest":
+        found = run_checkpoints(output_dir)
+        folder = found[-1] if found else None
+    else:
+        folder = Path(resume)
+    try:
+        config = json.loads((folder / TRAINER_STATE).read_text()).get("config")
+    except (TypeError, OSError, ValueError, AttributeError):
+        return {}
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def format_logs(logs: dict[str, float]) -> str:
