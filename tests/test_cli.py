@@ -1,6 +1,8 @@
 import contextlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -494,3 +496,63 @@ def test_r_for_a_deterministic_model_is_refused_once_for_a_folder(run, tmp_path)
     code, err = run("--input", tmp_path / "photos", "--output", tmp_path / "out", "--r", "0.5")
     assert code == 2 and err.count("r applies only to stochastic models") == 1, err  # was once per image
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_takes_each_images_caption_from_prompts(run, tmp_path):
+    src = tmp_path / "src"
+    (src / "day").mkdir(parents=True)
+    write_picture(src / "a.png", seed=1)
+    write_picture(src / "day" / "b.jpg", seed=2)
+    write_picture(src / "c.png", seed=3)
+    captions = {"a.png": "a red circle", "day/b": "a blue square"}  # with and without the extension
+    (tmp_path / "prompts.json").write_text(json.dumps(captions))
+    code, err = run(
+        "--input", src, "--output", tmp_path / "out", "--prompts", tmp_path / "prompts.json", "--batch-size", 3,
+        "--prompt", "a green triangle",  # c.png has no caption of its own
+    )  # fmt: skip
+    assert code == 0, err
+    for name, prompt in (("a.png", "a red circle"), ("day/b.jpg", "a blue square"), ("c.png", "a green triangle")):
+        out = tmp_path / "one" / Path(name).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert run("--input", src / name, "--output", out, "--prompt", prompt)[0] == 0
+        folder = np.asarray(Image.open(tmp_path / "out" / Path(name).with_suffix(".png")), dtype=int)
+        assert np.abs(folder - np.asarray(Image.open(out), dtype=int)).max() <= 1, name  # batching: rounding only
+    # the captions are what made the difference: another caption gives another picture
+    assert run("--input", src / "a.png", "--output", tmp_path / "other.png", "--prompt", "a blue square")[0] == 0
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "other.png")), np.asarray(Image.open(tmp_path / "out/a.png"))
+    )
+
+
+@pytest.mark.parametrize(
+    "captions,extra,message",
+    [
+        ({"a.png": "a red circle"}, [], "1 of 2 file(s) have no caption in {tmp}/prompts.json: day/b.jpg"),
+        ({"a.png": "a red circle", "day/b.jpg": 7}, ["--prompt", "x"], "not non-empty text: day/b.jpg (7)"),
+        ({"a.png": "a red circle", "day/b.jpg": " "}, [], 'day/b.jpg (" ")'),
+        ('["a list"]', [], "must hold one JSON object"),
+        ("{not json", [], "is not readable JSON"),
+    ],
+)
+def test_prompts_without_a_caption_for_every_image_are_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, captions, extra, message
+):
+    from turbo_i2i.pipeline import Translator
+
+    monkeypatch.setattr(Translator, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "photos" / "day").mkdir(parents=True)
+    write_picture(tmp_path / "photos" / "a.png")
+    write_picture(tmp_path / "photos" / "day" / "b.jpg")
+    (tmp_path / "prompts.json").write_text(captions if isinstance(captions, str) else json.dumps(captions))
+    args = ["--input", tmp_path / "photos", "--output", tmp_path / "out", "--prompts", tmp_path / "prompts.json"]
+    code = main(["translate", "--model", "x", *map(str, args + extra)])
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_for_one_image_is_refused(run, tmp_path):
+    (tmp_path / "prompts.json").write_text("{}")
+    code, err = run("--input", write_picture(tmp_path / "a.png"), "--output", tmp_path / "b.png", "--prompts",
+                    tmp_path / "prompts.json")  # fmt: skip
+    assert code == 2 and "pass --prompt instead" in err and not (tmp_path / "b.png").exists()

@@ -288,6 +288,8 @@ def test_translate_folder_checks_its_options_once_before_reading_any_image(trans
         (dict(direction="b2a"), "Unknown direction 'b2a'"),  # each image used to fail alone
         (dict(prompt=""), "prompt is empty"),
         (dict(tile_size=100), "multiple of 8"),
+        (dict(captions={"0.png": "a", "1": "b"}), "1 of 3 file\\(s\\) have no caption in the captions given: 2.png"),
+        (dict(captions={"0.png": "a", "1": "b", "2.png": ""}, prompt="c"), 'not non-empty text: 2.png \\(""\\)'),
     ):
         with pytest.raises(BadInputError, match=message):
             translate_folder(translator, tmp_path / "src", tmp_path / "out", progress=False, **options)

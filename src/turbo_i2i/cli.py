@@ -88,6 +88,11 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
         "--output", type=_path, required=True, help="output file (image or video) or folder (mirrors the input's tree)"
     )
     p.add_argument("--prompt", help="caption of the output (default: the model's)")
+    p.add_argument(
+        "--prompts", type=_path,
+        help="folders: JSON file {path inside the folder: caption} (a data set's test_prompts.json); --prompt then"
+        " captions the files it does not name",
+    )  # fmt: skip
     p.add_argument("--direction", choices=("a2b", "b2a"), help="unpaired models: which way to translate")
     p.add_argument("--r", type=float, help="stochastic models: faithfulness to the input in [0, 1]")
     p.add_argument(
@@ -266,6 +271,7 @@ def _translate(args: argparse.Namespace) -> int:
     import torch
 
     from . import preprocess as pre
+    from .captions import folder_captions, read_captions
     from .folders import folder_inputs, translate_folder
     from .pipeline import Translator, check_prompt, check_tile_size
     from .video import OUTPUT_CODECS, frames_dir, is_video, translate_video
@@ -290,7 +296,13 @@ def _translate(args: argparse.Namespace) -> int:
         target = target / f"{source.stem}{'.mp4' if video else '.png'}"
     if target.resolve() == source.resolve():  # even with --overwrite: the input is the one copy of the picture
         raise BadInputError(f"--output {target} is the input itself; write the translation somewhere else.")
+    if args.prompts is not None and not folder:
+        raise BadInputError(
+            f"--prompts gives each image of a folder its caption; {source} is not a folder: pass --prompt instead."
+        )
     files = folder_inputs(source, target, args.overwrite) if folder else []  # checked before the model loads
+    if args.prompts is not None:  # every caption checked before the model loads
+        folder_captions(files, source, read_captions(args.prompts), args.prompts, args.prompt)
     _check_writable(target if folder else target.parent, str(target))
     if not folder and target.exists() and not args.overwrite:
         raise BadInputError(f"{target} already exists; pass --overwrite to replace it.")
@@ -323,8 +335,9 @@ def _translate(args: argparse.Namespace) -> int:
         pre.save_image(translator(image, **options), target, overwrite=args.overwrite)
         return 0
     result = translate_folder(
-        translator, source, target, batch_size=args.batch_size, overwrite=args.overwrite, files=files, **options
-    )
+        translator, source, target, batch_size=args.batch_size, overwrite=args.overwrite, files=files,
+        captions=args.prompts, **options,
+    )  # fmt: skip
     if result.skipped:
         logger.warning(
             "kept %d existing output(s) (pass --overwrite to replace them), e.g. %s",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import preprocess as pre
+from .captions import folder_captions, read_captions
 from .errors import BadInputError
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ def translate_folder(
     overwrite: bool = False,
     progress: bool = True,
     files: list[Path] | None = None,
+    captions: str | os.PathLike | Mapping[str, object] | None = None,
     **options,
 ) -> FolderResult:
     """Translate every image under ``source`` into the same place under ``target``, as .png.
@@ -106,6 +109,8 @@ def translate_folder(
         progress: show a progress bar.
         files: the inputs, as ``folder_inputs(source, target, overwrite)`` listed them for a caller that checked
             early (None: listed here).
+        captions: each image's own caption: a JSON file or a mapping {path inside ``source``: caption} (see
+            ``captions.py``); ``prompt`` then captions only the images it does not name.
         **options: the rest of ``Translator.__call__``'s arguments (prompt, direction, r, seed, edges, ...), the
             same for every image.
 
@@ -113,23 +118,33 @@ def translate_folder(
         a ``FolderResult``; failures are listed there, not raised.
 
     Raises:
-        BadInputError: the folders are unusable (see ``folder_inputs``), or an option every image would refuse
-            (checked once, before any image is read).
+        BadInputError: the folders are unusable (see ``folder_inputs``), an option every image would refuse, or
+            images without a usable caption in ``captions`` (all checked before any image is read).
     """
     source, target = Path(source), Path(target)
-    translator.check_options(batch_size=batch_size, **{k: v for k, v in options.items() if k in _CHECKED})
+    checked = {k: v for k, v in options.items() if k in _CHECKED}
+    if captions is not None and options.get("prompt") is None:  # captions are checked below: no default needed
+        checked["prompt"] = []
+    translator.check_options(batch_size=batch_size, **checked)
     files = folder_inputs(source, target, overwrite) if files is None else files
+    prompts: dict[Path, str] = {}
+    if captions is not None:
+        named = "the captions given" if isinstance(captions, Mapping) else str(captions)
+        table = captions if isinstance(captions, Mapping) else read_captions(captions)
+        prompts = folder_captions(files, source, table, named, options.get("prompt"))
     result = FolderResult([], [], [], len(files))
     pending: list[tuple[Path, Path, object]] = []
 
     def flush() -> None:  # one batched call for the images gathered so far; on a bad one, each alone to find it
+        own = {"prompt": [prompts[path] for path, _, _ in pending]} if prompts else {}
         try:
-            outputs = translator([image for _, _, image in pending], batch_size=batch_size, **options)
+            outputs = translator([image for _, _, image in pending], batch_size=batch_size, **{**options, **own})
         except BadInputError:
             outputs = [None] * len(pending)
         for (path, out, image), output in zip(pending, outputs):
+            alone = {**options, "prompt": prompts[path]} if prompts else options
             try:
-                pre.save_image(output or translator(image, **options), out, overwrite=overwrite)
+                pre.save_image(output or translator(image, **alone), out, overwrite=overwrite)
                 result.translated.append(out)
             except BadInputError as error:
                 result.failed.append(str(error) if str(path) in str(error) else f"{path}: {error}")

@@ -17,7 +17,6 @@ unless noted):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import preprocess as pre
+from ..captions import lookup, read_captions
 from ..devices import check_batch_size
 from ..errors import BadInputError, format_problems, with_hint
 from .dino_structure import check_aspect_ratio
@@ -194,28 +194,6 @@ def _name(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix()
 
 
-def _read_prompts(path: str | os.PathLike) -> dict[str, str]:
-    path = Path(path)
-    if path.is_dir():
-        raise BadInputError(f"Prompts file '{path}' is a folder; pass a JSON file mapping file names to captions.")
-    if not path.is_file():
-        raise BadInputError(f"Prompts file '{path}' does not exist; pass a JSON file mapping file names to captions.")
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInputError(f"Prompts file '{path}' is not readable JSON ({error}); fix or re-export it.") from error
-    if not isinstance(prompts, dict):
-        raise BadInputError(f"Prompts file '{path}' must hold one JSON object mapping file names to captions.")
-    return prompts
-
-
-def _caption(prompts: dict, names: Sequence[str], stem: str) -> object:
-    for key in (*names, stem):
-        if key in prompts:
-            return prompts[key]
-    return None
-
-
 @dataclasses.dataclass
 class _Plan:
     """What is scored, by output key (path without extension): the outputs, their references and inputs, their
@@ -282,10 +260,10 @@ def _plan(
             )
     captions: dict[str, str] = {}
     if prompts is not None:
-        table = _read_prompts(prompts)
+        table = read_captions(prompts)
         for s, path in scored.items():
             names = [_name(path, outputs)] + ([_name(partners[s], references)] if s in partners else [])
-            caption = _caption(table, names, s)
+            caption = lookup(table, [*names, s])
             if not isinstance(caption, str) or not caption.strip():
                 why = "no caption" if caption is None else "a caption that is not a non-empty string"
                 keys = f" (keys are paths inside the folder: {names[0]!r} or {s!r})" if "/" in s else ""
