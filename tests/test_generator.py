@@ -132,3 +132,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trained_digest_ignores_merging_and_tells_other_weights_and_precision():
+    import torch
+
+    generator, _ = make_generator(trained_seed=1)
+    digest = generator.trained_digest()
+    generator.merge_lora()
+    assert generator.trained_digest() == digest  # merging rewrites base layers only, which it leaves out
+    generator.unmerge_lora()
+    assert generator.trained_digest() == digest
+    with torch.no_grad():
+        next(p for n, p in generator.named_parameters() if "lora_B" in n).view(-1)[0] += 1e-3
+    assert generator.trained_digest() != digest
+    assert generator.to(torch.bfloat16).trained_digest() != generator.to(torch.float32).trained_digest()

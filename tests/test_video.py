@@ -98,6 +98,7 @@ def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(transl
     class Recording:  # the translator, recording what each call was asked for
         config = translator.config
         check_options = translator.check_options
+        generator = translator.generator
 
         def __call__(self, images, **options):
             calls.append(options["tile_size"])
@@ -140,6 +141,26 @@ def test_resume_with_other_settings_is_refused(translator, clip, tmp_path):
         translate_video(translator, clip, out, batch_size=2, prompt="a green circle", progress=False, resume=True)
     result = translate_video(translator, clip, out, batch_size=2, progress=False, overwrite=True)
     assert result.frames == 12 and result.resumed_from == 0
+
+
+def test_resume_with_retrained_weights_is_refused_and_records_without_their_fingerprint_resume(
+    translator, clip, tmp_path
+):
+    import json
+
+    import torch
+
+    out = tmp_path / "out.mp4"
+    stop_after(2, translator, clip, out, batch_size=2)
+    retrained = Translator.from_pretrained("demo-circles")  # the same folder, after another training run
+    with torch.no_grad():
+        next(p for n, p in retrained.generator.named_parameters() if ".skip_conv_" in n).add_(0.01)
+    with pytest.raises(BadInputError, match=r"differs in trained_weights \(was '[0-9a-f]{16}', now '[0-9a-f]{16}'\)"):
+        translate_video(retrained, clip, out, batch_size=2, progress=False, resume=True)
+    record = frames_dir(out) / "meta.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "trained_weights"}))
+    result = translate_video(translator, clip, out, batch_size=2, progress=False, resume=True)  # an older record
+    assert result.resumed_from == 2 and result.frames == 12
 
 
 def test_corrupt_frame_stops_with_its_number_and_keeps_a_playable_video(translator, tmp_path):

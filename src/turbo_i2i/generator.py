@@ -14,6 +14,7 @@ Only LoRA adapters, the skip convs and the UNet's ``conv_in`` are trained (unles
 from __future__ import annotations
 
 import copy
+import hashlib
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -303,6 +304,23 @@ class OneStepGenerator(nn.Module):
         if self.merged_strength is not None:  # merged base weights already hold the LoRA update: saving doubles it
             raise RuntimeError("The LoRA adapters are merged into the base weights; call unmerge_lora() first.")
         return {n: p.detach().contiguous() for n, p in self.named_parameters() if self.is_trained(n)}
+
+    def trained_digest(self) -> str:
+        """A fingerprint of the trained tensors (names, dtypes, shapes and values; a video resume compares it).
+
+        Merged or not, it is the same: the base weights of LoRA layers, which merging rewrites, are left out; the
+        adapters, which any retraining changes, are in (and so is every other trained tensor).
+
+        Returns:
+            the first 16 hex digits of a SHA-256.
+        """
+        digest = hashlib.sha256()
+        for name, param in self.named_parameters():
+            if self.is_trained(name) and ".base_layer." not in name:
+                tensor = param.detach().contiguous()
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor], allow_missing: frozenset[str] = frozenset()):
         """Load trained tensors after ``check_trained_state_dict``.

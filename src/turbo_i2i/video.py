@@ -257,7 +257,8 @@ def translate_video(
         tile_size: translate frames larger than this in overlapping tiles (as in ``Translator.__call__``).
         resume: continue the interrupted run whose frames are in ``frames_dir(target)``.
         overwrite: replace an existing output and discard an interrupted run's frames.
-        model: the model's name or path, recorded so a resume with another model is refused.
+        model: the model's name or path, recorded so a resume with another model is refused (a fingerprint of the
+            trained weights is recorded too: a model retrained in the same folder is another model).
         progress: show a progress bar with frames per second.
         on_frame: called with the number of frames written so far after each one (tests use it to interrupt).
 
@@ -284,7 +285,8 @@ def translate_video(
     stat = source.stat()
     meta = {
         "source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-        "model": model, "config": translator.config.to_dict(), "options": options, "batch_size": batch_size,
+        "model": model, "config": translator.config.to_dict(),
+        "trained_weights": translator.generator.trained_digest(), "options": options, "batch_size": batch_size,
     }  # fmt: skip
     work = frames_dir(target)
     done, earlier_batch_size = _prepare_work_dir(
@@ -431,7 +433,10 @@ def _prepare_work_dir(
                 f"Cannot resume from '{work}': its record {META_NAME} is missing or unreadable, so the frames there"
                 " cannot be told to match this run; pass --overwrite to start over."
             )
-        changed = _differences(effective(earlier), effective(json.loads(json.dumps(meta))))
+        was, now = effective(earlier), effective(json.loads(json.dumps(meta)))
+        if "trained_weights" not in was:  # a record from before the weights were fingerprinted
+            now.pop("trained_weights")
+        changed = _differences(was, now)
         if changed:
             raise BadInputError(
                 f"Cannot resume from '{work}': the interrupted run differs in {'; '.join(changed)}."
