@@ -130,3 +130,36 @@ def test_an_unreachable_hub_reads_the_cache_at_once_instead_of_retrying(tmp_path
     assert torch.equal(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight)
     with pytest.raises(TurboI2IError, match="the hub could not be reached and it is not in the local cache"):
         load_backbone("nobody/no-such-model")
+
+
+@pytest.mark.parametrize("network", ["clip", "dino"])
+def test_an_unreachable_hub_sends_the_loss_and_metric_networks_to_the_cache_at_once(
+    network, tmp_path, monkeypatch, caplog
+):
+    # CLIP's weights were asked of an unreachable hub with retries: 50 s before the message
+    import huggingface_hub
+    from huggingface_hub import utils
+
+    from turbo_i2i.evaluation.dino_structure import load_dino
+    from turbo_i2i.training.pretrained import load_clip
+
+    class NoNetwork:
+        def head(self, *args, **kwargs):
+            raise OSError("Name or service not known")
+
+    asked = []
+
+    def cache_only(repo_id, filename, **kwargs):
+        asked.append(kwargs["local_files_only"])
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(utils, "get_session", lambda: NoNetwork())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with caplog.at_level("WARNING", logger="turbo_i2i"), pytest.raises(TurboI2IError) as error:
+        load_clip() if network == "clip" else load_dino()
+    assert asked and all(asked)  # every candidate file looked for in the cache only
+    assert "not in the cache, and the hub cannot be reached" in str(error.value)
+    assert f"in the cache {tmp_path}" in str(error.value) and "and on the hub" not in str(error.value)
+    assert "hf download" in str(error.value) and "cannot be reached" in caplog.text

@@ -218,8 +218,7 @@ def _dino_missing(name: str, looked_for: str, reason: str, hint: str) -> str:
 
 def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> str:
     """A local file holding the weights: ``path`` (a file or a folder with one), else the Hugging Face cache/hub."""
-    from ..errors import load_failure
-    from ..hub import hub_cache
+    from ..hub import download_first, download_hint
 
     if path is not None:
         path = Path(path)
@@ -231,23 +230,11 @@ def _weights_file(name: str, path: str | os.PathLike | None, offline: bool) -> s
         if not path.is_file():
             raise BadInputError(f"DINO weights {str(path)!r} do not exist.")
         return str(path)
-    from huggingface_hub import hf_hub_download
-
-    repo_id, cache, error = f"timm/{name}", hub_cache(), None
-    for filename in _WEIGHT_FILES:
-        try:
-            return hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=offline)
-        except Exception as e:  # offline, missing file, HTTP: try the next file, then report
-            error = e
-    looked_for = f"as {' or '.join(_WEIGHT_FILES)} of the Hugging Face hub repo {repo_id!r} in the cache {cache}"
-    hint = (
-        f"run `hf download {repo_id}` once on a machine with a network and copy the cache, or set"
-        f" HF_HOME to a cache that holds it"
-    )
-    reason = "not in the cache and offline" if offline else load_failure(error)
-    raise TurboI2IError(
-        _dino_missing(name, looked_for + ("" if offline else " and on the hub"), reason, hint)
-    ) from error
+    repo_id = f"timm/{name}"
+    found, looked_for, reason = download_first(repo_id, _WEIGHT_FILES, offline)
+    if found is None:
+        raise TurboI2IError(_dino_missing(name, looked_for, reason, download_hint(repo_id)))
+    return found
 
 
 def load_dino(

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import BadInputError, TurboI2IError, load_failure
-from ..hub import hub_cache, hub_offline
+from ..hub import download_first, download_hint, hub_offline
 from ..pickles import load_tensor_pickle
 
 # LPIPS trunk name -> the torchvision weights enum its ImageNet weights come from (lpips asks torchvision for
@@ -201,25 +201,11 @@ def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
 
 
 def _clip_from_hf(name: str, tag: str, hf_hub: str, offline: bool) -> str:
-    from huggingface_hub import hf_hub_download
-
     repo_id, filenames = _hf_candidates(hf_hub)
-    cache = hub_cache()
-    error: Exception | None = None
-    for filename in filenames:
-        try:
-            return hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=offline)
-        except Exception as e:  # every hub failure (offline, missing file, HTTP) means: try the next candidate
-            error = e
-    looked_for = f"as {' or '.join(filenames)} of the Hugging Face hub repo {repo_id!r} in the cache {cache}"
-    if not offline:
-        looked_for += " and on the hub"
-    hint = (
-        f"run `hf download {repo_id}` once on a machine with a network and copy the cache, or set"
-        f" HF_HOME to a cache that holds it"
-    )
-    reason = "not in the cache and offline" if offline else load_failure(error)
-    raise TurboI2IError(_clip_missing_message(name, tag, looked_for, reason, hint)) from error
+    found, looked_for, reason = download_first(repo_id, filenames, offline)
+    if found is None:
+        raise TurboI2IError(_clip_missing_message(name, tag, looked_for, reason, download_hint(repo_id)))
+    return found
 
 
 def _clip_from_url(name: str, tag: str, url: str, offline: bool) -> str:
