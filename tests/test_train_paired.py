@@ -351,3 +351,24 @@ def test_problems_of_both_splits_are_listed_in_one_message(dataset, tmp_path):
         PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), None))
     message = str(error.value)
     assert "train_prompts.json" in message and "test_prompts.json is missing" in message, message
+
+
+def test_the_test_pairs_take_the_eval_transform_and_by_default_the_training_one(dataset, tmp_path):
+    # random crops and flips were applied to the test pairs too: no paired option scored whole pictures
+    trainer = make_paired_trainer(dataset, tmp_path / "run", transform="resize_286_randomcrop_256x256_hflip",
+                                  eval_transform="resize_48", batch_size=1)  # fmt: skip
+    assert trainer.train_data[0]["input"].shape[-2:] == (256, 256)
+    assert trainer.test_data[0]["input"].shape[-2:] == (48, 48) and trainer.test_data.transform.name == "resize_48"
+    default = make_paired_trainer(dataset, tmp_path / "run2", transform="resize_40", batch_size=1)
+    assert default.test_data[0]["target"].shape[-2:] == (40, 40)
+    options = dict(dataset=str(dataset), output_dir=str(tmp_path / "run3"), base_model="tiny", eval_transform="crop")
+    with pytest.raises(BadInputError, match="crop"):
+        PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), None))
+    import shutil
+
+    data = shutil.copytree(dataset, tmp_path / "data")
+    for path in [*(data / "test_A").iterdir(), *(data / "test_B").iterdir()]:
+        Image.open(path).resize((36, 36)).save(path)
+    options.update(dataset=str(data), transform="resize_32", eval_transform="no_resize")
+    with pytest.raises(BadInputError, match=r"(?s)test split.*is 36x36.*\(--eval-transform\)"):  # the test pairs' option
+        PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), None))

@@ -483,7 +483,12 @@ def _manifest_path(candidate: _Candidate, entry: dict, key: str, base: Path) -> 
     return path if path.is_absolute() else base / path
 
 
-def _check_images(candidate: _Candidate, transform: PairTransform) -> None:
+def transform_option(split: str) -> str:
+    """The command-line option that sets a split's transform (in messages that advise changing it)."""
+    return "--transform" if split == "train" else "--eval-transform"
+
+
+def _check_images(candidate: _Candidate, transform: PairTransform, option: str) -> None:
     """Decode both images of a candidate (as training will) and record unreadable files, size mismatches and sizes
     the model cannot take after ``transform``; the pair's size after it goes to ``candidate.size``."""
     sizes = {}
@@ -501,7 +506,7 @@ def _check_images(candidate: _Candidate, transform: PairTransform) -> None:
             "a pair must have one size"
         )
     elif "input" in sizes:
-        problem = transform.size_problem(sizes["input"])
+        problem = transform.size_problem(sizes["input"], option)
         if problem is not None:
             candidate.problem(f"input {candidate.input_label} {problem}")
         candidate.size = transform.output_size(sizes["input"])
@@ -618,7 +623,8 @@ class PairedDataset(Dataset):
         candidates, problems = self._scan()
         with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
             # list() waits for every check; map keeps the candidates' order, so messages are deterministic.
-            list(pool.map(partial(_check_images, transform=self.transform), candidates))
+            check = partial(_check_images, transform=self.transform, option=transform_option(split))
+            list(pool.map(check, candidates))
         self.problems = problems + [problem for candidate in candidates for problem in candidate.problems]
         self.pairs = tuple(candidate.record() for candidate in candidates if candidate.ok)
         self.sizes = {candidate.size for candidate in candidates if candidate.ok}
@@ -700,7 +706,8 @@ def check_batchable(dataset, batch_size: int) -> None:
         sizes = sorted(dataset.sizes)
         shown = ", ".join(f"{w}x{h}" for w, h in sizes[:5]) + (f" and {len(sizes) - 5} more" if len(sizes) > 5 else "")
         raise BadInputError(
-            f"The {dataset.split} images have {len(sizes)} sizes after --transform {dataset.transform.name} ({shown}),"
+            f"The {dataset.split} images have {len(sizes)} sizes after {transform_option(dataset.split)}"
+            f" {dataset.transform.name} ({shown}),"
             f" and a batch holds one size; use a resizing transform such as resize_512, or --batch-size 1."
         )
 

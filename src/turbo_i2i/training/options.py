@@ -200,6 +200,9 @@ class PairedTrainConfig(TrainConfig):
         lambda_l2, lambda_lpips, lambda_clipsim: weights of the L2, LPIPS and CLIP-similarity loss terms (0 turns a
             term and its network off).
         default_prompt: recorded as the exported model's default prompt.
+        eval_transform: transform of the test pairs (by default the training transform; with random crops or flips
+            there, a deterministic one such as resized_crop_512 scores whole pictures, as the public trainer's
+            ``--test_image_prep`` does).
 
     ``num_eval`` test pairs are scored with L2, LPIPS and CLIP-sim besides ``eval_metrics``; the first four are also
     saved as an input/output/target grid.
@@ -211,6 +214,7 @@ class PairedTrainConfig(TrainConfig):
     lambda_lpips: float = 5.0
     lambda_clipsim: float = 5.0
     default_prompt: str | None = None
+    eval_transform: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

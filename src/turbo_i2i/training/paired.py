@@ -213,7 +213,8 @@ class PairedTrainer(TrainerBase):
     def _test_split(self) -> PairedDataset | None:
         if str(self.config.dataset).endswith(".jsonl") or not (Path(self.config.dataset) / "test_A").is_dir():
             return None
-        return PairedDataset(self.config.dataset, "test", self.config.transform, skip_bad=self.config.skip_bad)
+        transform = self.config.eval_transform or self.config.transform
+        return PairedDataset(self.config.dataset, "test", transform, skip_bad=self.config.skip_bad)
 
     def _loss_networks(self, prebuilt):
         from .losses import CLIPSimLoss, LPIPSLoss

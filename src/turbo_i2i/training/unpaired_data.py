@@ -38,6 +38,7 @@ from .data import (
     report_problems,
     sample_generator,
     split_name,
+    transform_option,
 )
 
 DOMAINS = ("A", "B")
@@ -147,7 +148,7 @@ class UnpairedDataset(Dataset):
         checks = [(d, name, path) for d in DOMAINS for name, path in (found[d] or {}).items()]
         with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
             # map keeps the order of the files, so messages are deterministic.
-            option = "--transform" if split == "train" else "--eval-transform"
+            option = transform_option(split)
             results = list(
                 pool.map(lambda c: _check_image(c[2], f"{split}_{c[0]}/{c[1]}", self.transform, option), checks)
             )
