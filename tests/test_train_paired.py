@@ -370,5 +370,7 @@ def test_the_test_pairs_take_the_eval_transform_and_by_default_the_training_one(
     for path in [*(data / "test_A").iterdir(), *(data / "test_B").iterdir()]:
         Image.open(path).resize((36, 36)).save(path)
     options.update(dataset=str(data), transform="resize_32", eval_transform="no_resize")
-    with pytest.raises(BadInputError, match=r"(?s)test split.*is 36x36.*\(--eval-transform\)"):  # the test pairs' option
+    with pytest.raises(
+        BadInputError, match=r"(?s)test split.*is 36x36.*\(--eval-transform\)"
+    ):  # the test pairs' option
         PairedTrainer(PairedTrainConfig(**options), loss_networks=(tiny_lpips(), None))
