@@ -147,3 +147,9 @@ def test_trained_digest_ignores_merging_and_tells_other_weights_and_precision():
         next(p for n, p in generator.named_parameters() if "lora_B" in n).view(-1)[0] += 1e-3
     assert generator.trained_digest() != digest
     assert generator.to(torch.bfloat16).trained_digest() != generator.to(torch.float32).trained_digest()
+    # the Translator's channels-last layout (GPUs, half precision): same values, same digest (1x1 kernels raised)
+    for dtype in (torch.float32, torch.bfloat16):
+        generator.to(dtype=dtype, memory_format=torch.contiguous_format)
+        plain = generator.trained_digest()
+        generator.to(memory_format=torch.channels_last)
+        assert generator.trained_digest() == plain

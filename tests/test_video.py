@@ -157,8 +157,12 @@ def test_resume_with_retrained_weights_is_refused_and_records_without_their_fing
         next(p for n, p in retrained.generator.named_parameters() if ".skip_conv_" in n).add_(0.01)
     with pytest.raises(BadInputError, match=r"differs in trained_weights \(was '[0-9a-f]{16}', now '[0-9a-f]{16}'\)"):
         translate_video(retrained, clip, out, batch_size=2, progress=False, resume=True)
+    half = Translator.from_pretrained("demo-circles", dtype=torch.bfloat16)  # channels-last weights: digest them too
+    with pytest.raises(BadInputError, match=r"differs in dtype \(was 'float32', now 'bfloat16'\); trained_weights"):
+        translate_video(half, clip, out, batch_size=2, progress=False, resume=True)
     record = frames_dir(out) / "meta.json"
-    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "trained_weights"}))
+    old = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("trained_weights", "dtype")}
+    record.write_text(json.dumps(old))
     result = translate_video(translator, clip, out, batch_size=2, progress=False, resume=True)  # an older record
     assert result.resumed_from == 2 and result.frames == 12
 

@@ -317,9 +317,10 @@ class OneStepGenerator(nn.Module):
         digest = hashlib.sha256()
         for name, param in self.named_parameters():
             if self.is_trained(name) and ".base_layer." not in name:
-                tensor = param.detach().contiguous()
-                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                digest.update(tensor.view(torch.uint8).cpu().numpy().tobytes())
+                # reshape(-1), not contiguous(): a channels-last 1x1 kernel counts as contiguous but is not a row
+                flat = param.detach().reshape(-1)
+                digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
+                digest.update(flat.view(torch.uint8).cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor], allow_missing: frozenset[str] = frozenset()):

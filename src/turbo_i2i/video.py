@@ -285,7 +285,7 @@ def translate_video(
     stat = source.stat()
     meta = {
         "source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-        "model": model, "config": translator.config.to_dict(),
+        "model": model, "config": translator.config.to_dict(), "dtype": str(translator.dtype).removeprefix("torch."),
         "trained_weights": translator.generator.trained_digest(), "options": options, "batch_size": batch_size,
     }  # fmt: skip
     work = frames_dir(target)
@@ -434,8 +434,9 @@ def _prepare_work_dir(
                 " cannot be told to match this run; pass --overwrite to start over."
             )
         was, now = effective(earlier), effective(json.loads(json.dumps(meta)))
-        if "trained_weights" not in was:  # a record from before the weights were fingerprinted
-            now.pop("trained_weights")
+        for key in ("trained_weights", "dtype"):
+            if key not in was:  # a record from before these were kept
+                now.pop(key)
         changed = _differences(was, now)
         if changed:
             raise BadInputError(
