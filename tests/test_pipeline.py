@@ -234,6 +234,18 @@ def test_gigapixel_header_is_refused_before_decoding(translator):
         small(picture(41, 40))
 
 
+def test_a_raised_pixel_limit_is_the_limit_of_the_size_the_model_runs_at(monkeypatch):
+    # the run size was checked against the default limit: images a raised max_pixels admits (to tile them) failed
+    # with "its aspect ratio is too extreme"; a spy, since such an image takes minutes even for the tiny model
+    from turbo_i2i import preprocess
+
+    limits, real = [], preprocess.model_size
+    monkeypatch.setattr(preprocess, "model_size", lambda *a, **k: limits.append(k.get("max_pixels")) or real(*a, **k))
+    big = Translator.from_pretrained("demo-circles", max_pixels=2**26)
+    assert big(picture(32, 24)).size == (32, 24)
+    assert limits and set(limits) == {2**26}
+
+
 def test_one_pixel_image_comes_back_as_one_pixel(translator):
     out = translator(Image.new("RGB", (1, 1), (255, 255, 255)))
     assert out.size == (1, 1) and out.mode == "RGB"

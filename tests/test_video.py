@@ -96,9 +96,8 @@ def test_tiles_reach_every_frame_and_a_resume_with_other_tiles_is_refused(transl
     calls = []
 
     class Recording:  # the translator, recording what each call was asked for
-        config = translator.config
-        check_options = translator.check_options
-        generator = translator.generator
+        def __getattr__(self, name):
+            return getattr(translator, name)
 
         def __call__(self, images, **options):
             calls.append(options["tile_size"])
@@ -180,6 +179,7 @@ def test_corrupt_frame_stops_with_its_number_and_keeps_a_playable_video(translat
     assert error.value.frame == 8 and "7 frame(s) before it" in str(error.value)
     info, frames = decoded(out)
     assert len(frames) == 7 and info.fps == FPS and info.size == SIZE
+    assert not frames_dir(out).exists()  # kept, it could serve no resume (the mended clip is another input)
 
 
 def test_stochastic_model_gives_every_frame_the_same_noise(tmp_path):
@@ -216,10 +216,15 @@ def test_refused_options_and_frameless_clips_leave_no_frames_folder(translator, 
     # a run refused for its options used to leave out.mp4.frames/, which then refused the corrected run (and its
     # --resume, whose options differ)
     out = tmp_path / "out.mp4"
-    for bad in ({"r": 0.5}, {"direction": "b2a"}, {"edges": "blur"}, {"batch_size": 0}, {"tile_size": 5}):
+    bads = ({"r": 0.5}, {"direction": "b2a"}, {"edges": "blur"}, {"batch_size": 0}, {"tile_size": 5}, {"seed": 1.5})
+    for bad in bads:
         with pytest.raises(BadInputError):
             translate_video(translator, clip, out, progress=False, **bad)
         assert not frames_dir(out).exists(), bad
+    small = Translator.from_pretrained("demo-circles", max_pixels=1000)  # frames over the limit: refused first too
+    with pytest.raises(BadInputError, match=r"Each frame of .*clip.mp4 is 64x48 = 3072 pixels, more than the limit"):
+        translate_video(small, clip, out, progress=False)
+    assert not frames_dir(out).exists()
     corrupt = write_clip(tmp_path / "bad.avi", moving_circle_frames(), codec="mjpeg")
     data = bytearray(corrupt.read_bytes())
     first = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8)

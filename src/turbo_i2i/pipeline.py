@@ -394,7 +394,8 @@ class Translator:
             embeds = [self.encode_prompt(p) for p in prompts]
             by_size: dict[tuple[int, int], list[int]] = {}
             for i, image in enumerate(inputs):
-                by_size.setdefault(pre.model_size(*image.size), []).append(i)
+                size = pre.model_size(*image.size, max_pixels=max(self.max_pixels, pre.MIN_RUN_PIXELS))
+                by_size.setdefault(size, []).append(i)
             for size, indices in by_size.items():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start : start + batch_size]

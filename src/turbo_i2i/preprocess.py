@@ -30,6 +30,8 @@ logger = logging.getLogger("turbo_i2i")
 SAVE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGE_EXTENSIONS = (*SAVE_EXTENSIONS, ".gif", ".tif", ".tiff")
 MAX_PIXELS = 4096 * 4096
+# every image runs at 64 x 64 or more (``model_size``), so a pixel limit below this cannot refuse small pictures
+MIN_RUN_PIXELS = 64 * 64
 # The decoders a file may reach, whatever its name. Pillow would otherwise try every plugin it has, some of which hand
 # the data to external programs (EPS runs Ghostscript) or parse rarely used formats; pictures come in these.
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
@@ -488,8 +490,8 @@ def check_size(size: tuple[int, int], max_pixels: float, name: str) -> None:
             "downscale it or raise the limit (max_pixels)."
         )
     if math.isfinite(max_pixels):
-        try:  # every image runs at 64 x 64 or more, so a limit below that cannot refuse small pictures
-            model_size(width, height, max_pixels=max(int(max_pixels), 64 * 64))
+        try:
+            model_size(width, height, max_pixels=max(int(max_pixels), MIN_RUN_PIXELS))
         except BadInputError as exc:
             raise BadInputError(f"{name}: {exc}") from None
 

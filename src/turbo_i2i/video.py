@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import preprocess as pre
 from .errors import BadInputError, TurboI2IError
+from .seeds import check_seed
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
 # Output containers and the codec each gets. H.264 plays everywhere; AVI gets Motion-JPEG, which AVI players expect.
@@ -279,6 +280,8 @@ def translate_video(
     if target.exists() and not overwrite:
         raise BadInputError(f"'{target}' already exists; pass --overwrite to replace it.")
     info = probe(source)
+    seed = check_seed(seed)  # before the frames folder is made: a refused run must leave nothing in the way
+    pre.check_size(info.size, translator.max_pixels, f"Each frame of {source}")
     thresholds = list(canny_thresholds) if isinstance(canny_thresholds, (tuple, list)) else canny_thresholds
     options = dict(prompt=prompt, direction=direction, r=r, seed=seed, edges=edges, canny_thresholds=thresholds,
                    tile_size=tile_size)  # fmt: skip
@@ -331,8 +334,8 @@ def translate_video(
                 write_video(_frame_files(work, written), target, info.fps)
                 kept = f" The {written} frame(s) before it were written to '{target}' (playable)."
             else:
-                shutil.rmtree(work)  # nothing to resume from
                 kept = " No frame was written."
+            shutil.rmtree(work)  # nothing to resume from: the mended clip is another input
             raise CorruptFrameError(error.frame, f"{error}{kept}") from None
         flush()
     if total == 0:
@@ -345,6 +348,11 @@ def translate_video(
 
 def _frame_files(work: Path, count: int) -> list[Path]:
     return [work / FRAME_PATTERN.format(i) for i in range(count)]
+
+
+def _run_size(translator, frame_size: tuple[int, int]) -> tuple[int, int]:
+    """The size the translator runs a frame at (``preprocess.model_size`` under its pixel limit)."""
+    return pre.model_size(*frame_size, max_pixels=max(translator.max_pixels, pre.MIN_RUN_PIXELS))
 
 
 def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
@@ -372,7 +380,7 @@ def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
         r=config.default_r if r is None and config.stochastic else r,
         seed=options.get("seed") if config.stochastic else None,
         canny_thresholds=options.get("canny_thresholds") if edges == "canny" else None,
-        tile_size=tile if isinstance(tile, int) and max(pre.model_size(*frame_size)) > tile else None,
+        tile_size=tile if isinstance(tile, int) and max(_run_size(translator, frame_size)) > tile else None,
     )  # fmt: skip
     return {**record, "options": options, "batch_size": None}
 
