@@ -472,3 +472,21 @@ def test_cli_eval_offline_without_weights_exits_1_naming_what_is_missing(folders
     assert main([*args, "--no-lpips"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "inception-2015-12-05.pt" in err and "--inception-path" in err
+
+
+def test_a_caption_table_keyed_by_the_inputs_names_serves_translate_and_eval(tmp_path):
+    # inputs .jpg, outputs and references .png: translate --prompts found "0001.jpg", eval --prompts refused it
+    from turbo_i2i.captions import CaptionTable
+    from turbo_i2i.evaluation.metrics import _plan
+
+    write(tmp_path / "outputs" / "day", blobs(2, 0))
+    write(tmp_path / "references" / "day", blobs(2, 1))
+    prompts = {"./day/000.jpg": "a red circle", "day/001.webp": "a blue square"}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    plan = _plan(tmp_path / "outputs", tmp_path / "references", tmp_path / "prompts.json", None,
+                 lpips=False, fid=False, unpaired=False)  # fmt: skip
+    assert plan.captions == {"day/000": "a red circle", "day/001": "a blue square"}
+    table = CaptionTable({"a.png": "exact", "a": "stem", "b.jpg": "other ending", "c/d.png": "deep"})
+    assert table.find(["a.png"]) == "exact" and table.find(["a.jpg"]) == "stem"
+    assert table.find(["b.png"]) == "other ending" and table.find(["x.png", "c/d.jpg"]) == "deep"
+    assert table.find(["d.png"]) is None  # a path, not a bare name found anywhere

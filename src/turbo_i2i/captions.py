@@ -2,8 +2,8 @@
 
 The paired data sets' ``test_prompts.json`` is one (``{"0001.png": "a photo of ..."}``), so a test split can be
 translated with its own captions (``turbo-i2i translate --prompts``) and the outputs scored against them
-(``turbo-i2i eval --prompts``). A file is looked up by its path inside the folder, with its extension and then
-without (``day/0001.png``, then ``day/0001``), so the keys fit inputs and outputs whose endings differ.
+(``turbo-i2i eval --prompts``). A file is looked up by its path inside the folder (see ``CaptionTable``), so one
+table serves inputs, outputs and references whose endings differ.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import BadInputError
 
@@ -45,18 +45,40 @@ def read_captions(path: str | os.PathLike) -> dict[str, object]:
     return captions
 
 
-def keys(path: Path, folder: Path) -> list[str]:
-    """The keys a file is looked up under, in order: its path inside ``folder`` with the extension, then without."""
-    inside = path.relative_to(folder)
-    return [inside.as_posix(), inside.with_suffix("").as_posix()]
+class CaptionTable:
+    """A caption file's table, looked up by paths inside folders.
+
+    A path is looked for as it is (``day/0001.png``), then without its extension (``day/0001``), then as a key that
+    names it with another extension (``day/0001.jpg``: the input of an output written as .png).
+
+    Args:
+        captions: {path: caption}, as ``read_captions`` returns it (``./`` prefixes are ignored).
+    """
+
+    def __init__(self, captions: Mapping[str, object]):
+        self.exact = {PurePosixPath(key).as_posix(): value for key, value in captions.items()}
+        self.by_stem: dict[str, object] = {}
+        for key, value in self.exact.items():
+            self.by_stem.setdefault(_stem(key), value)
+
+    def find(self, paths: Sequence[str]) -> object:
+        """The caption of the first of ``paths`` (posix paths inside their folders) the table names, or None."""
+        for path in paths:
+            if path in self.exact:
+                return self.exact[path]
+        for path in paths:
+            if _stem(path) in self.exact:
+                return self.exact[_stem(path)]
+        for path in paths:
+            if _stem(path) in self.by_stem:
+                return self.by_stem[_stem(path)]
+        return None
 
 
-def lookup(captions: Mapping[str, object], names: Sequence[str]) -> object:
-    """The value of the first of ``names`` that ``captions`` holds, or None."""
-    for name in names:
-        if name in captions:
-            return captions[name]
-    return None
+def _stem(path: str) -> str:
+    """A posix path without its extension."""
+    parsed = PurePosixPath(path)
+    return (parsed.with_suffix("") if parsed.suffix else parsed).as_posix()
 
 
 def folder_captions(
@@ -78,23 +100,25 @@ def folder_captions(
         BadInputError: naming the files without a caption (and no fallback) and those whose caption is not a
             non-empty string.
     """
+    table = CaptionTable(captions)
     found: dict[Path, str] = {}
     missing, unusable = [], []
     for path in files:
-        caption = lookup(captions, keys(path, folder))
+        inside = path.relative_to(folder).as_posix()
+        caption = table.find([inside])
         if caption is None and fallback is not None:
             caption = fallback
         if caption is None:
-            missing.append(keys(path, folder)[0])
+            missing.append(inside)
         elif not isinstance(caption, str) or not caption.strip():
-            unusable.append(f"{keys(path, folder)[0]} ({json.dumps(caption)})")
+            unusable.append(f"{inside} ({json.dumps(caption)})")
         else:
             found[path] = caption
     problems = []
     if missing:
         problems.append(
             f"{len(missing)} of {len(files)} file(s) have no caption in {source}: {_some(missing)} (keys are paths"
-            f" inside {folder}, with or without the extension, e.g. {json.dumps(missing[0])}); add them, or pass"
+            f" inside {folder}, e.g. {json.dumps(missing[0])}); add them, or pass"
             " a prompt (--prompt) for the files it does not name"
         )
     if unusable:

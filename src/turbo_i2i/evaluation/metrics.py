@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import preprocess as pre
-from ..captions import lookup, read_captions
+from ..captions import CaptionTable, read_captions
 from ..devices import check_batch_size
 from ..errors import BadInputError, format_problems, with_hint
 from .dino_structure import check_aspect_ratio
@@ -260,10 +260,11 @@ def _plan(
             )
     captions: dict[str, str] = {}
     if prompts is not None:
-        table = read_captions(prompts)
+        table = CaptionTable(read_captions(prompts))
         for s, path in scored.items():
             names = [_name(path, outputs)] + ([_name(partners[s], references)] if s in partners else [])
-            caption = lookup(table, [*names, s])
+            names += [_name(sources[s], inputs)] if s in sources else []
+            caption = table.find(names)
             if not isinstance(caption, str) or not caption.strip():
                 why = "no caption" if caption is None else "a caption that is not a non-empty string"
                 keys = f" (keys are paths inside the folder: {names[0]!r} or {s!r})" if "/" in s else ""
