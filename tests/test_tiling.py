@@ -31,7 +31,9 @@ def test_a_noise_map_is_shared_by_the_tiles_where_they_overlap():
         assert noise.shape[-2:] == (t.shape[-2] // 8, t.shape[-1] // 8)
         return up(noise, scale_factor=8.0, mode="nearest")
 
-    torch.testing.assert_close(translate_tiled(translate, x, 128, 64, noise=noise), up(noise, scale_factor=8.0))
+    torch.testing.assert_close(
+        translate_tiled(translate, x, 128, 64, latents={"noise": noise}), up(noise, scale_factor=8.0)
+    )
 
 
 def test_a_pointwise_translation_is_reproduced_exactly_and_tiles_stay_small():
@@ -95,6 +97,19 @@ def test_a_stochastic_models_tiles_start_from_one_noise_map(tmp_path):
         part.copy_(calls[k])
     assert not whole.isnan().any()
     assert np.array_equal(np.asarray(translator(image, tile_size=128, seed=5)), np.asarray(first))  # seeded
+    # sampling the posterior too: both draws are made once for the whole image, in the generator's order
+    # (posterior, then noise), and each tile takes its parts (each tile drew its own posterior sample)
+    draws = []
+    hook = translator.generator.register_forward_pre_hook(
+        lambda module, args, kwargs: draws.append((kwargs["posterior_noise"], kwargs["noise"])), with_kwargs=True
+    )
+    translator(image, tile_size=128, seed=5, sample_posterior=True)
+    hook.remove()
+    rng = torch.Generator().manual_seed(5)
+    posterior, noise = (torch.randn(1, 4, 17, 33, generator=rng) for _ in range(2))
+    for (top, left), (tile_posterior, tile_noise) in zip(((t, le) for t in rows for le in cols), draws, strict=True):
+        where = (..., slice(top // 8, top // 8 + 16), slice(left // 8, left // 8 + 16))
+        assert torch.equal(tile_posterior, posterior[where]) and torch.equal(tile_noise, noise[where])
     # an image within one tile draws as an untiled call does (the posterior sample first): the same picture
     small = image.crop((0, 0, 96, 64))
     for posterior in (False, True):

@@ -435,6 +435,7 @@ class OneStepGenerator(nn.Module):
         noise: torch.Tensor | None = None,
         sample_posterior: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        posterior_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Translate a batch in one UNet evaluation.
 
@@ -447,6 +448,8 @@ class OneStepGenerator(nn.Module):
             sample_posterior: sample the VAE posterior (with ``generator``) instead of taking its mode.
             generator: RNG for the noise map and posterior sampling, so the same seed gives the same image; a list
                 (one per image) makes each image's draws independent of the others in the batch.
+            posterior_noise: with ``sample_posterior``, the standard normal draw of the sample (drawn from
+                ``generator`` when None; the latent shape), so tiles of one image can share one draw.
 
         Returns:
             images (N, 3, H, W) in [-1, 1].
@@ -462,7 +465,12 @@ class OneStepGenerator(nn.Module):
             prompt_embeds = prompt_embeds.expand(x.shape[0], -1, -1)
         with self._strength(direction, r):
             posterior, skips = vae.encode(x)
-            z = posterior.sample(generator) if sample_posterior else posterior.mode()
+            if not sample_posterior:
+                z = posterior.mode()
+            elif posterior_noise is None:
+                z = posterior.sample(generator)
+            else:  # what posterior.sample computes, with the draw given
+                z = posterior.mean + posterior.std * posterior_noise.to(posterior.mean.dtype)
             z = z * vae.scaling_factor
             if r is not None and r < 1.0:
                 if noise is None:

@@ -228,12 +228,18 @@ class Translator:
 
     # --- recipe steps --------------------------------------------------------------------------------------------
 
-    def _noise(self, x: torch.Tensor, r: float | None, rngs: list[torch.Generator] | None) -> torch.Tensor | None:
-        """The latent noise map for images ``x`` when the model draws one (r < 1), as the generator would draw it."""
-        if r is None or r >= 1.0:
-            return None
+    def _latent_draws(
+        self, x: torch.Tensor, r: float | None, sample_posterior: bool, rngs: list[torch.Generator] | None
+    ) -> dict[str, torch.Tensor]:
+        """The random latent maps a generator call on images ``x`` would draw, drawn as it would (the posterior's
+        draw first, then the noise map), by the generator's keyword."""
         shape = (x.shape[0], self.generator.unet.config.in_channels, x.shape[-2] // 8, x.shape[-1] // 8)
-        return randn_tensor(shape, generator=rngs, device=x.device, dtype=x.dtype)
+        draws = {}
+        if sample_posterior:
+            draws["posterior_noise"] = randn_tensor(shape, generator=rngs, device=x.device, dtype=x.dtype)
+        if r is not None and r < 1.0:
+            draws["noise"] = randn_tensor(shape, generator=rngs, device=x.device, dtype=x.dtype)
+        return draws
 
     def _resolve_prompt(self, prompt: str | None, direction: str) -> str:
         if prompt is None:
@@ -415,9 +421,9 @@ class Translator:
                     with torch.no_grad():
                         if not tile_size or max(x.shape[-2:]) <= tile_size:
                             y = translate(x)  # (the generator's own draws, in its order: the same image as untiled)
-                        else:  # one noise map for the whole image, each tile taking its part
-                            noise = self._noise(x, r, rngs)
-                            y = translate_tiled(translate, x, tile_size, TILE_OVERLAP, noise=noise)
+                        else:  # one draw of each map for the whole image (in the generator's order), tiles take parts
+                            latents = self._latent_draws(x, r, sample_posterior, rngs)
+                            y = translate_tiled(translate, x, tile_size, TILE_OVERLAP, latents=latents)
                     # 5. back to PIL at the input's size
                     for i, out in zip(chunk, pre.tensor_to_pil(y)):
                         outputs[i] = (

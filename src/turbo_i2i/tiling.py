@@ -8,7 +8,7 @@ time, so the result differs from the untiled one (as with diffusers' VAE tiling)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -56,39 +56,40 @@ def translate_tiled(
     x: torch.Tensor,
     tile: int,
     overlap: int = 64,
-    noise: torch.Tensor | None = None,
+    latents: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Apply ``translate`` to overlapping tiles of ``x`` and blend the results into one image.
 
     Args:
-        translate: images (N, 3, h, w) -> images (N, C, h, w), e.g. one generator call; with ``noise``, called as
-            ``translate(tile, noise=the tile's part of it)``.
+        translate: images (N, 3, h, w) -> images (N, C, h, w), e.g. one generator call; with ``latents``, called as
+            ``translate(tile, **the tile's part of each)``.
         x: the images (N, 3, H, W); H and W multiples of 8.
         tile: tile side in pixels (a multiple of 8).
         overlap: pixels shared by neighbouring tiles (a multiple of 8, less than ``tile``).
-        noise: a latent noise map of the whole image (N, C, H / 8, W / 8), so a stochastic model's neighbouring
-            tiles start from the same noise where they overlap (a map per tile would blend two different pictures).
+        latents: maps of the whole image on the latent grid (N, C, H / 8, W / 8) by ``translate``'s keyword (the
+            noise map of a stochastic model, the posterior's draw), so neighbouring tiles start from the same draws
+            where they overlap (a draw per tile would blend two different pictures).
 
     Returns:
         (N, C, H, W): ``translate(x)`` itself when the image fits one tile, else the blend of the tiles.
     """
+    latents = latents or {}
     if tile % 8 or overlap % 8 or not 0 <= overlap < tile:
         raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of 8 with overlap < tile.")
     height, width = x.shape[-2:]
     if height % 8 or width % 8:
         raise ValueError(f"image sides must be multiples of 8, got {height}x{width}.")
     if height <= tile and width <= tile:
-        return translate(x) if noise is None else translate(x, noise=noise)
+        return translate(x, **latents)
     th, tw = min(tile, height), min(tile, width)
     out = weight_sum = None
     rows, cols = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
     for i, top in enumerate(rows):
         for j, left in enumerate(cols):
             part = x[..., top : top + th, left : left + tw]
-            if noise is None:
-                y = translate(part).float()
-            else:  # starts are multiples of 8 (tile_starts): the tile's latents are these of the whole map
-                y = translate(part, noise=noise[..., top // 8 : (top + th) // 8, left // 8 : (left + tw) // 8]).float()
+            # starts are multiples of 8 (tile_starts): the tile's latents are these of the whole maps
+            own = {k: v[..., top // 8 : (top + th) // 8, left // 8 : (left + tw) // 8] for k, v in latents.items()}
+            y = translate(part, **own).float()
             wy = _ramp(th, overlap, i == 0, i == len(rows) - 1, y.device, y.dtype)
             wx = _ramp(tw, overlap, j == 0, j == len(cols) - 1, y.device, y.dtype)
             w = wy[:, None] * wx[None, :]
