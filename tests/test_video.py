@@ -358,3 +358,15 @@ def test_a_frames_folder_without_its_record_is_named_and_thresholds_may_be_none(
     (frames_dir(out) / "meta.json").unlink()
     with pytest.raises(BadInputError, match="its record meta.json is missing or unreadable"):
         translate_video(translator, clip, out, batch_size=2, edges=None, progress=False, resume=True)
+
+
+def test_ntsc_frame_rates_printed_rounded_are_written_exactly():
+    from fractions import Fraction
+
+    from turbo_i2i.video import frame_rate
+
+    # ffmpeg prints 23.98; written back as 1199/50 a one-hour clip came out 0.6 s short of its source
+    for shown, k in ((23.98, 24), (29.97, 30), (59.94, 60), (47.95, 48), (119.88, 120)):
+        assert frame_rate(shown) == Fraction(k * 1000, 1001), shown
+    for fps in (24.0, 25.0, 30.0, 12.0, 12.5, 23.9, 0.5):
+        assert frame_rate(fps) == Fraction(str(fps)), fps
