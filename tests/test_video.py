@@ -341,8 +341,10 @@ def test_a_resume_may_take_a_smaller_batch_and_spell_out_what_changes_nothing(tr
     model's default prompt spelled out, or a tile larger than the frames, which change no pixel)."""
     out = tmp_path / "out.mp4"
 
-    stop_after(5, translator, clip, out, batch_size=4)
-    same = dict(prompt=translator.config.prompts["a2b"], edges=translator.config.preprocess, tile_size=512)
+    (tmp_path / "model").mkdir()  # the model's folder, named once as given and once with a slash
+    stop_after(5, translator, clip, out, batch_size=4, model=str(tmp_path / "model"))
+    same = dict(prompt=translator.config.prompts["a2b"], edges=translator.config.preprocess, tile_size=512,
+                model=f"{tmp_path / 'model'}/")  # fmt: skip
     seen = []
     result = translate_video(translator, clip, out, batch_size=3, progress=False, resume=True, on_frame=seen.append,
                              **same)  # fmt: skip

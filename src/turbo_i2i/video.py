@@ -378,8 +378,9 @@ def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
     """A run record as its options take effect, so that two runs giving the same pixels compare equal.
 
     A default spelled out (the model's prompt, direction, edges or r), a seed or Canny thresholds the model does not
-    use, a tile larger than the frames (which tiles nothing) and the batch size (a resume may change it) make no
-    difference. Records written by earlier versions (raw options) compare by the same rules.
+    use, a tile larger than the frames (which tiles nothing), another spelling of the model's folder and the batch
+    size (a resume may change it) make no difference. Records written by earlier versions (raw options) compare by
+    the same rules.
 
     Args:
         translator: the ``Translator`` of this run (its config resolves the defaults).
@@ -390,6 +391,9 @@ def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
         the record with its options resolved and no batch size.
     """
     config, options = translator.config, dict(record.get("options") or {})
+    model = record.get("model")
+    if isinstance(model, str) and Path(model).exists():  # "runs/m", "runs/m/" and "./runs/m" are one folder
+        model = str(Path(model).resolve())
     direction = options.get("direction") or config.default_direction
     edges = options.get("edges", "default")
     edges = config.preprocess if edges == "default" else (None if edges == "none" else edges)
@@ -401,7 +405,7 @@ def _effective(translator, frame_size: tuple[int, int], record: dict) -> dict:
         canny_thresholds=options.get("canny_thresholds") if edges == "canny" else None,
         tile_size=tile if isinstance(tile, int) and max(_run_size(translator, frame_size)) > tile else None,
     )  # fmt: skip
-    return {**record, "options": options, "batch_size": None}
+    return {**record, "model": model, "options": options, "batch_size": None}
 
 
 def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
